@@ -1,0 +1,173 @@
+//! The rooms of one node: creation on a spread of arbiters, the per-node limits, and the
+//! counters every room shares.
+
+use crate::ids::{NodeId, RoomId};
+use crate::media::bwe::BweConfig;
+use crate::media::engine::PeerFactory;
+use crate::media::track::MediaCounters;
+use crate::ports::RoomDirectory;
+use crate::room::{Room, RoomError};
+use actix::{Actor, Addr, ArbiterHandle};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+
+/// Limits that apply per room and per node. Hitting one answers 429/503 at the edge.
+#[derive(Debug, Clone)]
+pub struct RoomLimits {
+    pub rooms_per_node_max: usize,
+    pub sessions_per_node_max: usize,
+    pub subscribers_per_room_max: usize,
+    pub publishers_per_room_max: usize,
+}
+
+impl Default for RoomLimits {
+    fn default() -> Self {
+        Self {
+            rooms_per_node_max: 1_000,
+            sessions_per_node_max: 900,
+            subscribers_per_room_max: 500,
+            publishers_per_room_max: 16,
+        }
+    }
+}
+
+/// Live gauges of a node, read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    pub rooms: AtomicI64,
+    pub publishers: AtomicI64,
+    pub subscribers: AtomicI64,
+    /// Peer connections in the `connected` state: the scaling signal.
+    pub active_connections: AtomicI64,
+    pub sessions: AtomicUsize,
+    pub sessions_refused: AtomicUsize,
+}
+
+/// A reserved session slot of the node; released on drop.
+#[derive(Debug)]
+pub struct SessionPermit {
+    stats: Arc<NodeStats>,
+}
+
+impl Drop for SessionPermit {
+    fn drop(&mut self) {
+        self.stats.sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Everything a room needs from its node, shared by all rooms.
+pub struct RoomContext {
+    pub node: NodeId,
+    pub factory: PeerFactory,
+    pub limits: RoomLimits,
+    pub counters: Arc<MediaCounters>,
+    pub stats: Arc<NodeStats>,
+    pub bwe: BweConfig,
+    /// The multi-thread runtime the media plane (connections, forwarding) runs on; actors run
+    /// on arbiters and only hold handles.
+    pub media_runtime: tokio::runtime::Handle,
+}
+
+impl RoomContext {
+    pub fn reserve_session(&self) -> Result<SessionPermit, RoomError> {
+        let max = self.limits.sessions_per_node_max;
+        let reserved = self
+            .stats
+            .sessions
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+        match reserved {
+            Ok(_) => Ok(SessionPermit {
+                stats: Arc::clone(&self.stats),
+            }),
+            Err(_) => {
+                self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+                Err(RoomError::NodeFull("sessions per node", max))
+            }
+        }
+    }
+}
+
+pub struct RoomRegistry {
+    context: Arc<RoomContext>,
+    directory: Arc<dyn RoomDirectory>,
+    arbiters: Vec<ArbiterHandle>,
+    next_arbiter: AtomicUsize,
+    rooms: Mutex<HashMap<RoomId, Addr<Room>>>,
+    /// Serializes room creation so two first joins of one room make one room.
+    creating: tokio::sync::Mutex<()>,
+}
+
+impl RoomRegistry {
+    pub fn new(
+        context: Arc<RoomContext>,
+        directory: Arc<dyn RoomDirectory>,
+        arbiters: Vec<ArbiterHandle>,
+    ) -> Arc<Self> {
+        assert!(!arbiters.is_empty(), "the node starts at least one arbiter");
+        Arc::new(Self {
+            context,
+            directory,
+            arbiters,
+            next_arbiter: AtomicUsize::new(0),
+            rooms: Mutex::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn context(&self) -> &Arc<RoomContext> {
+        &self.context
+    }
+
+    pub fn get(&self, room: &RoomId) -> Option<Addr<Room>> {
+        self.rooms.lock().get(room).filter(|addr| addr.connected()).cloned()
+    }
+
+    pub fn list(&self) -> Vec<(RoomId, Addr<Room>)> {
+        let mut rooms: Vec<_> = self.rooms.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        rooms.sort_by(|a, b| a.0.cmp(&b.0));
+        rooms
+    }
+
+    /// The room's actor, created (and claimed in the directory) on first use.
+    pub async fn get_or_create(self: &Arc<Self>, room: &RoomId) -> Result<Addr<Room>, RoomError> {
+        if let Some(addr) = self.get(room) {
+            return Ok(addr);
+        }
+        let _creating = self.creating.lock().await;
+        if let Some(addr) = self.get(room) {
+            return Ok(addr);
+        }
+        let max = self.context.limits.rooms_per_node_max;
+        if self.rooms.lock().len() >= max {
+            return Err(RoomError::NodeFull("rooms per node", max));
+        }
+        let epoch = self
+            .directory
+            .claim(room.clone(), self.context.node.clone())
+            .await
+            .map_err(RoomError::Directory)?;
+        let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+        let registry = Arc::clone(self);
+        let room_id = room.clone();
+        let addr = Room::start_in_arbiter(&self.arbiters[index], move |_| Room::new(room_id, epoch, registry));
+        self.rooms.lock().insert(room.clone(), addr.clone());
+        self.context.stats.rooms.fetch_add(1, Ordering::Relaxed);
+        Ok(addr)
+    }
+
+    /// Called by a room that has closed.
+    pub(crate) fn closed(&self, room: &RoomId, addr: &Addr<Room>, epoch: u64) {
+        let removed = {
+            let mut rooms = self.rooms.lock();
+            // A newer room of the same name may already stand in the map: remove only ourselves.
+            rooms.get(room) == Some(addr) && rooms.remove(room).is_some()
+        };
+        if removed {
+            self.context.stats.rooms.fetch_sub(1, Ordering::Relaxed);
+        }
+        let release = self.directory.release(room.clone(), self.context.node.clone(), epoch);
+        tokio::spawn(release);
+    }
+}

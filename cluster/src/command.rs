@@ -1,0 +1,118 @@
+//! Typed commands replicated through raft, their outcomes, and the payload of one raft entry.
+
+use crate::ids::{NodeId, RoomId, ViewerId};
+use crate::types::{ClusterSettings, NodeLoad, NodeRecord, NodeRegistration, Placement, TurnSecrets, ViewerState};
+
+/// Most commands coalesced into one raft entry.
+pub const COMMANDS_PER_ENTRY_MAX: usize = 4096;
+/// Most viewer states in one `UpsertViewers` command.
+pub const VIEWERS_PER_UPSERT_MAX: usize = 1024;
+/// Most viewers one `ExpireViewers` command removes.
+pub const VIEWERS_PER_EXPIRY_MAX: usize = 512;
+
+/// A change to the state machine. Everything a replica needs to apply it deterministically is in
+/// the command (clocks are read by the proposer, never by the applier).
+#[derive(Clone, Debug, PartialEq, bincode::Encode, bincode::Decode)]
+pub enum Command {
+    /// Add or update a node (addresses, capacity). Refused if another id has the same raft id.
+    RegisterNode(NodeRegistration),
+    /// Liveness and load of a node, stamped with the sender's clock.
+    Heartbeat { node: NodeId, load: NodeLoad, at_ms: u64 },
+    /// Forget a node.
+    RemoveNode { node: NodeId },
+    /// Mark a node as draining (or not).
+    SetNodeDraining { node: NodeId, draining: bool },
+    /// Place a room: compare-and-set on the epoch. `expected_epoch: None` means "must not be
+    /// placed yet"; on success the epoch becomes `expected + 1` (1 for a new room).
+    PlaceRoom {
+        room: RoomId,
+        expected_epoch: Option<u64>,
+        node: NodeId,
+    },
+    /// Remove a room's placement, if its epoch is still `expected_epoch`.
+    DeleteRoom { room: RoomId, expected_epoch: u64 },
+    /// Write a batch of viewer states (last one per viewer wins, already coalesced).
+    UpsertViewers { viewers: Vec<ViewerState> },
+    /// Delete one viewer state.
+    DeleteViewer { viewer: ViewerId },
+    /// Leader-decided expiry: delete each viewer whose revision is still the given one (a viewer
+    /// updated after the leader decided survives).
+    ExpireViewers { viewers: Vec<(ViewerId, u64)> },
+    /// Rotate the TURN secret (the current one becomes `previous`).
+    RotateTurnSecret { secret: String, at_ms: u64 },
+    /// Change cluster settings; with `only_if_unset` a no-op when settings exist (bootstrap).
+    SetSettings {
+        settings: ClusterSettings,
+        only_if_unset: bool,
+    },
+}
+
+impl Command {
+    /// Short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::RegisterNode(_) => "register_node",
+            Command::Heartbeat { .. } => "heartbeat",
+            Command::RemoveNode { .. } => "remove_node",
+            Command::SetNodeDraining { .. } => "set_node_draining",
+            Command::PlaceRoom { .. } => "place_room",
+            Command::DeleteRoom { .. } => "delete_room",
+            Command::UpsertViewers { .. } => "upsert_viewers",
+            Command::DeleteViewer { .. } => "delete_viewer",
+            Command::ExpireViewers { .. } => "expire_viewers",
+            Command::RotateTurnSecret { .. } => "rotate_turn_secret",
+            Command::SetSettings { .. } => "set_settings",
+        }
+    }
+}
+
+/// What applying one command produced. Deterministic: equal on every replica.
+#[derive(Clone, Debug, PartialEq, bincode::Encode, bincode::Decode)]
+pub enum Outcome {
+    /// Done, nothing to return.
+    Done,
+    /// The node record after the command.
+    Node(NodeRecord),
+    /// The placement after a successful `PlaceRoom`.
+    Placed(Placement),
+    /// A compare-and-set on an epoch failed; the current placement.
+    EpochConflict(Option<Placement>),
+    /// The stored viewer states after an upsert, in input order.
+    Viewers(Vec<ViewerState>),
+    /// Whether something was deleted.
+    Deleted(bool),
+    /// How many viewers an expiry removed.
+    Expired(u64),
+    /// TURN secrets after a rotation.
+    Turn(TurnSecrets),
+    /// The command was refused (reason). Deterministic, so every replica refuses it.
+    Rejected(String),
+}
+
+/// Payload of one normal raft entry: a batch of commands coalesced by one proposer.
+/// `(proposer, batch_id)` lets the proposer match the applied entry to its waiting callers.
+#[derive(Clone, Debug, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct EntryPayload {
+    /// Raft id of the replica that proposed the entry.
+    pub proposer: u64,
+    /// Proposer-local sequence number of the batch.
+    pub batch_id: u64,
+    /// The commands, applied in order.
+    pub commands: Vec<Command>,
+}
+
+/// Body of a forwarded proposal (`Propose` RPC).
+#[derive(Clone, Debug, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct ForwardedCommands {
+    /// Commands to propose, in order.
+    pub commands: Vec<Command>,
+}
+
+/// Answer to a forwarded proposal.
+#[derive(Clone, Debug, PartialEq, bincode::Encode, bincode::Decode)]
+pub enum ForwardedOutcome {
+    /// Applied; one outcome per command.
+    Applied(Vec<Outcome>),
+    /// Not applied (no leader here any more, timeout, overload): the message.
+    Failed(String),
+}

@@ -1,0 +1,53 @@
+//! mediamesh-cluster: the Raft-replicated store embedded in every mediamesh node.
+//!
+//! # API boundary
+//!
+//! The edge (`src/`) calls [`Store`]: [`Store::start`] takes a [`StoreConfig`], an already-bound
+//! `tokio::net::TcpListener` for the cluster port and a shutdown future, and returns a cloneable
+//! handle with async methods for membership ([`Store::register_node`], [`Store::heartbeat`],
+//! [`Store::remove_node`]), room placement as a compare-and-set on the epoch
+//! ([`Store::place_room_cas`]), resumable viewer state ([`Store::upsert_viewer`], batched per
+//! node), TURN secret rotation, cluster settings, reads with an explicit [`Consistency`]
+//! (linearizable through ReadIndex by default, or local), and [`Store::status`] for the admin API.
+//! All types crossing the boundary are plain Rust structs in [`types`] and [`ids`]; errors are
+//! [`StoreError`].
+//!
+//! # Architecture invariant
+//!
+//! `cluster` knows nothing of actix or webrtc: it depends on raft-rs, sled, tonic and the
+//! generated `mediamesh-proto` types only. `actors/` reaches it through ports that `src/`
+//! implements. Serialization happens at the edges of this crate: protobuf on the wire
+//! ([`transport`], [`server`]), versioned bincode on disk and inside raft entries ([`codec`]).
+//!
+//! # Inside
+//!
+//! - [`driver`]: the sans-IO replica driver around `raft::RawNode` (no IO, no clock).
+//! - [`state_machine`]: the pure state machine; it records the writes each apply makes.
+//! - [`storage`]: sled trees for the raft log/state (implementing `raft::Storage`) and the state
+//!   machine, applied atomically together with the applied index.
+//! - [`store`]: the tasks doing the IO (replica loop, flushes on blocking threads, batcher,
+//!   join/registration/heartbeat lifecycle) and the public handle.
+//! - [`transport`] and [`server`]: the tonic service on the cluster port.
+//!
+//! Node ids are strings; raft ids are derived by a stable hash (see [`ids`]).
+
+pub mod codec;
+pub mod command;
+pub mod driver;
+pub mod error;
+pub mod ids;
+pub mod server;
+pub mod state_machine;
+pub mod storage;
+pub mod store;
+pub mod transport;
+pub mod types;
+
+pub use error::StoreError;
+pub use ids::{NodeId, RoomId, ViewerId, raft_id_for};
+pub use store::{Store, StoreConfig};
+pub use transport::FaultInjector;
+pub use types::{
+    ClusterSettings, ClusterStatus, Consistency, Membership, NodeLoad, NodeRegistration, NodeState, NodeStatus,
+    Placement, TurnSecrets, ViewerState,
+};

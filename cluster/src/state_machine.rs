@@ -1,0 +1,769 @@
+//! The replicated state machine: a pure struct (no IO, no clock) that applies committed commands
+//! in log order. It records the key/value writes each apply makes so the shell can persist them to
+//! sled in one transaction together with the applied index.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::codec::{self, DecodeError, RECORD_BYTES_MAX, SNAPSHOT_BYTES_MAX};
+use crate::command::{Command, Outcome, VIEWERS_PER_EXPIRY_MAX, VIEWERS_PER_UPSERT_MAX};
+use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for};
+use crate::types::{ClusterSettings, NodeRecord, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, ViewerState};
+
+/// Most nodes registered.
+pub const NODES_MAX: usize = 1024;
+/// Most rooms placed.
+pub const ROOMS_MAX: usize = 100_000;
+/// Most viewer states held.
+pub const VIEWERS_MAX: usize = 500_000;
+
+/// The sled tree a state machine record lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmTree {
+    /// `node id → NodeRecord`
+    Nodes,
+    /// `room id → Placement`
+    Rooms,
+    /// `viewer id → ViewerState`
+    Viewers,
+    /// `applied`, `turn`, `settings`
+    Meta,
+}
+
+impl SmTree {
+    /// All trees, in a fixed order.
+    pub const ALL: [SmTree; 4] = [SmTree::Nodes, SmTree::Rooms, SmTree::Viewers, SmTree::Meta];
+
+    /// sled tree name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SmTree::Nodes => "sm_nodes",
+            SmTree::Rooms => "sm_rooms",
+            SmTree::Viewers => "sm_viewers",
+            SmTree::Meta => "sm_meta",
+        }
+    }
+}
+
+/// One key/value change (None value: delete).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SmWrite {
+    /// Tree.
+    pub tree: SmTree,
+    /// Key.
+    pub key: Vec<u8>,
+    /// New value, or None to delete.
+    pub value: Option<Vec<u8>>,
+}
+
+/// Meta keys.
+pub const META_APPLIED: &[u8] = b"applied";
+/// Meta key of the TURN secrets.
+pub const META_TURN: &[u8] = b"turn";
+/// Meta key of the settings.
+pub const META_SETTINGS: &[u8] = b"settings";
+
+/// Index and term of the last applied entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct AppliedIndex {
+    /// Raft index.
+    pub index: u64,
+    /// Raft term of that entry.
+    pub term: u64,
+}
+
+/// The whole replicated state.
+#[derive(Clone, Debug, Default, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct StateMachine {
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    rooms: BTreeMap<RoomId, Placement>,
+    viewers: BTreeMap<ViewerId, ViewerState>,
+    turn: Option<TurnSecrets>,
+    settings: Option<ClusterSettings>,
+    applied: AppliedIndex,
+}
+
+impl StateMachine {
+    /// Last applied index and term.
+    pub fn applied(&self) -> AppliedIndex {
+        self.applied
+    }
+    /// Registered nodes.
+    pub fn nodes(&self) -> &BTreeMap<NodeId, NodeRecord> {
+        &self.nodes
+    }
+    /// Room placements.
+    pub fn rooms(&self) -> &BTreeMap<RoomId, Placement> {
+        &self.rooms
+    }
+    /// Viewer states.
+    pub fn viewers(&self) -> &BTreeMap<ViewerId, ViewerState> {
+        &self.viewers
+    }
+    /// TURN secrets, if set.
+    pub fn turn(&self) -> Option<&TurnSecrets> {
+        self.turn.as_ref()
+    }
+    /// Settings, if set.
+    pub fn settings(&self) -> Option<&ClusterSettings> {
+        self.settings.as_ref()
+    }
+    /// The node with this raft id.
+    pub fn node_by_raft_id(&self, raft_id: u64) -> Option<&NodeRecord> {
+        self.nodes.values().find(|n| n.raft_id == raft_id)
+    }
+
+    /// Marks an entry that carries no commands (empty, or a conf change) as applied.
+    pub fn apply_empty(&mut self, index: u64, term: u64, writes: &mut Vec<SmWrite>) {
+        self.advance(index, term, writes);
+    }
+
+    fn advance(&mut self, index: u64, term: u64, writes: &mut Vec<SmWrite>) {
+        // Entries are applied exactly once, in order; anything else is a bug in the shell.
+        assert!(
+            index > self.applied.index,
+            "apply out of order: {index} after {}",
+            self.applied.index
+        );
+        self.applied = AppliedIndex { index, term };
+        writes.push(SmWrite {
+            tree: SmTree::Meta,
+            key: META_APPLIED.to_vec(),
+            value: Some(codec::encode(&self.applied)),
+        });
+    }
+
+    /// Applies the commands of entry `index` in order; returns one outcome per command.
+    pub fn apply(&mut self, index: u64, term: u64, commands: &[Command], writes: &mut Vec<SmWrite>) -> Vec<Outcome> {
+        let outcomes = commands.iter().map(|c| self.apply_one(index, c, writes)).collect();
+        self.advance(index, term, writes);
+        outcomes
+    }
+
+    fn put<T: bincode::Encode>(writes: &mut Vec<SmWrite>, tree: SmTree, key: &str, value: &T) {
+        writes.push(SmWrite {
+            tree,
+            key: key.as_bytes().to_vec(),
+            value: Some(codec::encode(value)),
+        });
+    }
+
+    fn delete(writes: &mut Vec<SmWrite>, tree: SmTree, key: &str) {
+        writes.push(SmWrite {
+            tree,
+            key: key.as_bytes().to_vec(),
+            value: None,
+        });
+    }
+
+    fn apply_one(&mut self, index: u64, command: &Command, writes: &mut Vec<SmWrite>) -> Outcome {
+        match command {
+            Command::RegisterNode(registration) => {
+                if let Err(e) = registration.validate() {
+                    return Outcome::Rejected(e);
+                }
+                let raft_id = raft_id_for(&registration.id);
+                if let Some(other) = self
+                    .nodes
+                    .values()
+                    .find(|n| n.raft_id == raft_id && n.registration.id != registration.id)
+                {
+                    return Outcome::Rejected(format!(
+                        "raft id {raft_id} of node {} collides with node {}",
+                        registration.id, other.registration.id
+                    ));
+                }
+                if !self.nodes.contains_key(&registration.id) && self.nodes.len() >= NODES_MAX {
+                    return Outcome::Rejected(format!("more than {NODES_MAX} nodes"));
+                }
+                let record = match self.nodes.get(&registration.id) {
+                    Some(existing) => NodeRecord {
+                        registration: registration.clone(),
+                        ..existing.clone()
+                    },
+                    None => NodeRecord {
+                        registration: registration.clone(),
+                        raft_id,
+                        draining: false,
+                        last_load: None,
+                        last_heartbeat_ms: 0,
+                    },
+                };
+                Self::put(writes, SmTree::Nodes, registration.id.as_str(), &record);
+                self.nodes.insert(registration.id.clone(), record.clone());
+                Outcome::Node(record)
+            }
+            Command::Heartbeat { node, load, at_ms } => match self.nodes.get_mut(node) {
+                None => Outcome::Rejected(format!("unknown node {node}")),
+                Some(record) => {
+                    record.last_load = Some(load.clone());
+                    record.last_heartbeat_ms = record.last_heartbeat_ms.max(*at_ms);
+                    let record = record.clone();
+                    Self::put(writes, SmTree::Nodes, node.as_str(), &record);
+                    Outcome::Node(record)
+                }
+            },
+            Command::RemoveNode { node } => {
+                let existed = self.nodes.remove(node).is_some();
+                if existed {
+                    Self::delete(writes, SmTree::Nodes, node.as_str());
+                }
+                Outcome::Deleted(existed)
+            }
+            Command::SetNodeDraining { node, draining } => match self.nodes.get_mut(node) {
+                None => Outcome::Rejected(format!("unknown node {node}")),
+                Some(record) => {
+                    record.draining = *draining;
+                    let record = record.clone();
+                    Self::put(writes, SmTree::Nodes, node.as_str(), &record);
+                    Outcome::Node(record)
+                }
+            },
+            Command::PlaceRoom {
+                room,
+                expected_epoch,
+                node,
+            } => {
+                if let Err(e) = room.validate().and_then(|_| node.validate()) {
+                    return Outcome::Rejected(e);
+                }
+                let current = self.rooms.get(room);
+                let current_epoch = current.map(|p| p.epoch);
+                if current_epoch != *expected_epoch {
+                    return Outcome::EpochConflict(current.cloned());
+                }
+                if current.is_none() && self.rooms.len() >= ROOMS_MAX {
+                    return Outcome::Rejected(format!("more than {ROOMS_MAX} rooms"));
+                }
+                let placement = Placement {
+                    room: room.clone(),
+                    node: node.clone(),
+                    epoch: current_epoch.unwrap_or(0) + 1,
+                };
+                Self::put(writes, SmTree::Rooms, room.as_str(), &placement);
+                self.rooms.insert(room.clone(), placement.clone());
+                Outcome::Placed(placement)
+            }
+            Command::DeleteRoom { room, expected_epoch } => {
+                let current = self.rooms.get(room);
+                match current {
+                    Some(p) if p.epoch == *expected_epoch => {
+                        self.rooms.remove(room);
+                        Self::delete(writes, SmTree::Rooms, room.as_str());
+                        Outcome::Deleted(true)
+                    }
+                    other => Outcome::EpochConflict(other.cloned()),
+                }
+            }
+            Command::UpsertViewers { viewers } => {
+                if viewers.len() > VIEWERS_PER_UPSERT_MAX {
+                    return Outcome::Rejected(format!("more than {VIEWERS_PER_UPSERT_MAX} viewers in one upsert"));
+                }
+                if let Some(e) = viewers.iter().find_map(|v| v.validate().err()) {
+                    return Outcome::Rejected(e);
+                }
+                let new_count = viewers.iter().filter(|v| !self.viewers.contains_key(&v.viewer)).count();
+                if self.viewers.len() + new_count > VIEWERS_MAX {
+                    return Outcome::Rejected(format!("more than {VIEWERS_MAX} viewer states"));
+                }
+                let ttl_ms = self.viewer_ttl_ms();
+                let mut stored = Vec::with_capacity(viewers.len());
+                for v in viewers {
+                    let mut v = v.clone();
+                    v.expires_at_ms = v.updated_at_ms.saturating_add(ttl_ms);
+                    v.revision = index;
+                    Self::put(writes, SmTree::Viewers, v.viewer.as_str(), &v);
+                    self.viewers.insert(v.viewer.clone(), v.clone());
+                    stored.push(v);
+                }
+                Outcome::Viewers(stored)
+            }
+            Command::DeleteViewer { viewer } => {
+                let existed = self.viewers.remove(viewer).is_some();
+                if existed {
+                    Self::delete(writes, SmTree::Viewers, viewer.as_str());
+                }
+                Outcome::Deleted(existed)
+            }
+            Command::ExpireViewers { viewers } => {
+                if viewers.len() > VIEWERS_PER_EXPIRY_MAX {
+                    return Outcome::Rejected(format!("more than {VIEWERS_PER_EXPIRY_MAX} viewers in one expiry"));
+                }
+                let mut expired = 0;
+                for (viewer, revision) in viewers {
+                    if self.viewers.get(viewer).is_some_and(|v| v.revision == *revision) {
+                        self.viewers.remove(viewer);
+                        Self::delete(writes, SmTree::Viewers, viewer.as_str());
+                        expired += 1;
+                    }
+                }
+                Outcome::Expired(expired)
+            }
+            Command::RotateTurnSecret { secret, at_ms } => {
+                if secret.is_empty() || secret.len() > TURN_SECRET_BYTES_MAX {
+                    return Outcome::Rejected(format!("TURN secret must be 1..={TURN_SECRET_BYTES_MAX} bytes"));
+                }
+                let turn = TurnSecrets {
+                    current: secret.clone(),
+                    previous: self.turn.as_ref().map(|t| t.current.clone()),
+                    rotated_at_ms: *at_ms,
+                };
+                writes.push(SmWrite {
+                    tree: SmTree::Meta,
+                    key: META_TURN.to_vec(),
+                    value: Some(codec::encode(&turn)),
+                });
+                self.turn = Some(turn.clone());
+                Outcome::Turn(turn)
+            }
+            Command::SetSettings {
+                settings,
+                only_if_unset,
+            } => {
+                if *only_if_unset && self.settings.is_some() {
+                    return Outcome::Done;
+                }
+                if settings.viewer_ttl_ms == 0 {
+                    return Outcome::Rejected("viewer_ttl_ms must be positive".into());
+                }
+                writes.push(SmWrite {
+                    tree: SmTree::Meta,
+                    key: META_SETTINGS.to_vec(),
+                    value: Some(codec::encode(settings)),
+                });
+                self.settings = Some(settings.clone());
+                Outcome::Done
+            }
+        }
+    }
+
+    /// TTL in force (the default until settings are replicated).
+    pub fn viewer_ttl_ms(&self) -> u64 {
+        self.settings
+            .as_ref()
+            .map_or(DEFAULT_VIEWER_TTL_MS, |s| s.viewer_ttl_ms)
+    }
+
+    /// Viewers the leader should expire now (etcd's lease model): a viewer is due when both its
+    /// stored deadline and `not_before_ms` (the new leader's grace: leadership start + one
+    /// election timeout) have passed. At most `max` entries, oldest deadline first.
+    pub fn due_viewers(&self, now_ms: u64, not_before_ms: u64, max: usize) -> Vec<(ViewerId, u64)> {
+        if now_ms < not_before_ms {
+            return Vec::new();
+        }
+        let mut due: Vec<&ViewerState> = self.viewers.values().filter(|v| v.expires_at_ms <= now_ms).collect();
+        due.sort_by_key(|v| (v.expires_at_ms, v.viewer.clone()));
+        due.into_iter()
+            .take(max)
+            .map(|v| (v.viewer.clone(), v.revision))
+            .collect()
+    }
+
+    /// SHA-256 over the canonical encoding of the contents (without the applied index, so
+    /// replicas that applied the same commands compare equal).
+    pub fn digest(&self) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(codec::encode(&(
+            &self.nodes,
+            &self.rooms,
+            &self.viewers,
+            &self.turn,
+            &self.settings,
+        )));
+        hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Encodes the whole state for a raft snapshot.
+    pub fn encode_snapshot(&self) -> Vec<u8> {
+        codec::encode(self)
+    }
+
+    /// Decodes a snapshot produced by [`Self::encode_snapshot`].
+    pub fn decode_snapshot(bytes: &[u8]) -> Result<StateMachine, DecodeError> {
+        let sm: StateMachine = codec::decode::<_, SNAPSHOT_BYTES_MAX>(bytes)?;
+        sm.check_invariants().map_err(DecodeError::Malformed)?;
+        Ok(sm)
+    }
+
+    /// Every record of the state, as writes that recreate it in empty trees.
+    pub fn all_records(&self) -> Vec<SmWrite> {
+        let mut writes = Vec::new();
+        for (id, n) in &self.nodes {
+            Self::put(&mut writes, SmTree::Nodes, id.as_str(), n);
+        }
+        for (id, p) in &self.rooms {
+            Self::put(&mut writes, SmTree::Rooms, id.as_str(), p);
+        }
+        for (id, v) in &self.viewers {
+            Self::put(&mut writes, SmTree::Viewers, id.as_str(), v);
+        }
+        if let Some(t) = &self.turn {
+            writes.push(SmWrite {
+                tree: SmTree::Meta,
+                key: META_TURN.to_vec(),
+                value: Some(codec::encode(t)),
+            });
+        }
+        if let Some(s) = &self.settings {
+            writes.push(SmWrite {
+                tree: SmTree::Meta,
+                key: META_SETTINGS.to_vec(),
+                value: Some(codec::encode(s)),
+            });
+        }
+        writes.push(SmWrite {
+            tree: SmTree::Meta,
+            key: META_APPLIED.to_vec(),
+            value: Some(codec::encode(&self.applied)),
+        });
+        writes
+    }
+
+    /// Rebuilds the state from stored records (tree, key, value), checking each. The error says
+    /// which tree and key is wrong.
+    pub fn from_records(
+        records: impl IntoIterator<Item = (SmTree, Vec<u8>, Vec<u8>)>,
+    ) -> Result<StateMachine, (SmTree, Vec<u8>, String)> {
+        let mut sm = StateMachine::default();
+        for (tree, key, value) in records {
+            let bad = |reason: String| (tree, key.clone(), reason);
+            let key_text = std::str::from_utf8(&key)
+                .map_err(|_| bad("key is not UTF-8".into()))?
+                .to_string();
+            match tree {
+                SmTree::Nodes => {
+                    let n: NodeRecord = codec::decode::<_, RECORD_BYTES_MAX>(&value).map_err(|e| bad(e.to_string()))?;
+                    if n.registration.id.as_str() != key_text {
+                        return Err(bad(format!("record is for node {}", n.registration.id)));
+                    }
+                    sm.nodes.insert(n.registration.id.clone(), n);
+                }
+                SmTree::Rooms => {
+                    let p: Placement = codec::decode::<_, RECORD_BYTES_MAX>(&value).map_err(|e| bad(e.to_string()))?;
+                    if p.room.as_str() != key_text {
+                        return Err(bad(format!("record is for room {}", p.room)));
+                    }
+                    sm.rooms.insert(p.room.clone(), p);
+                }
+                SmTree::Viewers => {
+                    let v: ViewerState =
+                        codec::decode::<_, RECORD_BYTES_MAX>(&value).map_err(|e| bad(e.to_string()))?;
+                    if v.viewer.as_str() != key_text {
+                        return Err(bad(format!("record is for viewer {}", v.viewer)));
+                    }
+                    sm.viewers.insert(v.viewer.clone(), v);
+                }
+                SmTree::Meta => match key.as_slice() {
+                    META_APPLIED => {
+                        sm.applied = codec::decode::<_, RECORD_BYTES_MAX>(&value).map_err(|e| bad(e.to_string()))?
+                    }
+                    META_TURN => {
+                        sm.turn = Some(codec::decode::<_, RECORD_BYTES_MAX>(&value).map_err(|e| bad(e.to_string()))?)
+                    }
+                    META_SETTINGS => {
+                        sm.settings =
+                            Some(codec::decode::<_, RECORD_BYTES_MAX>(&value).map_err(|e| bad(e.to_string()))?)
+                    }
+                    _ => return Err(bad("unknown meta key".into())),
+                },
+            }
+        }
+        sm.check_invariants().map_err(|e| (SmTree::Meta, Vec::new(), e))?;
+        Ok(sm)
+    }
+
+    /// Invariants that hold after every apply; checked after reading state back from disk or a
+    /// snapshot.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if self.nodes.len() > NODES_MAX || self.rooms.len() > ROOMS_MAX || self.viewers.len() > VIEWERS_MAX {
+            return Err("more records than the limits allow".into());
+        }
+        for (id, p) in &self.rooms {
+            if &p.room != id || p.epoch == 0 {
+                return Err(format!("room {id}: bad placement"));
+            }
+        }
+        for (id, v) in &self.viewers {
+            if &v.viewer != id || v.revision > self.applied.index {
+                return Err(format!("viewer {id}: bad record"));
+            }
+        }
+        for (id, n) in &self.nodes {
+            if &n.registration.id != id || n.raft_id != raft_id_for(id) {
+                return Err(format!("node {id}: bad record"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Viewer TTL before the cluster settings are replicated (DESIGN.md §8: 300 s).
+pub const DEFAULT_VIEWER_TTL_MS: u64 = 300_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{NodeLoad, NodeRegistration};
+
+    fn registration(id: &str) -> NodeRegistration {
+        NodeRegistration {
+            id: NodeId::from(id),
+            region: "seoul".into(),
+            cluster_addr: "127.0.0.1:7000".into(),
+            http_url: "http://127.0.0.1:8080".into(),
+            grpc_url: "http://127.0.0.1:8081".into(),
+            capacity: 100,
+        }
+    }
+
+    fn viewer(id: &str, updated_at_ms: u64) -> ViewerState {
+        ViewerState {
+            viewer: ViewerId::from(id),
+            room: RoomId::from("lobby"),
+            node: NodeId::from("n1"),
+            session: "s1".into(),
+            position_ms: 10,
+            subscriptions: vec!["video".into()],
+            layers: [("video".to_string(), "h".to_string())].into(),
+            updated_at_ms,
+            expires_at_ms: 0,
+            revision: 0,
+        }
+    }
+
+    fn apply(sm: &mut StateMachine, index: u64, command: Command) -> Outcome {
+        let mut writes = Vec::new();
+        sm.apply(index, 1, &[command], &mut writes).remove(0)
+    }
+
+    #[test]
+    fn place_room_is_a_compare_and_set_on_the_epoch() {
+        let mut sm = StateMachine::default();
+        let room = RoomId::from("r");
+        let placed = apply(
+            &mut sm,
+            1,
+            Command::PlaceRoom {
+                room: room.clone(),
+                expected_epoch: None,
+                node: "a".into(),
+            },
+        );
+        assert_eq!(
+            placed,
+            Outcome::Placed(Placement {
+                room: room.clone(),
+                node: "a".into(),
+                epoch: 1
+            })
+        );
+        // A second "create" conflicts.
+        let again = apply(
+            &mut sm,
+            2,
+            Command::PlaceRoom {
+                room: room.clone(),
+                expected_epoch: None,
+                node: "b".into(),
+            },
+        );
+        assert!(matches!(again, Outcome::EpochConflict(Some(ref p)) if p.epoch == 1 && p.node.as_str() == "a"));
+        // The right epoch moves it.
+        let moved = apply(
+            &mut sm,
+            3,
+            Command::PlaceRoom {
+                room: room.clone(),
+                expected_epoch: Some(1),
+                node: "b".into(),
+            },
+        );
+        assert_eq!(
+            moved,
+            Outcome::Placed(Placement {
+                room: room.clone(),
+                node: "b".into(),
+                epoch: 2
+            })
+        );
+        // A stale epoch is refused and changes nothing.
+        let stale = apply(
+            &mut sm,
+            4,
+            Command::PlaceRoom {
+                room: room.clone(),
+                expected_epoch: Some(1),
+                node: "c".into(),
+            },
+        );
+        assert!(matches!(stale, Outcome::EpochConflict(Some(ref p)) if p.epoch == 2 && p.node.as_str() == "b"));
+        assert_eq!(sm.rooms()[&room].node.as_str(), "b");
+        // Delete with a stale epoch is refused, with the current one succeeds.
+        assert!(matches!(
+            apply(
+                &mut sm,
+                5,
+                Command::DeleteRoom {
+                    room: room.clone(),
+                    expected_epoch: 1
+                }
+            ),
+            Outcome::EpochConflict(_)
+        ));
+        assert_eq!(
+            apply(
+                &mut sm,
+                6,
+                Command::DeleteRoom {
+                    room: room.clone(),
+                    expected_epoch: 2
+                }
+            ),
+            Outcome::Deleted(true)
+        );
+        assert!(sm.rooms().is_empty());
+    }
+
+    #[test]
+    fn viewer_ttl_and_leader_expiry_respect_revisions() {
+        let mut sm = StateMachine::default();
+        apply(
+            &mut sm,
+            1,
+            Command::SetSettings {
+                settings: ClusterSettings { viewer_ttl_ms: 2_000 },
+                only_if_unset: true,
+            },
+        );
+        // only_if_unset does not overwrite.
+        apply(
+            &mut sm,
+            2,
+            Command::SetSettings {
+                settings: ClusterSettings { viewer_ttl_ms: 9 },
+                only_if_unset: true,
+            },
+        );
+        assert_eq!(sm.viewer_ttl_ms(), 2_000);
+        let Outcome::Viewers(stored) = apply(
+            &mut sm,
+            3,
+            Command::UpsertViewers {
+                viewers: vec![viewer("v1", 1_000), viewer("v2", 1_500)],
+            },
+        ) else {
+            panic!("upsert should return viewers");
+        };
+        assert_eq!(stored[0].expires_at_ms, 3_000);
+        assert_eq!(stored[0].revision, 3);
+        // Nothing is due before the deadline, or before the new leader's grace.
+        assert!(sm.due_viewers(2_999, 0, 10).is_empty());
+        assert!(sm.due_viewers(10_000, 10_001, 10).is_empty());
+        let due = sm.due_viewers(3_000, 0, 10);
+        assert_eq!(due, vec![(ViewerId::from("v1"), 3)]);
+        // v1 is updated after the leader decided: the expiry must not remove it.
+        apply(
+            &mut sm,
+            4,
+            Command::UpsertViewers {
+                viewers: vec![viewer("v1", 2_900)],
+            },
+        );
+        assert_eq!(
+            apply(&mut sm, 5, Command::ExpireViewers { viewers: due }),
+            Outcome::Expired(0)
+        );
+        assert!(sm.viewers().contains_key(&ViewerId::from("v1")));
+        let due = sm.due_viewers(5_000, 0, 10);
+        assert_eq!(due.len(), 2);
+        assert_eq!(
+            apply(&mut sm, 6, Command::ExpireViewers { viewers: due }),
+            Outcome::Expired(2)
+        );
+        assert!(sm.viewers().is_empty());
+    }
+
+    #[test]
+    fn register_heartbeat_turn_and_digest() {
+        let mut a = StateMachine::default();
+        let mut b = StateMachine::default();
+        let commands = vec![
+            Command::RegisterNode(registration("n1")),
+            Command::Heartbeat {
+                node: "n1".into(),
+                load: NodeLoad {
+                    cpu: 0.5,
+                    connections: 3,
+                    rooms: 1,
+                },
+                at_ms: 7,
+            },
+            Command::Heartbeat {
+                node: "nope".into(),
+                load: NodeLoad::default(),
+                at_ms: 7,
+            },
+            Command::RotateTurnSecret {
+                secret: "s1".into(),
+                at_ms: 1,
+            },
+            Command::RotateTurnSecret {
+                secret: "s2".into(),
+                at_ms: 2,
+            },
+        ];
+        let mut writes = Vec::new();
+        let outcomes = a.apply(1, 1, &commands, &mut writes);
+        b.apply(1, 1, &commands, &mut Vec::new());
+        assert!(matches!(outcomes[2], Outcome::Rejected(_)));
+        assert_eq!(a.turn().unwrap().previous.as_deref(), Some("s1"));
+        assert_eq!(a.turn().unwrap().current, "s2");
+        assert_eq!(a.digest(), b.digest());
+        // Records written round-trip to the same state.
+        let records = a.all_records().into_iter().map(|w| (w.tree, w.key, w.value.unwrap()));
+        let restored = StateMachine::from_records(records).unwrap();
+        assert_eq!(restored, a);
+        let snapshot = StateMachine::decode_snapshot(&a.encode_snapshot()).unwrap();
+        assert_eq!(snapshot, a);
+        apply(&mut b, 2, Command::RemoveNode { node: "n1".into() });
+        assert_ne!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn corrupt_records_name_tree_and_key() {
+        let err = StateMachine::from_records([(SmTree::Viewers, b"v1".to_vec(), vec![1, 2, 3])]).unwrap_err();
+        assert_eq!(err.0, SmTree::Viewers);
+        assert_eq!(err.1, b"v1".to_vec());
+        let err = StateMachine::from_records([(SmTree::Meta, b"what".to_vec(), vec![1])]).unwrap_err();
+        assert!(err.2.contains("unknown meta key"));
+    }
+
+    #[test]
+    fn invalid_input_is_rejected_not_panicking() {
+        let mut sm = StateMachine::default();
+        let mut bad = viewer("v", 1);
+        bad.subscriptions = vec!["x".into(); 1000];
+        assert!(matches!(
+            apply(&mut sm, 1, Command::UpsertViewers { viewers: vec![bad] }),
+            Outcome::Rejected(_)
+        ));
+        let mut reg = registration("n");
+        reg.cluster_addr = String::new();
+        assert!(matches!(
+            apply(&mut sm, 2, Command::RegisterNode(reg)),
+            Outcome::Rejected(_)
+        ));
+        assert!(matches!(
+            apply(
+                &mut sm,
+                3,
+                Command::RotateTurnSecret {
+                    secret: String::new(),
+                    at_ms: 0
+                }
+            ),
+            Outcome::Rejected(_)
+        ));
+    }
+}

@@ -1,0 +1,492 @@
+//! sled storage: the raft log, hard state, conf state and snapshot in the `raft` tree
+//! (implementing [`raft::Storage`]), and the state machine's records in the `sm_*` trees.
+//!
+//! Writes here only reach sled's page cache; the shell flushes (`Disk::flush`, run on a blocking
+//! thread) before it sends messages that depend on them or reports them persisted to raft.
+//! Opening checks every record and reports the first bad one by tree and key.
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use sled::Transactional;
+
+use crate::error::{StoreError, printable_key};
+use crate::state_machine::{SmTree, SmWrite, StateMachine};
+
+const RAFT_TREE: &str = "raft";
+const KEY_HARD_STATE: &[u8] = b"hs";
+const KEY_CONF_STATE: &[u8] = b"cs";
+const KEY_SNAPSHOT: &[u8] = b"snap";
+const ENTRY_PREFIX: u8 = b'e';
+
+/// Index and term of the snapshot a brand-new cluster starts from. Starting at a non-zero index
+/// means a joining node (empty log) always catches up by snapshot first, so it learns the
+/// configuration the first node was created with.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+/// See [`BOOTSTRAP_INDEX`].
+pub const BOOTSTRAP_TERM: u64 = 1;
+
+fn entry_key(index: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = ENTRY_PREFIX;
+    key[1..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn entry_index(key: &[u8]) -> Option<u64> {
+    if key.len() != 9 || key[0] != ENTRY_PREFIX {
+        return None;
+    }
+    let mut index = [0u8; 8];
+    index.copy_from_slice(&key[1..]);
+    Some(u64::from_be_bytes(index))
+}
+
+fn storage_error(e: impl std::fmt::Display) -> raft::Error {
+    raft::Error::Store(StorageError::Other(e.to_string().into()))
+}
+
+fn corrupt(tree: &str, key: &[u8], reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        tree: tree.to_string(),
+        key: printable_key(key),
+        reason: reason.to_string(),
+    }
+}
+
+struct Core {
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Last snapshot (metadata and state machine data); its index is the compaction point.
+    snapshot: Snapshot,
+    last_index: u64,
+    /// Set when raft asked for a snapshot we could not give (too old, or taken before the
+    /// requesting peer joined the configuration); the shell then takes a new one.
+    snapshot_wanted: bool,
+}
+
+impl Core {
+    fn first_index(&self) -> u64 {
+        self.snapshot.get_metadata().index + 1
+    }
+}
+
+/// The sled database of one replica.
+#[derive(Clone)]
+pub struct Disk {
+    db: sled::Db,
+    raft: sled::Tree,
+    sm: Vec<sled::Tree>,
+}
+
+/// [`raft::Storage`] over the `raft` tree. Cheap to clone (shared core).
+#[derive(Clone)]
+pub struct SledStorage {
+    raft: sled::Tree,
+    core: Arc<RwLock<Core>>,
+}
+
+impl Disk {
+    /// Opens (or creates) the database in `dir`, checks every record and returns the raft storage
+    /// and the state machine it holds.
+    pub fn open(dir: &std::path::Path) -> Result<(Disk, SledStorage, StateMachine), StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| StoreError::Storage(format!("opening {}: {e}", dir.display())))?;
+        let raft = db.open_tree(RAFT_TREE)?;
+        let sm = SmTree::ALL
+            .iter()
+            .map(|t| db.open_tree(t.name()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let disk = Disk { db, raft, sm };
+        let storage = disk.load_raft()?;
+        let state_machine = disk.load_state_machine()?;
+        {
+            let core = storage.core.read();
+            let applied = state_machine.applied().index;
+            let snapshot_index = core.snapshot.get_metadata().index;
+            if applied < snapshot_index || applied > core.last_index.max(snapshot_index) {
+                return Err(corrupt(
+                    SmTree::Meta.name(),
+                    crate::state_machine::META_APPLIED,
+                    format!(
+                        "applied index {applied} outside the log [{snapshot_index}, {}]",
+                        core.last_index
+                    ),
+                ));
+            }
+        }
+        Ok((disk, storage, state_machine))
+    }
+
+    fn load_raft(&self) -> Result<SledStorage, StoreError> {
+        let hard_state = match self.raft.get(KEY_HARD_STATE)? {
+            Some(v) => HardState::parse_from_bytes(&v).map_err(|e| corrupt(RAFT_TREE, KEY_HARD_STATE, e))?,
+            None => HardState::default(),
+        };
+        let conf_state = match self.raft.get(KEY_CONF_STATE)? {
+            Some(v) => ConfState::parse_from_bytes(&v).map_err(|e| corrupt(RAFT_TREE, KEY_CONF_STATE, e))?,
+            None => ConfState::default(),
+        };
+        let snapshot = match self.raft.get(KEY_SNAPSHOT)? {
+            Some(v) => {
+                let snapshot = Snapshot::parse_from_bytes(&v).map_err(|e| corrupt(RAFT_TREE, KEY_SNAPSHOT, e))?;
+                StateMachine::decode_snapshot(snapshot.get_data())
+                    .map_err(|e| corrupt(RAFT_TREE, KEY_SNAPSHOT, format!("snapshot data: {e}")))?;
+                snapshot
+            }
+            None => Snapshot::default(),
+        };
+        let snapshot_index = snapshot.get_metadata().index;
+        let mut last_index = snapshot_index;
+        for item in self.raft.range(entry_key(0)..=entry_key(u64::MAX)) {
+            let (key, value) = item?;
+            let index = entry_index(&key).ok_or_else(|| corrupt(RAFT_TREE, &key, "not an entry key"))?;
+            let entry = Entry::parse_from_bytes(&value).map_err(|e| corrupt(RAFT_TREE, &key, e))?;
+            if entry.index != index {
+                return Err(corrupt(RAFT_TREE, &key, format!("entry claims index {}", entry.index)));
+            }
+            if index != last_index + 1 {
+                return Err(corrupt(
+                    RAFT_TREE,
+                    &key,
+                    format!("log gap: expected index {}", last_index + 1),
+                ));
+            }
+            last_index = index;
+        }
+        for item in self.raft.iter() {
+            let (key, _) = item?;
+            if entry_index(&key).is_none() && ![KEY_HARD_STATE, KEY_CONF_STATE, KEY_SNAPSHOT].contains(&key.as_ref()) {
+                return Err(corrupt(RAFT_TREE, &key, "unknown key"));
+            }
+        }
+        if hard_state.commit > last_index {
+            return Err(corrupt(
+                RAFT_TREE,
+                KEY_HARD_STATE,
+                format!("commit {} beyond last index {last_index}", hard_state.commit),
+            ));
+        }
+        Ok(SledStorage {
+            raft: self.raft.clone(),
+            core: Arc::new(RwLock::new(Core {
+                hard_state,
+                conf_state,
+                snapshot,
+                last_index,
+                snapshot_wanted: false,
+            })),
+        })
+    }
+
+    fn load_state_machine(&self) -> Result<StateMachine, StoreError> {
+        let mut records = Vec::new();
+        for (tree, sled_tree) in SmTree::ALL.iter().zip(&self.sm) {
+            for item in sled_tree.iter() {
+                let (key, value) = item?;
+                records.push((*tree, key.to_vec(), value.to_vec()));
+            }
+        }
+        StateMachine::from_records(records).map_err(|(tree, key, reason)| corrupt(tree.name(), &key, reason))
+    }
+
+    /// Flushes everything written so far to disk. Blocking: call it on a blocking thread.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Flushes on tokio's blocking pool, off the async threads.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let disk = self.clone();
+        tokio::task::spawn_blocking(move || disk.flush_blocking())
+            .await
+            .map_err(|e| StoreError::Storage(format!("flush task: {e}")))?
+    }
+
+    /// Persists state machine writes and (if changed) the conf state in one transaction, so the
+    /// applied index, the records and the membership never disagree after a crash.
+    pub fn commit_apply(
+        &self,
+        storage: &SledStorage,
+        writes: &[SmWrite],
+        conf_state: Option<&ConfState>,
+    ) -> Result<(), StoreError> {
+        let conf_bytes = conf_state
+            .map(|c| c.write_to_bytes())
+            .transpose()
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        let mut trees: Vec<sled::Tree> = vec![self.raft.clone()];
+        trees.extend(self.sm.iter().cloned());
+        trees
+            .as_slice()
+            .transaction(|views| {
+                if let Some(bytes) = &conf_bytes {
+                    views[0].insert(KEY_CONF_STATE, bytes.as_slice())?;
+                }
+                for write in writes {
+                    let position = 1 + SmTree::ALL.iter().position(|t| *t == write.tree).unwrap_or(0);
+                    match &write.value {
+                        Some(v) => views[position].insert(write.key.as_slice(), v.as_slice())?,
+                        None => views[position].remove(write.key.as_slice())?,
+                    };
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| StoreError::Storage(format!("apply transaction: {e:?}")))?;
+        if let Some(cs) = conf_state {
+            storage.core.write().conf_state = cs.clone();
+        }
+        Ok(())
+    }
+
+    /// Replaces the whole state (log, raft metadata, state machine) with a received snapshot.
+    pub fn apply_snapshot(
+        &self,
+        storage: &SledStorage,
+        snapshot: &Snapshot,
+        sm: &StateMachine,
+    ) -> Result<(), StoreError> {
+        let meta = snapshot.get_metadata();
+        let snapshot_bytes = snapshot
+            .write_to_bytes()
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        let conf_bytes = meta
+            .get_conf_state()
+            .write_to_bytes()
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        let mut hard_state = storage.core.read().hard_state.clone();
+        hard_state.term = hard_state.term.max(meta.term);
+        hard_state.commit = meta.index;
+        let hs_bytes = hard_state
+            .write_to_bytes()
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        let old_entries: Vec<sled::IVec> = self
+            .raft
+            .range(entry_key(0)..=entry_key(u64::MAX))
+            .keys()
+            .collect::<Result<_, _>>()?;
+        let mut old_sm_keys: Vec<Vec<sled::IVec>> = Vec::new();
+        for tree in &self.sm {
+            old_sm_keys.push(tree.iter().keys().collect::<Result<_, _>>()?);
+        }
+        let records = sm.all_records();
+        let mut trees: Vec<sled::Tree> = vec![self.raft.clone()];
+        trees.extend(self.sm.iter().cloned());
+        trees
+            .as_slice()
+            .transaction(|views| {
+                for key in &old_entries {
+                    views[0].remove(key)?;
+                }
+                views[0].insert(KEY_SNAPSHOT, snapshot_bytes.as_slice())?;
+                views[0].insert(KEY_CONF_STATE, conf_bytes.as_slice())?;
+                views[0].insert(KEY_HARD_STATE, hs_bytes.as_slice())?;
+                for (position, keys) in old_sm_keys.iter().enumerate() {
+                    for key in keys {
+                        views[1 + position].remove(key)?;
+                    }
+                }
+                for write in &records {
+                    let position = 1 + SmTree::ALL.iter().position(|t| *t == write.tree).unwrap_or(0);
+                    if let Some(v) = &write.value {
+                        views[position].insert(write.key.as_slice(), v.as_slice())?;
+                    }
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| StoreError::Storage(format!("snapshot transaction: {e:?}")))?;
+        let mut core = storage.core.write();
+        core.snapshot = snapshot.clone();
+        core.conf_state = meta.get_conf_state().clone();
+        core.hard_state = hard_state;
+        core.last_index = meta.index;
+        Ok(())
+    }
+
+    /// Creates a brand-new single-voter cluster: a snapshot at [`BOOTSTRAP_INDEX`] whose conf
+    /// state has `raft_id` as the only voter.
+    pub fn bootstrap(&self, storage: &SledStorage, raft_id: u64, sm: &mut StateMachine) -> Result<(), StoreError> {
+        let mut writes = Vec::new();
+        sm.apply_empty(BOOTSTRAP_INDEX, BOOTSTRAP_TERM, &mut writes);
+        let mut snapshot = Snapshot::default();
+        let mut meta = SnapshotMetadata {
+            index: BOOTSTRAP_INDEX,
+            term: BOOTSTRAP_TERM,
+            ..Default::default()
+        };
+        meta.set_conf_state(ConfState::from((vec![raft_id], Vec::<u64>::new())));
+        snapshot.set_metadata(meta);
+        snapshot.set_data(sm.encode_snapshot().into());
+        self.apply_snapshot(storage, &snapshot, sm)
+    }
+}
+
+impl SledStorage {
+    /// Appends entries from a Ready, replacing any conflicting suffix.
+    pub fn append(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let mut core = self.core.write();
+        // raft only hands us entries that follow our snapshot; anything else is a bug.
+        assert!(
+            first.index > core.snapshot.get_metadata().index,
+            "append before the snapshot"
+        );
+        assert!(first.index <= core.last_index + 1, "append leaves a gap");
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = entry.write_to_bytes().map_err(|e| StoreError::Storage(e.to_string()))?;
+            batch.insert(&entry_key(entry.index), bytes);
+        }
+        let new_last = entries.last().map_or(core.last_index, |e| e.index);
+        for stale in new_last + 1..=core.last_index {
+            batch.remove(&entry_key(stale));
+        }
+        self.raft.apply_batch(batch)?;
+        core.last_index = new_last;
+        Ok(())
+    }
+
+    /// Saves the hard state.
+    pub fn set_hard_state(&self, hard_state: &HardState) -> Result<(), StoreError> {
+        let bytes = hard_state
+            .write_to_bytes()
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        self.raft.insert(KEY_HARD_STATE, bytes)?;
+        self.core.write().hard_state = hard_state.clone();
+        Ok(())
+    }
+
+    /// Records a snapshot of the applied state at `index` and drops the log up to it.
+    pub fn compact(&self, index: u64, term: u64, data: Vec<u8>) -> Result<(), StoreError> {
+        let mut core = self.core.write();
+        if index <= core.snapshot.get_metadata().index {
+            return Ok(());
+        }
+        assert!(index <= core.last_index, "compaction beyond the log");
+        let mut snapshot = Snapshot::default();
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
+        meta.set_conf_state(core.conf_state.clone());
+        snapshot.set_metadata(meta);
+        snapshot.set_data(data.into());
+        let bytes = snapshot
+            .write_to_bytes()
+            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(KEY_SNAPSHOT, bytes);
+        for compacted in core.first_index()..=index {
+            batch.remove(&entry_key(compacted));
+        }
+        self.raft.apply_batch(batch)?;
+        core.snapshot = snapshot;
+        core.snapshot_wanted = false;
+        Ok(())
+    }
+
+    /// True when raft asked for a newer snapshot than the one stored (take one).
+    pub fn snapshot_wanted(&self) -> bool {
+        self.core.read().snapshot_wanted
+    }
+
+    /// Index of the last snapshot (the compaction point).
+    pub fn snapshot_index(&self) -> u64 {
+        self.core.read().snapshot.get_metadata().index
+    }
+
+    /// Current conf state.
+    pub fn conf_state(&self) -> ConfState {
+        self.core.read().conf_state.clone()
+    }
+
+    /// True when the storage holds no configuration (a node that must join).
+    pub fn is_empty(&self) -> bool {
+        let core = self.core.read();
+        core.conf_state.voters.is_empty() && core.conf_state.learners.is_empty() && core.last_index == 0
+    }
+}
+
+impl raft::Storage for SledStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let core = self.core.read();
+        Ok(RaftState::new(core.hard_state.clone(), core.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let core = self.core.read();
+        if low < core.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > core.last_index + 1 || low > high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let mut entries = Vec::with_capacity((high - low) as usize);
+        for item in self.raft.range(entry_key(low)..entry_key(high)) {
+            let (_, value) = item.map_err(storage_error)?;
+            entries.push(Entry::parse_from_bytes(&value).map_err(storage_error)?);
+        }
+        if entries.len() as u64 != high - low {
+            return Err(storage_error(format!("log entries {low}..{high} missing")));
+        }
+        raft::util::limit_size(&mut entries, max_size.into());
+        Ok(entries)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        let core = self.core.read();
+        let snapshot_meta = core.snapshot.get_metadata();
+        if index == snapshot_meta.index {
+            return Ok(snapshot_meta.term);
+        }
+        if index < core.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if index > core.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let value = self
+            .raft
+            .get(entry_key(index))
+            .map_err(storage_error)?
+            .ok_or_else(|| storage_error(format!("log entry {index} missing")))?;
+        Ok(Entry::parse_from_bytes(&value).map_err(storage_error)?.term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.core.read().first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        let core = self.core.read();
+        Ok(core.last_index.max(core.snapshot.get_metadata().index))
+    }
+
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let mut core = self.core.write();
+        let meta = core.snapshot.get_metadata();
+        let conf = meta.get_conf_state();
+        // A peer only accepts a snapshot whose configuration contains it.
+        let includes_peer = conf.voters.contains(&to) || conf.learners.contains(&to);
+        if meta.index < request_index || !includes_peer {
+            core.snapshot_wanted = true;
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        Ok(core.snapshot.clone())
+    }
+}

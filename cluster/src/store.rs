@@ -1,0 +1,1744 @@
+//! The store: the async handle the edge calls, and the tasks that do the IO around the sans-IO
+//! [`Replica`] driver and [`StateMachine`]: the replica task (ticks, messages, proposals, reads,
+//! persistence, apply), the cluster gRPC server, the viewer-update batcher and the lifecycle task
+//! (join, registration, heartbeats).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mediamesh_proto::cluster::v1 as pb;
+use parking_lot::{Mutex, RwLock};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{self, ENTRY_BYTES_MAX};
+use crate::command::{
+    COMMANDS_PER_ENTRY_MAX, Command, EntryPayload, ForwardedCommands, ForwardedOutcome, Outcome,
+    VIEWERS_PER_EXPIRY_MAX, VIEWERS_PER_UPSERT_MAX,
+};
+use crate::driver::{ProposeError, Replica, ReplicaConfig, conf_change};
+use crate::error::StoreError;
+use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for, validate_id};
+use crate::state_machine::{SmWrite, StateMachine};
+use crate::storage::{Disk, SledStorage};
+use crate::transport::{
+    self, DeliveryReport, FaultInjector, PeerBook, PeerClient, RaftSender, SecretCheck, SecretInterceptor,
+    TransportMetrics,
+};
+use crate::types::{
+    ClusterSettings, ClusterStatus, Consistency, Membership, NodeLoad, NodeRegistration, NodeState, NodeStatus,
+    Placement, TurnSecrets, ViewerState,
+};
+
+/// Inputs waiting for the replica task, at most.
+pub const REPLICA_INPUTS_MAX: usize = 4096;
+/// Viewer updates waiting for the batcher, at most.
+pub const VIEWER_UPDATES_MAX: usize = 16_384;
+/// Inputs the replica task takes in one turn before it works on them.
+const INPUTS_PER_TURN_MAX: usize = 1024;
+/// Proposals (of callers) waiting to be coalesced or applied, at most.
+const PENDING_PROPOSALS_MAX: usize = 8192;
+
+/// Configuration of one store replica. Filled at the edge; see [`StoreConfig::new`] for the
+/// defaults.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Public node id (hostname by default at the edge).
+    pub node_id: String,
+    /// Region of this node.
+    pub region: String,
+    /// sled data directory.
+    pub data_dir: PathBuf,
+    /// Cluster address other nodes dial (`host:port`); empty: the listener's local address.
+    pub advertise_cluster: String,
+    /// HTTP URL clients use for this node.
+    pub http_url: String,
+    /// Public gRPC URL of this node.
+    pub grpc_url: String,
+    /// Cluster addresses of existing members to join; empty: bootstrap a new cluster (when the
+    /// data directory is empty).
+    pub join: Vec<String>,
+    /// Shared cluster secret, checked on every cluster call.
+    pub cluster_secret: String,
+    /// Capacity announced in the registration.
+    pub capacity: u32,
+    /// Raft tick.
+    pub tick_ms: u64,
+    /// Ticks before an election (randomized in `[n, 2n)`).
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Viewer TTL written into the cluster settings when a cluster is created.
+    pub viewer_ttl_ms: u64,
+    /// Take a snapshot and compact the log every this many applied entries.
+    pub snapshot_every_entries: u64,
+    /// Deadline of a write or linearizable read.
+    pub request_timeout_ms: u64,
+    /// Period of this node's automatic heartbeat (0: only explicit [`Store::heartbeat`] calls).
+    pub heartbeat_interval_ms: u64,
+    /// A node with no heartbeat for this long is reported dead.
+    pub node_dead_after_ms: u64,
+    /// How long the viewer batcher waits to coalesce updates.
+    pub viewer_batch_ms: u64,
+    /// Most expiry batches the leader proposes per second.
+    pub expiry_batches_per_second: u32,
+}
+
+impl StoreConfig {
+    /// A configuration with the library defaults: 100 ms ticks, elections after 10 ticks,
+    /// heartbeats every 2, viewer TTL 300 s, snapshot every 10 000 entries, 5 s deadlines.
+    pub fn new(node_id: impl Into<String>, data_dir: impl Into<PathBuf>, cluster_secret: impl Into<String>) -> Self {
+        StoreConfig {
+            node_id: node_id.into(),
+            region: "seoul".into(),
+            data_dir: data_dir.into(),
+            advertise_cluster: String::new(),
+            http_url: String::new(),
+            grpc_url: String::new(),
+            join: Vec::new(),
+            cluster_secret: cluster_secret.into(),
+            capacity: 1000,
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            viewer_ttl_ms: crate::state_machine::DEFAULT_VIEWER_TTL_MS,
+            snapshot_every_entries: 10_000,
+            request_timeout_ms: 5_000,
+            heartbeat_interval_ms: 1_000,
+            node_dead_after_ms: 5_000,
+            viewer_batch_ms: 5,
+            expiry_batches_per_second: 10,
+        }
+    }
+
+    fn validate(&self) -> Result<(), StoreError> {
+        validate_id("node_id", &self.node_id).map_err(StoreError::Config)?;
+        validate_id("region", &self.region).map_err(StoreError::Config)?;
+        if self.cluster_secret.is_empty() {
+            return Err(StoreError::Config("cluster_secret is empty".into()));
+        }
+        if self.tick_ms == 0 || self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return Err(StoreError::Config(
+                "need tick_ms > 0 and election_ticks > heartbeat_ticks > 0".into(),
+            ));
+        }
+        if self.viewer_ttl_ms == 0 || self.snapshot_every_entries == 0 || self.request_timeout_ms == 0 {
+            return Err(StoreError::Config(
+                "viewer_ttl_ms, snapshot_every_entries, request_timeout_ms must be positive".into(),
+            ));
+        }
+        if self.expiry_batches_per_second == 0 {
+            return Err(StoreError::Config("expiry_batches_per_second must be positive".into()));
+        }
+        Ok(())
+    }
+
+    fn election_timeout_ms(&self) -> u64 {
+        self.tick_ms * self.election_ticks as u64
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Raft state published by the replica task after every turn.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct View {
+    leader: u64,
+    term: u64,
+    commit_index: u64,
+    applied_index: u64,
+    role: &'static str,
+    voters: Vec<u64>,
+    learners: Vec<u64>,
+    snapshot_index: u64,
+}
+
+/// Why the replica task did not apply a proposal.
+#[derive(Debug)]
+enum ProposeFailure {
+    NotLeader,
+    Error(StoreError),
+}
+
+type ProposeReply = oneshot::Sender<Result<Vec<Outcome>, ProposeFailure>>;
+
+enum Input {
+    Raft(Vec<Message>),
+    Propose {
+        commands: Vec<Command>,
+        size: usize,
+        reply: ProposeReply,
+    },
+    ConfChange {
+        cc: ConfChangeV2,
+        reply: oneshot::Sender<Result<(), ProposeFailure>>,
+    },
+    Read {
+        reply: oneshot::Sender<Result<u64, ProposeFailure>>,
+    },
+    Compact {
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    TransferLeader {
+        to: u64,
+    },
+}
+
+type ViewerReply = oneshot::Sender<Result<ViewerState, StoreError>>;
+
+struct ViewerUpdate {
+    state: ViewerState,
+    reply: ViewerReply,
+}
+
+struct Shared {
+    config: StoreConfig,
+    node_id: NodeId,
+    raft_id: u64,
+    advertise_cluster: String,
+    sm: RwLock<StateMachine>,
+    view: watch::Sender<View>,
+    inputs: mpsc::Sender<Input>,
+    viewer_updates: mpsc::Sender<ViewerUpdate>,
+    peers: Arc<PeerBook>,
+    secret: SecretInterceptor,
+    faults: Arc<FaultInjector>,
+    metrics: Arc<TransportMetrics>,
+    clients: Mutex<HashMap<String, PeerClient>>,
+    last_load: Mutex<NodeLoad>,
+    shutdown: CancellationToken,
+    closed: watch::Receiver<bool>,
+}
+
+/// Handle to the replicated store of this node. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("node_id", &self.shared.node_id)
+            .field("raft_id", &self.shared.raft_id)
+            .finish()
+    }
+}
+
+struct SlogToTracing;
+
+impl slog::Drain for SlogToTracing {
+    type Ok = ();
+    type Err = slog::Never;
+    fn log(&self, record: &slog::Record<'_>, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{}", record.msg())
+            }
+            slog::Level::Warning => tracing::warn!(target: "raft", "{}", record.msg()),
+            slog::Level::Info => tracing::debug!(target: "raft", "{}", record.msg()),
+            _ => tracing::trace!(target: "raft", "{}", record.msg()),
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Opens the data directory, starts the replica, serves the cluster service on `listener`
+    /// until `shutdown` resolves, and joins or bootstraps the cluster in the background (await
+    /// [`Store::wait_ready`]). A corrupt data directory is an error naming the bad record.
+    pub async fn start(
+        config: StoreConfig,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Store, StoreError> {
+        config.validate()?;
+        let node_id = NodeId::new(config.node_id.clone());
+        let raft_id = raft_id_for(&node_id);
+        let advertise_cluster = if config.advertise_cluster.is_empty() {
+            listener
+                .local_addr()
+                .map_err(|e| StoreError::Config(format!("listener address: {e}")))?
+                .to_string()
+        } else {
+            config.advertise_cluster.clone()
+        };
+        let secret = SecretInterceptor::new(&config.cluster_secret).map_err(StoreError::Config)?;
+        let dir = config.data_dir.clone();
+        let (disk, storage, mut sm) = tokio::task::spawn_blocking(move || Disk::open(&dir))
+            .await
+            .map_err(|e| StoreError::Storage(format!("open task: {e}")))??;
+        let fresh = storage.is_empty();
+        if fresh && config.join.is_empty() {
+            disk.bootstrap(&storage, raft_id, &mut sm)?;
+            disk.flush().await?;
+            tracing::info!(node = %node_id, raft_id, "bootstrapped a new cluster");
+        }
+        let logger = slog::Logger::root(SlogToTracing, slog::o!());
+        let replica_config = ReplicaConfig {
+            raft_id,
+            election_ticks: config.election_ticks,
+            heartbeat_ticks: config.heartbeat_ticks,
+            applied_index: sm.applied().index,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            promote_lag_entries: 16,
+        };
+        let mut replica = Replica::new(replica_config, storage.clone(), &logger)
+            .map_err(|e| StoreError::Storage(format!("raft init: {e}")))?;
+        if fresh && config.join.is_empty() {
+            // A single new voter need not wait an election timeout.
+            let _ = replica.campaign();
+        }
+
+        let peers = Arc::new(PeerBook::default());
+        for node in sm.nodes().values() {
+            peers.set(node.raft_id, &node.registration.cluster_addr);
+        }
+        peers.set(raft_id, &advertise_cluster);
+        let metrics = Arc::new(TransportMetrics::default());
+        let faults = Arc::new(FaultInjector::default());
+        let token = CancellationToken::new();
+        let (inputs_tx, inputs_rx) = mpsc::channel(REPLICA_INPUTS_MAX);
+        let (viewer_tx, viewer_rx) = mpsc::channel(VIEWER_UPDATES_MAX);
+        let (reports_tx, reports_rx) = mpsc::channel(PEER_REPORTS_MAX);
+        let (view_tx, _) = watch::channel(View::default());
+        let (closed_tx, closed_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            node_id,
+            raft_id,
+            advertise_cluster: advertise_cluster.clone(),
+            sm: RwLock::new(sm),
+            view: view_tx,
+            inputs: inputs_tx,
+            viewer_updates: viewer_tx,
+            peers: peers.clone(),
+            secret: secret.clone(),
+            faults: faults.clone(),
+            metrics: metrics.clone(),
+            clients: Mutex::new(HashMap::new()),
+            last_load: Mutex::new(NodeLoad::default()),
+            shutdown: token.clone(),
+            closed: closed_rx,
+            config,
+        });
+        let store = Store { shared: shared.clone() };
+
+        let sender = RaftSender::new(
+            raft_id,
+            advertise_cluster,
+            secret,
+            peers,
+            faults,
+            metrics.clone(),
+            reports_tx,
+            token.clone(),
+        );
+        let task = ReplicaTask::new(shared.clone(), replica, disk, storage, sender);
+        let replica_token = token.clone();
+        tokio::spawn(async move {
+            task.run(inputs_rx, reports_rx, replica_token).await;
+            // The task has dropped the database: a restart in this process may reopen it.
+            let _ = closed_tx.send(true);
+        });
+
+        let service = tonic::service::interceptor::InterceptedService::new(
+            pb::cluster_server::ClusterServer::new(crate::server::ClusterService { store: store.clone() })
+                .max_decoding_message_size(transport::MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(transport::MESSAGE_BYTES_MAX),
+            SecretCheck::new(&shared.config.cluster_secret, metrics),
+        );
+        let server_token = token.clone();
+        tokio::spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let result = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, server_token.cancelled_owned())
+                .await;
+            if let Err(e) = result {
+                tracing::error!("cluster server stopped: {e}");
+            }
+        });
+
+        let batcher = store.clone();
+        tokio::spawn(async move { batcher.run_viewer_batcher(viewer_rx).await });
+        let lifecycle = store.clone();
+        tokio::spawn(async move {
+            let token = lifecycle.shared.shutdown.clone();
+            tokio::select! {
+                _ = token.cancelled() => {}
+                _ = lifecycle.run_lifecycle(fresh) => {}
+            }
+        });
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown => token.cancel(),
+                _ = token.cancelled() => {}
+            }
+        });
+        Ok(store)
+    }
+
+    /// This node's public id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.shared.node_id
+    }
+
+    /// This node's raft id (see [`crate::ids`]).
+    pub fn raft_id(&self) -> u64 {
+        self.shared.raft_id
+    }
+
+    /// The cluster address this node advertises.
+    pub fn advertise_cluster(&self) -> &str {
+        &self.shared.advertise_cluster
+    }
+
+    /// Transport counters.
+    pub fn transport_metrics(&self) -> &TransportMetrics {
+        &self.shared.metrics
+    }
+
+    /// Test-only network faults on this node's outgoing calls.
+    #[cfg(feature = "fault-injection")]
+    pub fn fault_injector(&self) -> Arc<FaultInjector> {
+        self.shared.faults.clone()
+    }
+
+    /// Stops the store (as the shutdown future does).
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+
+    /// Resolves once the replica task has stopped and released the data directory.
+    pub async fn closed(&self) {
+        let mut closed = self.shared.closed.clone();
+        let _ = closed.wait_for(|c| *c).await;
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + Duration::from_millis(self.shared.config.request_timeout_ms)
+    }
+
+    /// True when a leader is known and this node is registered (what `/readyz` reports).
+    pub fn is_ready(&self) -> bool {
+        let leader = self.shared.view.borrow().leader;
+        leader != 0 && self.shared.sm.read().nodes().contains_key(&self.shared.node_id)
+    }
+
+    /// Waits until [`Store::is_ready`] (callers bound it with a timeout).
+    pub async fn wait_ready(&self) -> Result<(), StoreError> {
+        let mut view = self.shared.view.subscribe();
+        loop {
+            if self.is_ready() {
+                return Ok(());
+            }
+            tokio::select! {
+                changed = view.changed() => if changed.is_err() { return Err(StoreError::Shutdown) },
+                _ = self.shared.shutdown.cancelled() => return Err(StoreError::Shutdown),
+            }
+        }
+    }
+
+    // ----- writes -----
+
+    /// Proposes commands (forwarding to the leader when this node is a follower) and returns one
+    /// outcome per command once applied. Retries only where the command certainly was not
+    /// proposed (no leader yet, or the target said it is not the leader).
+    pub(crate) async fn propose(&self, commands: Vec<Command>, deadline: Instant) -> Result<Vec<Outcome>, StoreError> {
+        if commands.is_empty() || commands.len() > COMMANDS_PER_ENTRY_MAX {
+            return Err(StoreError::InvalidInput(format!(
+                "1..={COMMANDS_PER_ENTRY_MAX} commands per proposal"
+            )));
+        }
+        let size = codec::encode(&commands).len();
+        if size > ENTRY_BYTES_MAX - 64 {
+            return Err(StoreError::InvalidInput(format!(
+                "proposal of {size} bytes is too large"
+            )));
+        }
+        let mut view = self.shared.view.subscribe();
+        loop {
+            let leader = view.borrow_and_update().leader;
+            let mut retry = false;
+            if leader == self.shared.raft_id {
+                match self.propose_local(commands.clone(), size, deadline).await {
+                    Ok(outcomes) => return Ok(outcomes),
+                    Err(ProposeFailure::NotLeader) => retry = true,
+                    Err(ProposeFailure::Error(e)) => return Err(e),
+                }
+            } else if leader != 0 {
+                match self.forward_propose(leader, &commands, deadline).await {
+                    Ok(outcomes) => return Ok(outcomes),
+                    Err(ProposeFailure::NotLeader) => retry = true,
+                    Err(ProposeFailure::Error(e)) => return Err(e),
+                }
+            }
+            // Wait for a (new) leader, or a short pause if the view did not change.
+            let pause = tokio::time::sleep(Duration::from_millis(if retry { 20 } else { 200 }));
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(if leader == 0 { StoreError::NoLeader } else { StoreError::Timeout(self.shared.config.request_timeout_ms) });
+                }
+                _ = view.changed() => {}
+                _ = pause => {}
+                _ = self.shared.shutdown.cancelled() => return Err(StoreError::Shutdown),
+            }
+        }
+    }
+
+    async fn propose_local(
+        &self,
+        commands: Vec<Command>,
+        size: usize,
+        deadline: Instant,
+    ) -> Result<Vec<Outcome>, ProposeFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .inputs
+            .try_send(Input::Propose { commands, size, reply })
+            .map_err(|_| ProposeFailure::Error(StoreError::Overloaded("replica input queue")))?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(ProposeFailure::Error(StoreError::Timeout(
+                self.shared.config.request_timeout_ms,
+            ))),
+            Ok(Err(_)) => Err(ProposeFailure::Error(StoreError::Shutdown)),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    fn client_for(&self, addr: &str) -> Result<PeerClient, StoreError> {
+        let mut clients = self.shared.clients.lock();
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let client = transport::peer_client(addr, &self.shared.secret).map_err(StoreError::Transport)?;
+        if clients.len() >= PEER_CLIENTS_MAX {
+            clients.clear();
+        }
+        clients.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// A client for the node with `raft_id`, unless the fault injector blocks it.
+    fn client_for_raft_id(&self, raft_id: u64) -> Result<PeerClient, ProposeFailure> {
+        if self.shared.faults.is_blocked(raft_id) {
+            // Known not sent: the caller may retry.
+            return Err(ProposeFailure::NotLeader);
+        }
+        let addr = self.shared.peers.get(raft_id).ok_or(ProposeFailure::NotLeader)?;
+        self.client_for(&addr).map_err(ProposeFailure::Error)
+    }
+
+    async fn forward_propose(
+        &self,
+        leader: u64,
+        commands: &[Command],
+        deadline: Instant,
+    ) -> Result<Vec<Outcome>, ProposeFailure> {
+        let mut client = self.client_for_raft_id(leader)?;
+        let body = codec::encode(&ForwardedCommands {
+            commands: commands.to_vec(),
+        });
+        let mut request = tonic::Request::new(pb::ProposeRequest { commands: body });
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        let timeout_ms = self.shared.config.request_timeout_ms;
+        match tokio::time::timeout_at(deadline, client.propose(request)).await {
+            Err(_) => Err(ProposeFailure::Error(StoreError::Timeout(timeout_ms))),
+            Ok(Err(status)) => Err(forward_failure(status, timeout_ms)),
+            Ok(Ok(response)) => {
+                let outcome: ForwardedOutcome = codec::decode::<_, ENTRY_BYTES_MAX>(&response.into_inner().results)
+                    .map_err(|e| {
+                        ProposeFailure::Error(StoreError::Transport(format!("bad answer from leader: {e}")))
+                    })?;
+                match outcome {
+                    ForwardedOutcome::Applied(outcomes) if outcomes.len() == commands.len() => Ok(outcomes),
+                    ForwardedOutcome::Applied(_) => Err(ProposeFailure::Error(StoreError::Transport(
+                        "leader answered the wrong number of outcomes".into(),
+                    ))),
+                    ForwardedOutcome::Failed(message) => Err(ProposeFailure::Error(StoreError::Transport(message))),
+                }
+            }
+        }
+    }
+
+    /// Leader side of a forwarded proposal (the `Propose` RPC).
+    pub(crate) async fn handle_forwarded(&self, body: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+        let forwarded: ForwardedCommands = codec::decode::<_, ENTRY_BYTES_MAX>(body)
+            .map_err(|e| tonic::Status::invalid_argument(format!("commands: {e}")))?;
+        let commands = forwarded.commands;
+        if commands.is_empty() || commands.len() > COMMANDS_PER_ENTRY_MAX {
+            return Err(tonic::Status::invalid_argument("bad number of commands"));
+        }
+        if self.shared.view.borrow().leader != self.shared.raft_id {
+            return Err(tonic::Status::failed_precondition(NOT_LEADER));
+        }
+        let size = body.len();
+        let outcome = match self.propose_local(commands, size, self.deadline()).await {
+            Ok(outcomes) => ForwardedOutcome::Applied(outcomes),
+            Err(ProposeFailure::NotLeader) => {
+                return Err(tonic::Status::failed_precondition(NOT_LEADER));
+            }
+            Err(ProposeFailure::Error(e)) => ForwardedOutcome::Failed(e.to_string()),
+        };
+        Ok(codec::encode(&outcome))
+    }
+
+    async fn propose_one(&self, command: Command) -> Result<Outcome, StoreError> {
+        let mut outcomes = self.propose(vec![command], self.deadline()).await?;
+        // propose returns exactly one outcome per command.
+        Ok(outcomes.pop().expect("one outcome per command"))
+    }
+
+    /// Places `room` on `node` if its epoch is still `expected_epoch` (None: not placed yet).
+    /// Returns the new placement (epoch + 1), or [`StoreError::EpochConflict`] with the current one.
+    pub async fn place_room_cas(
+        &self,
+        room: RoomId,
+        expected_epoch: Option<u64>,
+        node: NodeId,
+    ) -> Result<Placement, StoreError> {
+        room.validate()
+            .and_then(|_| node.validate())
+            .map_err(StoreError::InvalidInput)?;
+        match self
+            .propose_one(Command::PlaceRoom {
+                room,
+                expected_epoch,
+                node,
+            })
+            .await?
+        {
+            Outcome::Placed(p) => Ok(p),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    /// Removes a room's placement if its epoch is still `expected_epoch`.
+    pub async fn delete_room(&self, room: RoomId, expected_epoch: u64) -> Result<(), StoreError> {
+        room.validate().map_err(StoreError::InvalidInput)?;
+        match self.propose_one(Command::DeleteRoom { room, expected_epoch }).await? {
+            Outcome::Deleted(_) => Ok(()),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    /// Writes a viewer state through this node's batcher (updates to the same viewer coalesce,
+    /// last write wins) and returns the stored state after commit (with `updated_at_ms` set to
+    /// now, `expires_at_ms` and `revision` set by the state machine).
+    pub async fn upsert_viewer(&self, mut state: ViewerState) -> Result<ViewerState, StoreError> {
+        state.updated_at_ms = now_ms();
+        state.validate().map_err(StoreError::InvalidInput)?;
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .viewer_updates
+            .try_send(ViewerUpdate { state, reply })
+            .map_err(|_| StoreError::Overloaded("viewer update queue"))?;
+        match tokio::time::timeout_at(self.deadline(), rx).await {
+            Err(_) => Err(StoreError::Timeout(self.shared.config.request_timeout_ms)),
+            Ok(Err(_)) => Err(StoreError::Shutdown),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    /// Deletes a viewer state; true if it existed.
+    pub async fn delete_viewer(&self, viewer: ViewerId) -> Result<bool, StoreError> {
+        viewer.validate().map_err(StoreError::InvalidInput)?;
+        match self.propose_one(Command::DeleteViewer { viewer }).await? {
+            Outcome::Deleted(existed) => Ok(existed),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    /// Registers (or updates) a node. This node registers itself on start; call this to change
+    /// what it announces (capacity, addresses).
+    pub async fn register_node(&self, registration: NodeRegistration) -> Result<(), StoreError> {
+        registration.validate().map_err(StoreError::InvalidInput)?;
+        match self.propose_one(Command::RegisterNode(registration)).await? {
+            Outcome::Node(_) => Ok(()),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    /// Reports this node's load now; the automatic heartbeat repeats the last load given.
+    pub async fn heartbeat(&self, load: NodeLoad) -> Result<(), StoreError> {
+        *self.shared.last_load.lock() = load.clone();
+        let command = Command::Heartbeat {
+            node: self.shared.node_id.clone(),
+            load,
+            at_ms: now_ms(),
+        };
+        match self.propose_one(command).await? {
+            Outcome::Node(_) => Ok(()),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    /// Marks a node as draining (it takes no new work) or not.
+    pub async fn set_node_draining(&self, node: NodeId, draining: bool) -> Result<(), StoreError> {
+        match self.propose_one(Command::SetNodeDraining { node, draining }).await? {
+            Outcome::Node(_) => Ok(()),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    /// Removes a node from the raft membership and the node table. Forwarded to the leader; a
+    /// leader asked to remove itself hands leadership to another voter first.
+    pub async fn remove_node(&self, node: NodeId) -> Result<(), StoreError> {
+        node.validate().map_err(StoreError::InvalidInput)?;
+        let deadline = self.deadline();
+        let mut view = self.shared.view.subscribe();
+        loop {
+            let current = view.borrow_and_update().clone();
+            let target = raft_id_for(&node);
+            if current.leader == self.shared.raft_id {
+                if target == self.shared.raft_id {
+                    if let Some(&other) = current.voters.iter().find(|v| **v != target) {
+                        let _ = self.shared.inputs.try_send(Input::TransferLeader { to: other });
+                    } else {
+                        return Err(StoreError::Rejected("cannot remove the only voter".into()));
+                    }
+                } else {
+                    if current.voters.contains(&target) || current.learners.contains(&target) {
+                        self.conf_change(conf_change(ConfChangeType::RemoveNode, target), deadline)
+                            .await?;
+                    }
+                    self.propose(vec![Command::RemoveNode { node }], deadline).await?;
+                    return Ok(());
+                }
+            } else if current.leader != 0 {
+                match self.client_for_raft_id(current.leader) {
+                    Ok(mut client) => {
+                        let mut request = tonic::Request::new(pb::RemoveRequest {
+                            node_id: node.0.clone(),
+                        });
+                        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+                        match client.remove(request).await {
+                            Ok(_) => return Ok(()),
+                            Err(status) => match forward_failure(status, self.shared.config.request_timeout_ms) {
+                                ProposeFailure::NotLeader => {}
+                                ProposeFailure::Error(e) => return Err(e),
+                            },
+                        }
+                    }
+                    Err(ProposeFailure::NotLeader) => {}
+                    Err(ProposeFailure::Error(e)) => return Err(e),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Err(StoreError::Timeout(self.shared.config.request_timeout_ms)),
+                _ = view.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    /// Leader side of the `Remove` RPC.
+    pub(crate) async fn handle_remove(&self, node: NodeId) -> Result<(), tonic::Status> {
+        if self.shared.view.borrow().leader != self.shared.raft_id {
+            return Err(tonic::Status::failed_precondition(NOT_LEADER));
+        }
+        self.remove_node(node).await.map_err(status_from_error)
+    }
+
+    async fn conf_change(&self, cc: ConfChangeV2, deadline: Instant) -> Result<(), StoreError> {
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.shared
+                .inputs
+                .try_send(Input::ConfChange { cc: cc.clone(), reply })
+                .map_err(|_| StoreError::Overloaded("replica input queue"))?;
+            match tokio::time::timeout_at(deadline, rx).await {
+                Err(_) => return Err(StoreError::Timeout(self.shared.config.request_timeout_ms)),
+                Ok(Err(_)) => return Err(StoreError::Shutdown),
+                Ok(Ok(Ok(()))) => return Ok(()),
+                Ok(Ok(Err(ProposeFailure::NotLeader))) => return Err(StoreError::NoLeader),
+                Ok(Ok(Err(ProposeFailure::Error(StoreError::Overloaded(_))))) => {
+                    // A membership change is pending: one at a time.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Ok(Err(ProposeFailure::Error(e)))) => return Err(e),
+            }
+        }
+    }
+
+    /// Rotates the TURN secret; the current one is kept as `previous`.
+    pub async fn rotate_turn_secret(&self, secret: String) -> Result<TurnSecrets, StoreError> {
+        match self
+            .propose_one(Command::RotateTurnSecret {
+                secret,
+                at_ms: now_ms(),
+            })
+            .await?
+        {
+            Outcome::Turn(t) => Ok(t),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    /// Replaces the cluster settings.
+    pub async fn set_settings(&self, settings: ClusterSettings) -> Result<(), StoreError> {
+        match self
+            .propose_one(Command::SetSettings {
+                settings,
+                only_if_unset: false,
+            })
+            .await?
+        {
+            Outcome::Done => Ok(()),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    /// Takes a snapshot of the applied state now and compacts the log up to it; returns the
+    /// snapshot index. (Normally automatic every `snapshot_every_entries`.)
+    pub async fn compact_now(&self) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .inputs
+            .try_send(Input::Compact { reply })
+            .map_err(|_| StoreError::Overloaded("replica input queue"))?;
+        rx.await.map_err(|_| StoreError::Shutdown)?
+    }
+
+    // ----- reads -----
+
+    /// Waits until this replica may serve a read of the given consistency.
+    async fn read_barrier(&self, consistency: Consistency) -> Result<(), StoreError> {
+        if consistency == Consistency::Local {
+            return Ok(());
+        }
+        let deadline = self.deadline();
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.shared
+                .inputs
+                .try_send(Input::Read { reply })
+                .map_err(|_| StoreError::Overloaded("replica input queue"))?;
+            match tokio::time::timeout_at(deadline, rx).await {
+                Err(_) => return Err(StoreError::Timeout(self.shared.config.request_timeout_ms)),
+                Ok(Err(_)) => return Err(StoreError::Shutdown),
+                Ok(Ok(Ok(_index))) => return Ok(()),
+                Ok(Ok(Err(ProposeFailure::NotLeader))) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Ok(Ok(Err(ProposeFailure::Error(e)))) => return Err(e),
+            }
+        }
+    }
+
+    /// A room's placement.
+    pub async fn room(&self, room: &RoomId, consistency: Consistency) -> Result<Option<Placement>, StoreError> {
+        self.read_barrier(consistency).await?;
+        Ok(self.shared.sm.read().rooms().get(room).cloned())
+    }
+
+    /// All placements.
+    pub async fn rooms(&self, consistency: Consistency) -> Result<Vec<Placement>, StoreError> {
+        self.read_barrier(consistency).await?;
+        Ok(self.shared.sm.read().rooms().values().cloned().collect())
+    }
+
+    /// A viewer's state.
+    pub async fn viewer(&self, viewer: &ViewerId, consistency: Consistency) -> Result<Option<ViewerState>, StoreError> {
+        self.read_barrier(consistency).await?;
+        Ok(self.shared.sm.read().viewers().get(viewer).cloned())
+    }
+
+    /// All viewer states (at most the state machine's limit).
+    pub async fn viewers(&self, consistency: Consistency) -> Result<Vec<ViewerState>, StoreError> {
+        self.read_barrier(consistency).await?;
+        Ok(self.shared.sm.read().viewers().values().cloned().collect())
+    }
+
+    /// Current and previous TURN secrets.
+    pub async fn turn_secrets(&self, consistency: Consistency) -> Result<Option<TurnSecrets>, StoreError> {
+        self.read_barrier(consistency).await?;
+        Ok(self.shared.sm.read().turn().cloned())
+    }
+
+    /// Cluster settings (None until the first leader wrote them).
+    pub async fn settings(&self, consistency: Consistency) -> Result<Option<ClusterSettings>, StoreError> {
+        self.read_barrier(consistency).await?;
+        Ok(self.shared.sm.read().settings().cloned())
+    }
+
+    /// This replica's view of the cluster (a local read: it never blocks on the network).
+    pub fn status(&self) -> ClusterStatus {
+        let view = self.shared.view.borrow().clone();
+        let sm = self.shared.sm.read();
+        let now = now_ms();
+        let dead_after = self.shared.config.node_dead_after_ms;
+        let nodes = sm
+            .nodes()
+            .values()
+            .map(|n| NodeStatus {
+                id: n.registration.id.clone(),
+                raft_id: n.raft_id,
+                region: n.registration.region.clone(),
+                cluster_addr: n.registration.cluster_addr.clone(),
+                http_url: n.registration.http_url.clone(),
+                grpc_url: n.registration.grpc_url.clone(),
+                capacity: n.registration.capacity,
+                state: if n.draining {
+                    NodeState::Draining
+                } else if n.last_heartbeat_ms > 0 && now.saturating_sub(n.last_heartbeat_ms) <= dead_after {
+                    NodeState::Alive
+                } else {
+                    NodeState::Dead
+                },
+                membership: if view.voters.contains(&n.raft_id) {
+                    Membership::Voter
+                } else if view.learners.contains(&n.raft_id) {
+                    Membership::Learner
+                } else {
+                    Membership::None
+                },
+                last_load: n.last_load.clone(),
+                last_heartbeat_ms: n.last_heartbeat_ms,
+            })
+            .collect();
+        ClusterStatus {
+            node_id: self.shared.node_id.clone(),
+            raft_id: self.shared.raft_id,
+            leader: sm.node_by_raft_id(view.leader).map(|n| n.registration.id.clone()),
+            leader_raft_id: view.leader,
+            term: view.term,
+            commit_index: view.commit_index,
+            applied_index: sm.applied().index,
+            snapshot_index: view.snapshot_index,
+            role: view.role.to_string(),
+            nodes,
+            digest: sm.digest(),
+            rooms: sm.rooms().len() as u64,
+            viewers: sm.viewers().len() as u64,
+        }
+    }
+
+    /// The `Status` RPC answer.
+    pub(crate) fn status_proto(&self) -> pb::StatusResponse {
+        let view = self.shared.view.borrow().clone();
+        pb::StatusResponse {
+            node_id: self.shared.node_id.0.clone(),
+            raft_id: self.shared.raft_id,
+            leader_raft_id: view.leader,
+            term: view.term,
+            commit_index: view.commit_index,
+            applied_index: view.applied_index,
+        }
+    }
+
+    // ----- membership -----
+
+    /// Handles a `Join`: on the leader, registers the node, adds it as a learner (removing a
+    /// wiped member first), and answers the peers; elsewhere forwards once to the leader.
+    pub(crate) async fn handle_join(
+        &self,
+        request: pb::JoinRequest,
+        forwarded: bool,
+    ) -> Result<pb::JoinResponse, tonic::Status> {
+        let registration = NodeRegistration {
+            id: NodeId::new(request.node_id.clone()),
+            region: request.region.clone(),
+            cluster_addr: request.cluster_addr.clone(),
+            http_url: request.http_url.clone(),
+            grpc_url: request.grpc_url.clone(),
+            capacity: request.capacity,
+        };
+        registration.validate().map_err(tonic::Status::invalid_argument)?;
+        let raft_id = raft_id_for(&registration.id);
+        if raft_id != request.raft_id {
+            return Err(tonic::Status::invalid_argument(format!(
+                "raft id of {} is {raft_id}",
+                registration.id
+            )));
+        }
+        let view = self.shared.view.borrow().clone();
+        if view.leader != self.shared.raft_id {
+            if forwarded || view.leader == 0 {
+                return Err(tonic::Status::unavailable("no leader here"));
+            }
+            let mut client = self
+                .client_for_raft_id(view.leader)
+                .map_err(|_| tonic::Status::unavailable("leader unreachable"))?;
+            let mut forward = tonic::Request::new(request);
+            forward
+                .metadata_mut()
+                .insert(FORWARDED_METADATA_KEY, tonic::metadata::MetadataValue::from_static("1"));
+            return client.join(forward).await.map(|r| r.into_inner());
+        }
+        let deadline = self.deadline();
+        self.shared.peers.set(raft_id, &registration.cluster_addr);
+        match self.propose(vec![Command::RegisterNode(registration)], deadline).await {
+            Ok(mut outcomes) => match outcomes.pop() {
+                Some(Outcome::Node(_)) => {}
+                Some(other) => return Err(status_from_error(outcome_error(other))),
+                None => return Err(tonic::Status::internal("no outcome")),
+            },
+            Err(e) => return Err(status_from_error(e)),
+        }
+        let member = view.voters.contains(&raft_id) || view.learners.contains(&raft_id);
+        if member && request.fresh {
+            // Its log and votes are gone: it must not count in quorums until it has caught up.
+            self.conf_change(conf_change(ConfChangeType::RemoveNode, raft_id), deadline)
+                .await
+                .map_err(status_from_error)?;
+        }
+        if !member || request.fresh {
+            self.conf_change(conf_change(ConfChangeType::AddLearnerNode, raft_id), deadline)
+                .await
+                .map_err(status_from_error)?;
+        }
+        let peers = self
+            .shared
+            .peers
+            .all()
+            .into_iter()
+            .map(|(raft_id, addr)| pb::Peer { raft_id, addr })
+            .collect();
+        Ok(pb::JoinResponse {
+            peers,
+            leader_raft_id: self.shared.raft_id,
+        })
+    }
+
+    /// Records the sender's address of an incoming raft batch and hands the messages to the
+    /// replica (dropping them when it is overloaded: raft retransmits).
+    pub(crate) fn deliver_raft(&self, from: u64, from_addr: &str, messages: Vec<Message>) -> Result<(), tonic::Status> {
+        if from != self.shared.raft_id {
+            self.shared.peers.set(from, from_addr);
+        }
+        self.shared
+            .inputs
+            .try_send(Input::Raft(messages))
+            .map_err(|_| tonic::Status::resource_exhausted("replica input queue is full"))
+    }
+
+    /// Our raft id, for the server's checks.
+    pub(crate) fn self_raft_id(&self) -> u64 {
+        self.shared.raft_id
+    }
+
+    pub(crate) fn count_refused(&self) {
+        self.shared
+            .metrics
+            .refused_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn registration(&self) -> NodeRegistration {
+        let c = &self.shared.config;
+        NodeRegistration {
+            id: self.shared.node_id.clone(),
+            region: c.region.clone(),
+            cluster_addr: self.shared.advertise_cluster.clone(),
+            http_url: c.http_url.clone(),
+            grpc_url: c.grpc_url.clone(),
+            capacity: c.capacity,
+        }
+    }
+
+    async fn run_lifecycle(&self, fresh: bool) {
+        let mut backoff = Backoff::new();
+        if fresh && !self.shared.config.join.is_empty() {
+            'join: loop {
+                for addr in self.shared.config.join.clone() {
+                    match self.join_via(&addr).await {
+                        Ok(()) => break 'join,
+                        Err(e) => tracing::info!(%addr, "join attempt failed: {e}"),
+                    }
+                    backoff.wait().await;
+                }
+            }
+            tracing::info!(node = %self.shared.node_id, "joined the cluster");
+        }
+        // Register (or update the registration) until the state machine holds what we announce.
+        let mine = self.registration();
+        let mut backoff = Backoff::new();
+        loop {
+            let registered = self
+                .shared
+                .sm
+                .read()
+                .nodes()
+                .get(&self.shared.node_id)
+                .map(|n| n.registration.clone());
+            if registered.as_ref() == Some(&mine) {
+                break;
+            }
+            if self.shared.view.borrow().leader != 0
+                && let Err(e) = self.register_node(mine.clone()).await
+            {
+                tracing::debug!("registration failed: {e}");
+            }
+            backoff.wait().await;
+        }
+        let interval_ms = self.shared.config.heartbeat_interval_ms;
+        if interval_ms == 0 {
+            return;
+        }
+        let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let load = self.shared.last_load.lock().clone();
+            if let Err(e) = self.heartbeat(load).await {
+                tracing::debug!("heartbeat failed: {e}");
+            }
+        }
+    }
+
+    async fn join_via(&self, addr: &str) -> Result<(), StoreError> {
+        let mut client = self.client_for(addr)?;
+        let r = self.registration();
+        let mut request = tonic::Request::new(pb::JoinRequest {
+            node_id: r.id.0.clone(),
+            raft_id: self.shared.raft_id,
+            region: r.region,
+            cluster_addr: r.cluster_addr,
+            http_url: r.http_url,
+            grpc_url: r.grpc_url,
+            capacity: r.capacity,
+            fresh: true,
+        });
+        request.set_timeout(Duration::from_millis(self.shared.config.request_timeout_ms));
+        let response = client
+            .join(request)
+            .await
+            .map_err(|s| forward_error(s, self.shared.config.request_timeout_ms))?
+            .into_inner();
+        for peer in response.peers {
+            if peer.raft_id != self.shared.raft_id {
+                self.shared.peers.set(peer.raft_id, &peer.addr);
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_viewer_batcher(&self, mut rx: mpsc::Receiver<ViewerUpdate>) {
+        let window = Duration::from_millis(self.shared.config.viewer_batch_ms);
+        loop {
+            let first = tokio::select! {
+                _ = self.shared.shutdown.cancelled() => return,
+                first = rx.recv() => match first { Some(u) => u, None => return },
+            };
+            let mut pending: BTreeMap<ViewerId, (ViewerState, Vec<ViewerReply>)> = BTreeMap::new();
+            let add = |u: ViewerUpdate, pending: &mut BTreeMap<_, (ViewerState, Vec<_>)>| {
+                let entry = pending
+                    .entry(u.state.viewer.clone())
+                    .or_insert_with(|| (u.state.clone(), Vec::new()));
+                entry.0 = u.state; // last write per viewer wins
+                entry.1.push(u.reply);
+            };
+            add(first, &mut pending);
+            let window_end = Instant::now() + window;
+            while pending.len() < VIEWERS_PER_UPSERT_MAX {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(window_end) => break,
+                    next = rx.recv() => match next { Some(u) => add(u, &mut pending), None => break },
+                }
+            }
+            let viewers: Vec<ViewerState> = pending.values().map(|(s, _)| s.clone()).collect();
+            let result = self
+                .propose(vec![Command::UpsertViewers { viewers }], self.deadline())
+                .await;
+            match result.map(|mut o| o.pop()) {
+                Ok(Some(Outcome::Viewers(stored))) => {
+                    for state in stored {
+                        if let Some((_, replies)) = pending.remove(&state.viewer) {
+                            for reply in replies {
+                                let _ = reply.send(Ok(state.clone()));
+                            }
+                        }
+                    }
+                }
+                Ok(other) => {
+                    let e = other.map_or(StoreError::Rejected("no outcome".into()), outcome_error);
+                    for (_, (_, replies)) in std::mem::take(&mut pending) {
+                        for reply in replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+                Err(e) => {
+                    for (_, (_, replies)) in std::mem::take(&mut pending) {
+                        for reply in replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Peer delivery reports waiting for the replica task, at most.
+const PEER_REPORTS_MAX: usize = 1024;
+/// Clients to distinct addresses kept for forwarding, at most.
+const PEER_CLIENTS_MAX: usize = 256;
+const NOT_LEADER: &str = "not the leader";
+/// Set on a `Join` forwarded by a follower, so it is forwarded at most once.
+pub(crate) const FORWARDED_METADATA_KEY: &str = "x-mediamesh-forwarded";
+
+fn forward_failure(status: tonic::Status, timeout_ms: u64) -> ProposeFailure {
+    match status.code() {
+        tonic::Code::FailedPrecondition => ProposeFailure::NotLeader,
+        _ => ProposeFailure::Error(forward_error(status, timeout_ms)),
+    }
+}
+
+fn forward_error(status: tonic::Status, timeout_ms: u64) -> StoreError {
+    match status.code() {
+        tonic::Code::Unauthenticated => StoreError::Unauthenticated,
+        tonic::Code::DeadlineExceeded => StoreError::Timeout(timeout_ms),
+        tonic::Code::InvalidArgument => StoreError::InvalidInput(status.message().to_string()),
+        _ => StoreError::Transport(format!("{}: {}", status.code(), status.message())),
+    }
+}
+
+fn status_from_error(e: StoreError) -> tonic::Status {
+    match e {
+        StoreError::InvalidInput(m) => tonic::Status::invalid_argument(m),
+        StoreError::Rejected(m) => tonic::Status::failed_precondition(format!("rejected: {m}")),
+        StoreError::NoLeader => tonic::Status::unavailable("no leader"),
+        StoreError::Timeout(_) => tonic::Status::deadline_exceeded(e.to_string()),
+        StoreError::Overloaded(_) => tonic::Status::resource_exhausted(e.to_string()),
+        other => tonic::Status::internal(other.to_string()),
+    }
+}
+
+fn outcome_error(outcome: Outcome) -> StoreError {
+    match outcome {
+        Outcome::EpochConflict(current) => StoreError::EpochConflict { current },
+        Outcome::Rejected(reason) => StoreError::Rejected(reason),
+        other => StoreError::Rejected(format!("unexpected outcome {other:?}")),
+    }
+}
+
+fn conf_change_v1_to_v2(v1: ConfChange) -> ConfChangeV2 {
+    let mut cc = conf_change(v1.get_change_type(), v1.node_id);
+    cc.context = v1.context;
+    cc
+}
+
+struct Backoff {
+    next_ms: u64,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next_ms: 50 }
+    }
+    async fn wait(&mut self) {
+        use rand::Rng;
+        let jitter = rand::rng().random_range(0..=self.next_ms / 2);
+        tokio::time::sleep(Duration::from_millis(self.next_ms + jitter)).await;
+        self.next_ms = (self.next_ms * 2).min(2_000);
+    }
+}
+
+// ----- the replica task -----
+
+struct PendingBatch {
+    /// (number of commands, reply) per caller, in entry order.
+    callers: Vec<(usize, Option<ProposeReply>)>,
+}
+
+struct ReplicaTask {
+    shared: Arc<Shared>,
+    replica: Replica<SledStorage>,
+    disk: Disk,
+    storage: SledStorage,
+    sender: RaftSender,
+    next_batch_id: u64,
+    unproposed: Vec<(Vec<Command>, usize, Option<ProposeReply>)>,
+    pending: HashMap<u64, PendingBatch>,
+    next_conf_id: u64,
+    conf_pending: HashMap<u64, oneshot::Sender<Result<(), ProposeFailure>>>,
+    unissued_reads: Vec<oneshot::Sender<Result<u64, ProposeFailure>>>,
+    reads_by_ctx: HashMap<Vec<u8>, Vec<oneshot::Sender<Result<u64, ProposeFailure>>>>,
+    reads_waiting_apply: Vec<(u64, oneshot::Sender<Result<u64, ProposeFailure>>)>,
+    next_read_ctx: u64,
+    leader_since_ms: u64,
+    expiry_in_flight: Option<oneshot::Receiver<Result<Vec<Outcome>, ProposeFailure>>>,
+    last_expiry_ms: u64,
+    settings_in_flight: Option<oneshot::Receiver<Result<Vec<Outcome>, ProposeFailure>>>,
+    ticks: u64,
+}
+
+impl ReplicaTask {
+    fn new(
+        shared: Arc<Shared>,
+        replica: Replica<SledStorage>,
+        disk: Disk,
+        storage: SledStorage,
+        sender: RaftSender,
+    ) -> Self {
+        let seed: u64 = rand::random();
+        ReplicaTask {
+            shared,
+            replica,
+            disk,
+            storage,
+            sender,
+            // A random start, so a restarted node never mistakes an old entry of its previous
+            // life for one of its new batches.
+            next_batch_id: seed >> 1,
+            unproposed: Vec::new(),
+            pending: HashMap::new(),
+            next_conf_id: seed >> 1,
+            conf_pending: HashMap::new(),
+            unissued_reads: Vec::new(),
+            reads_by_ctx: HashMap::new(),
+            reads_waiting_apply: Vec::new(),
+            next_read_ctx: 0,
+            leader_since_ms: 0,
+            expiry_in_flight: None,
+            last_expiry_ms: 0,
+            settings_in_flight: None,
+            ticks: 0,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut inputs: mpsc::Receiver<Input>,
+        mut reports: mpsc::Receiver<DeliveryReport>,
+        token: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.shared.config.tick_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => break,
+                _ = ticker.tick() => self.on_tick(),
+                Some(report) = reports.recv() => self.on_report(report),
+                Some(input) = inputs.recv() => {
+                    self.on_input(input);
+                    for _ in 0..INPUTS_PER_TURN_MAX {
+                        match inputs.try_recv() {
+                            Ok(input) => self.on_input(input),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            self.issue_proposals();
+            self.issue_reads();
+            if let Err(e) = self.process_readies().await {
+                tracing::error!(node = %self.shared.node_id, "replica stopped on a storage error: {e}");
+                break;
+            }
+            self.answer_reads();
+            self.publish_view();
+            if let Err(e) = self.maybe_compact(false) {
+                tracing::error!(node = %self.shared.node_id, "compaction failed: {e}");
+            }
+        }
+        if let Err(e) = self.disk.flush().await {
+            tracing::error!("final flush failed: {e}");
+        }
+        token.cancel();
+    }
+
+    fn on_report(&mut self, report: DeliveryReport) {
+        match report {
+            DeliveryReport::Snapshot { to, delivered } => self.replica.report_snapshot(to, delivered),
+            DeliveryReport::Unreachable { to } => self.replica.report_unreachable(to),
+        }
+    }
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Raft(messages) => {
+                for m in messages {
+                    if let Err(e) = self.replica.step(m) {
+                        tracing::debug!("raft refused a message: {e}");
+                    }
+                }
+            }
+            Input::Propose { commands, size, reply } => {
+                if !self.replica.is_leader() {
+                    let _ = reply.send(Err(ProposeFailure::NotLeader));
+                } else if self.unproposed.len() + self.pending.len() >= PENDING_PROPOSALS_MAX {
+                    let _ = reply.send(Err(ProposeFailure::Error(StoreError::Overloaded("pending proposals"))));
+                } else {
+                    self.unproposed.push((commands, size, Some(reply)));
+                }
+            }
+            Input::ConfChange { mut cc, reply } => {
+                let id = self.next_conf_id;
+                self.next_conf_id = self.next_conf_id.wrapping_add(1);
+                let mut context = self.shared.raft_id.to_be_bytes().to_vec();
+                context.extend_from_slice(&id.to_be_bytes());
+                cc.context = context.into();
+                let context = cc.context.to_vec();
+                match self.replica.propose_conf_change(context, cc) {
+                    Ok(()) => {
+                        self.conf_pending.insert(id, reply);
+                    }
+                    Err(ProposeError::NotLeader { .. }) => {
+                        let _ = reply.send(Err(ProposeFailure::NotLeader));
+                    }
+                    Err(ProposeError::ConfChangePending) => {
+                        let _ = reply.send(Err(ProposeFailure::Error(StoreError::Overloaded("membership change"))));
+                    }
+                    Err(ProposeError::Refused(e)) => {
+                        let _ = reply.send(Err(ProposeFailure::Error(StoreError::Rejected(e))));
+                    }
+                }
+            }
+            Input::Read { reply } => self.unissued_reads.push(reply),
+            Input::Compact { reply } => {
+                let result = self.maybe_compact(true);
+                let _ = reply.send(result.map(|_| self.storage.snapshot_index()));
+            }
+            Input::TransferLeader { to } => self.replica.transfer_leader(to),
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        self.replica.tick();
+        if self.replica.leader_ready() {
+            self.leader_jobs();
+        }
+        if self.ticks.is_multiple_of(20) {
+            self.reads_waiting_apply.retain(|(_, r)| !r.is_closed());
+            let closed: Vec<Vec<u8>> = self
+                .reads_by_ctx
+                .iter_mut()
+                .filter_map(|(ctx, replies)| {
+                    replies.retain(|r| !r.is_closed());
+                    replies.is_empty().then(|| ctx.clone())
+                })
+                .collect();
+            for ctx in closed {
+                self.reads_by_ctx.remove(&ctx);
+                self.replica.cancel_read(&ctx);
+            }
+            // Batches whose callers all gave up and that never applied (lost with a leader).
+            self.pending.retain(|_, b| {
+                b.callers
+                    .iter()
+                    .any(|(_, r)| r.as_ref().is_some_and(|r| !r.is_closed()))
+            });
+            self.conf_pending.retain(|_, r| !r.is_closed());
+        }
+    }
+
+    /// Leader-only background work: write the initial settings, expire viewers (etcd's model: the
+    /// leader decides from its clock; a new leader first grants one election timeout of grace).
+    fn leader_jobs(&mut self) {
+        let now = now_ms();
+        let config = &self.shared.config;
+        if let Some(rx) = &mut self.settings_in_flight {
+            if !matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+                self.settings_in_flight = None;
+            }
+        } else if self.shared.sm.read().settings().is_none() {
+            let (tx, rx) = oneshot::channel();
+            let command = Command::SetSettings {
+                settings: ClusterSettings {
+                    viewer_ttl_ms: config.viewer_ttl_ms,
+                },
+                only_if_unset: true,
+            };
+            self.unproposed.push((vec![command], 64, Some(tx)));
+            self.settings_in_flight = Some(rx);
+        }
+        if let Some(rx) = &mut self.expiry_in_flight {
+            if matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+                return;
+            }
+            self.expiry_in_flight = None;
+        }
+        let interval_ms = 1000 / u64::from(config.expiry_batches_per_second);
+        if now.saturating_sub(self.last_expiry_ms) < interval_ms {
+            return;
+        }
+        let not_before = self.leader_since_ms + config.election_timeout_ms();
+        let due = self
+            .shared
+            .sm
+            .read()
+            .due_viewers(now, not_before, VIEWERS_PER_EXPIRY_MAX);
+        if due.is_empty() {
+            return;
+        }
+        self.last_expiry_ms = now;
+        let (tx, rx) = oneshot::channel();
+        let size = due.len() * 300;
+        self.unproposed
+            .push((vec![Command::ExpireViewers { viewers: due }], size, Some(tx)));
+        self.expiry_in_flight = Some(rx);
+    }
+
+    /// Coalesces everything proposed since the last turn into as few entries as the limits allow
+    /// (usually one), so concurrent writers share one entry and one flush.
+    fn issue_proposals(&mut self) {
+        if self.unproposed.is_empty() {
+            return;
+        }
+        let mut queue = std::mem::take(&mut self.unproposed).into_iter().peekable();
+        while queue.peek().is_some() {
+            let mut commands = Vec::new();
+            let mut callers = Vec::new();
+            let mut size = 0;
+            while let Some((c, s, _)) = queue.peek() {
+                if !callers.is_empty()
+                    && (size + s > ENTRY_BYTES_MAX / 2 || commands.len() + c.len() > COMMANDS_PER_ENTRY_MAX)
+                {
+                    break;
+                }
+                size += s;
+                // peek() just returned Some.
+                let (c, _, reply) = queue.next().expect("peeked");
+                callers.push((c.len(), reply));
+                commands.extend(c);
+            }
+            let batch_id = self.next_batch_id;
+            self.next_batch_id = self.next_batch_id.wrapping_add(1);
+            let payload = EntryPayload {
+                proposer: self.shared.raft_id,
+                batch_id,
+                commands,
+            };
+            match self.replica.propose(codec::encode(&payload)) {
+                Ok(()) => {
+                    self.pending.insert(batch_id, PendingBatch { callers });
+                }
+                Err(e) => {
+                    for (_, reply) in callers {
+                        let failure = match &e {
+                            ProposeError::NotLeader { .. } => ProposeFailure::NotLeader,
+                            other => ProposeFailure::Error(StoreError::Rejected(format!("{other:?}"))),
+                        };
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Err(failure));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn issue_reads(&mut self) {
+        if self.unissued_reads.is_empty() {
+            return;
+        }
+        let replies = std::mem::take(&mut self.unissued_reads);
+        self.next_read_ctx += 1;
+        let ctx = self.next_read_ctx.to_be_bytes().to_vec();
+        match self.replica.read_index(ctx.clone()) {
+            Ok(()) => {
+                self.reads_by_ctx.insert(ctx, replies);
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(ProposeFailure::Error(StoreError::Rejected(format!("{e:?}")))));
+                }
+            }
+        }
+    }
+
+    fn answer_reads(&mut self) {
+        let applied = self.shared.sm.read().applied().index;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_waiting_apply)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.reads_waiting_apply = waiting;
+        for (index, reply) in ready {
+            let _ = reply.send(Ok(index));
+        }
+    }
+
+    fn publish_view(&mut self) {
+        let status = self.replica.status();
+        let view = View {
+            leader: status.leader,
+            term: status.term,
+            commit_index: status.commit_index,
+            applied_index: status.applied_index,
+            role: status.role,
+            voters: status.voters,
+            learners: status.learners,
+            snapshot_index: self.storage.snapshot_index(),
+        };
+        self.shared.view.send_if_modified(|current| {
+            if *current == view {
+                false
+            } else {
+                *current = view;
+                true
+            }
+        });
+    }
+
+    async fn process_readies(&mut self) -> Result<(), StoreError> {
+        while let Some(batch) = self.replica.poll_ready() {
+            if let Some(leader) = batch.leader_changed {
+                if leader == self.shared.raft_id {
+                    self.leader_since_ms = now_ms();
+                } else {
+                    // Queued proposals can no longer be proposed here; callers retry elsewhere.
+                    for (_, _, reply) in self.unproposed.drain(..) {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Err(ProposeFailure::NotLeader));
+                        }
+                    }
+                }
+            }
+            self.sender.send(batch.messages);
+            let wrote = batch.snapshot.is_some() || !batch.entries.is_empty() || batch.hard_state.is_some();
+            if let Some(snapshot) = &batch.snapshot {
+                let sm = StateMachine::decode_snapshot(snapshot.get_data()).map_err(|e| StoreError::Corrupt {
+                    tree: "raft snapshot from leader".into(),
+                    key: String::new(),
+                    reason: e.to_string(),
+                })?;
+                self.disk.apply_snapshot(&self.storage, snapshot, &sm)?;
+                for node in sm.nodes().values() {
+                    self.shared.peers.set(node.raft_id, &node.registration.cluster_addr);
+                }
+                let index = sm.applied().index;
+                *self.shared.sm.write() = sm;
+                tracing::info!(node = %self.shared.node_id, index, "installed snapshot");
+            }
+            self.storage.append(&batch.entries)?;
+            if let Some(hs) = &batch.hard_state {
+                self.storage.set_hard_state(hs)?;
+            }
+            self.replica.on_written();
+            self.apply(batch.committed_entries)?;
+            for state in batch.read_states {
+                if let Some(replies) = self.reads_by_ctx.remove(&state.request_ctx) {
+                    self.reads_waiting_apply
+                        .extend(replies.into_iter().map(|r| (state.index, r)));
+                }
+            }
+            if wrote || batch.must_sync {
+                self.disk.flush().await?;
+            }
+            self.sender.send(batch.persisted_messages);
+            self.replica.on_persisted(batch.number);
+            if let Some(snapshot) = &batch.snapshot {
+                // Only now is the snapshot persisted in raft's eyes, so it may count as applied.
+                self.replica.on_applied(snapshot.get_metadata().index);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let last_index = last.index;
+        let mut writes: Vec<SmWrite> = Vec::new();
+        let mut conf_state: Option<ConfState> = None;
+        let mut replies: Vec<(Vec<Outcome>, PendingBatch)> = Vec::new();
+        let mut conf_replies = Vec::new();
+        {
+            let mut sm = self.shared.sm.write();
+            for entry in entries {
+                if entry.index <= sm.applied().index {
+                    continue; // already in the state (from a snapshot)
+                }
+                match entry.get_entry_type() {
+                    EntryType::EntryNormal if entry.data.is_empty() => {
+                        sm.apply_empty(entry.index, entry.term, &mut writes)
+                    }
+                    EntryType::EntryNormal => {
+                        match codec::decode::<EntryPayload, ENTRY_BYTES_MAX>(&entry.data) {
+                            Ok(payload) => {
+                                let outcomes = sm.apply(entry.index, entry.term, &payload.commands, &mut writes);
+                                for (command, outcome) in payload.commands.iter().zip(&outcomes) {
+                                    if let (Command::RegisterNode(r), Outcome::Node(n)) = (command, outcome) {
+                                        self.shared.peers.set(n.raft_id, &r.cluster_addr);
+                                    }
+                                }
+                                if payload.proposer == self.shared.raft_id
+                                    && let Some(batch) = self.pending.remove(&payload.batch_id)
+                                {
+                                    replies.push((outcomes, batch));
+                                }
+                            }
+                            Err(e) => {
+                                // Every replica fails the same way on the same bytes, so skipping keeps
+                                // them identical; it means a newer writer or a bug.
+                                tracing::error!(index = entry.index, "undecodable entry skipped: {e}");
+                                sm.apply_empty(entry.index, entry.term, &mut writes);
+                            }
+                        }
+                    }
+                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                        let cc = if entry.get_entry_type() == EntryType::EntryConfChange {
+                            ConfChange::parse_from_bytes(&entry.data).map(conf_change_v1_to_v2)
+                        } else {
+                            ConfChangeV2::parse_from_bytes(&entry.data)
+                        };
+                        match cc {
+                            Ok(cc) => {
+                                match self.replica.apply_conf_change(&cc) {
+                                    Ok(cs) => conf_state = Some(cs),
+                                    Err(e) => tracing::error!(index = entry.index, "conf change refused: {e}"),
+                                }
+                                if cc.context.len() == 16 && cc.context[..8] == self.shared.raft_id.to_be_bytes() {
+                                    let mut id = [0u8; 8];
+                                    id.copy_from_slice(&cc.context[8..]);
+                                    if let Some(reply) = self.conf_pending.remove(&u64::from_be_bytes(id)) {
+                                        conf_replies.push(reply);
+                                    }
+                                }
+                            }
+                            Err(e) => tracing::error!(index = entry.index, "undecodable conf change skipped: {e}"),
+                        }
+                        sm.apply_empty(entry.index, entry.term, &mut writes);
+                    }
+                }
+            }
+        }
+        self.disk.commit_apply(&self.storage, &writes, conf_state.as_ref())?;
+        self.replica.on_applied(last_index);
+        for (outcomes, batch) in replies {
+            let mut outcomes = outcomes.into_iter();
+            for (count, reply) in batch.callers {
+                let mine: Vec<Outcome> = outcomes.by_ref().take(count).collect();
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(mine));
+                }
+            }
+        }
+        for reply in conf_replies {
+            let _ = reply.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self, force: bool) -> Result<(), StoreError> {
+        let (index, term, data) = {
+            let sm = self.shared.sm.read();
+            let applied = sm.applied();
+            let since = applied.index.saturating_sub(self.storage.snapshot_index());
+            let force = force || self.storage.snapshot_wanted();
+            if since == 0 || (!force && since < self.shared.config.snapshot_every_entries) {
+                return Ok(());
+            }
+            (applied.index, applied.term, sm.encode_snapshot())
+        };
+        self.storage.compact(index, term, data)?;
+        tracing::info!(node = %self.shared.node_id, index, "compacted the log");
+        Ok(())
+    }
+}

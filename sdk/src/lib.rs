@@ -1,0 +1,1 @@
+//! mediamesh Rust SDK (WHIP/WHEP client); filled by the SDK work.

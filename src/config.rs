@@ -1,0 +1,387 @@
+//! Node configuration: every setting comes from a flag, a `MEDIAMESH_<NAME>` environment
+//! variable, or a TOML file given with `--config`, in that order of precedence, else a default.
+
+use clap::Args;
+use serde::Deserialize;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+
+/// Flags of `mediamesh node` (and the secret-reading part of `mediamesh token`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct NodeArgs {
+    /// TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "MEDIAMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Node id [default: hostname]
+    #[arg(long, env = "MEDIAMESH_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Region of this node (seoul, busan, ...) [default: seoul]
+    #[arg(long, env = "MEDIAMESH_REGION")]
+    pub region: Option<String>,
+    /// Data directory [default: ./mediamesh-data]
+    #[arg(long, env = "MEDIAMESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP address: WHIP, WHEP, signaling, admin, metrics, dashboard [default: 0.0.0.0:8080]
+    #[arg(long, env = "MEDIAMESH_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Public gRPC signaling address [default: 0.0.0.0:8081]
+    #[arg(long, env = "MEDIAMESH_GRPC")]
+    pub grpc: Option<SocketAddr>,
+    /// Internal cluster gRPC address [default: 0.0.0.0:7000]
+    #[arg(long, env = "MEDIAMESH_CLUSTER")]
+    pub cluster: Option<SocketAddr>,
+    /// Address other nodes and clients use [default: first non-loopback IP, else 127.0.0.1]
+    #[arg(long, env = "MEDIAMESH_ADVERTISE")]
+    pub advertise: Option<IpAddr>,
+    /// Join an existing cluster: host:port of its cluster addresses, comma separated
+    #[arg(long, env = "MEDIAMESH_JOIN", value_delimiter = ',')]
+    pub join: Option<Vec<String>>,
+    /// Media UDP port range [default: 50000-50999]
+    #[arg(long, env = "MEDIAMESH_MEDIA_PORTS")]
+    pub media_ports: Option<String>,
+    /// TURN UDP address [default: 0.0.0.0:3478]
+    #[arg(long, env = "MEDIAMESH_TURN")]
+    pub turn: Option<SocketAddr>,
+    /// Token signing secret [default: generated once into the data directory]
+    #[arg(long, env = "MEDIAMESH_API_SECRET", hide_env_values = true)]
+    pub api_secret: Option<String>,
+    /// Cluster secret; a joining node must be given the same one [default: generated once]
+    #[arg(long, env = "MEDIAMESH_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Largest accepted HTTP request body in bytes [default: 65536]
+    #[arg(long, env = "MEDIAMESH_BODY_BYTES_MAX")]
+    pub body_bytes_max: Option<usize>,
+    /// Rooms this node hosts at most [default: 1000]
+    #[arg(long, env = "MEDIAMESH_ROOMS_PER_NODE_MAX")]
+    pub rooms_per_node_max: Option<usize>,
+    /// Sessions (WHIP/WHEP connections) this node holds at most [default: 900, under the port range]
+    #[arg(long, env = "MEDIAMESH_SESSIONS_PER_NODE_MAX")]
+    pub sessions_per_node_max: Option<usize>,
+    /// Subscribers per room at most [default: 500]
+    #[arg(long, env = "MEDIAMESH_SUBSCRIBERS_PER_ROOM_MAX")]
+    pub subscribers_per_room_max: Option<usize>,
+    /// Publishers per room at most [default: 16]
+    #[arg(long, env = "MEDIAMESH_PUBLISHERS_PER_ROOM_MAX")]
+    pub publishers_per_room_max: Option<usize>,
+    /// Log format: json or text [default: json]
+    #[arg(long, env = "MEDIAMESH_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The same settings as read from a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<String>,
+    region: Option<String>,
+    data_dir: Option<PathBuf>,
+    http: Option<SocketAddr>,
+    grpc: Option<SocketAddr>,
+    cluster: Option<SocketAddr>,
+    advertise: Option<IpAddr>,
+    join: Option<Vec<String>>,
+    media_ports: Option<String>,
+    turn: Option<SocketAddr>,
+    api_secret: Option<String>,
+    cluster_secret: Option<String>,
+    body_bytes_max: Option<usize>,
+    rooms_per_node_max: Option<usize>,
+    sessions_per_node_max: Option<usize>,
+    subscribers_per_room_max: Option<usize>,
+    publishers_per_room_max: Option<usize>,
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// The resolved configuration of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: String,
+    pub region: String,
+    pub data_dir: PathBuf,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub cluster: SocketAddr,
+    pub advertise: IpAddr,
+    pub join: Vec<String>,
+    pub media_port_min: u16,
+    pub media_port_max: u16,
+    pub turn: SocketAddr,
+    pub api_secret: String,
+    pub cluster_secret: String,
+    pub body_bytes_max: usize,
+    pub rooms_per_node_max: usize,
+    pub sessions_per_node_max: usize,
+    pub subscribers_per_room_max: usize,
+    pub publishers_per_room_max: usize,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {name}: {message}")]
+    Invalid { name: &'static str, message: String },
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+}
+
+pub const BODY_BYTES_MAX_DEFAULT: usize = 64 * 1024;
+const SECRET_BYTES: usize = 32;
+
+impl NodeArgs {
+    /// Flags and environment (already merged by clap) over the TOML file, over defaults.
+    pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let data_dir = self
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./mediamesh-data"));
+        std::fs::create_dir_all(&data_dir).map_err(|source| ConfigError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let media_ports = self
+            .media_ports
+            .clone()
+            .or(file.media_ports)
+            .unwrap_or_else(|| "50000-50999".into());
+        let (media_port_min, media_port_max) = parse_port_range(&media_ports)?;
+        let log_format = match self.log_format.clone().or(file.log_format).as_deref() {
+            None | Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "log_format",
+                    message: format!("{other:?} is neither json nor text"),
+                });
+            }
+        };
+        let api_secret = match self.api_secret.clone().or(file.api_secret) {
+            Some(secret) => secret,
+            None => secret_in_data_dir(&data_dir, "api-secret")?,
+        };
+        let cluster_secret = match self.cluster_secret.clone().or(file.cluster_secret) {
+            Some(secret) => secret,
+            None => secret_in_data_dir(&data_dir, "cluster-secret")?,
+        };
+        for (name, secret) in [("api_secret", &api_secret), ("cluster_secret", &cluster_secret)] {
+            if secret.len() < 16 {
+                return Err(ConfigError::Invalid {
+                    name,
+                    message: "a secret needs at least 16 characters".into(),
+                });
+            }
+        }
+        let sessions_per_node_max = self
+            .sessions_per_node_max
+            .or(file.sessions_per_node_max)
+            .unwrap_or(900)
+            .min(usize::from(media_port_max - media_port_min) + 1);
+        let positive = |name: &'static str, value: usize| {
+            if value == 0 {
+                Err(ConfigError::Invalid {
+                    name,
+                    message: "must be at least 1".into(),
+                })
+            } else {
+                Ok(value)
+            }
+        };
+        Ok(NodeConfig {
+            node_id: self.node_id.clone().or(file.node_id).unwrap_or_else(hostname),
+            region: self.region.clone().or(file.region).unwrap_or_else(|| "seoul".into()),
+            http: self
+                .http
+                .or(file.http)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            grpc: self
+                .grpc
+                .or(file.grpc)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8081))),
+            cluster: self
+                .cluster
+                .or(file.cluster)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 7000))),
+            advertise: self.advertise.or(file.advertise).unwrap_or_else(default_advertise),
+            join: self.join.clone().or(file.join).unwrap_or_default(),
+            media_port_min,
+            media_port_max,
+            turn: self
+                .turn
+                .or(file.turn)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 3478))),
+            api_secret,
+            cluster_secret,
+            body_bytes_max: positive(
+                "body_bytes_max",
+                self.body_bytes_max
+                    .or(file.body_bytes_max)
+                    .unwrap_or(BODY_BYTES_MAX_DEFAULT),
+            )?,
+            rooms_per_node_max: positive(
+                "rooms_per_node_max",
+                self.rooms_per_node_max.or(file.rooms_per_node_max).unwrap_or(1_000),
+            )?,
+            sessions_per_node_max: positive("sessions_per_node_max", sessions_per_node_max)?,
+            subscribers_per_room_max: positive(
+                "subscribers_per_room_max",
+                self.subscribers_per_room_max
+                    .or(file.subscribers_per_room_max)
+                    .unwrap_or(500),
+            )?,
+            publishers_per_room_max: positive(
+                "publishers_per_room_max",
+                self.publishers_per_room_max
+                    .or(file.publishers_per_room_max)
+                    .unwrap_or(16),
+            )?,
+            log_format,
+            data_dir,
+        })
+    }
+}
+
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        name: "media_ports",
+        message,
+    };
+    let (low, high) = text
+        .split_once('-')
+        .ok_or_else(|| invalid(format!("{text:?} is not a range like 50000-50999")))?;
+    let low: u16 = low
+        .trim()
+        .parse()
+        .map_err(|_| invalid(format!("{low:?} is not a port")))?;
+    let high: u16 = high
+        .trim()
+        .parse()
+        .map_err(|_| invalid(format!("{high:?} is not a port")))?;
+    if low == 0 || low > high {
+        return Err(invalid(format!("{low}-{high} is empty or starts at 0")));
+    }
+    Ok((low, high))
+}
+
+/// Reads a secret from the data directory, generating it (mode 0600) on first use.
+pub fn secret_in_data_dir(data_dir: &Path, name: &str) -> Result<String, ConfigError> {
+    let path = data_dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ConfigError::DataDir { path, source }),
+    }
+    let bytes: [u8; SECRET_BYTES] = rand::random();
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, &secret).map_err(|source| ConfigError::DataDir { path, source })?;
+    Ok(secret)
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "mediamesh".into())
+}
+
+/// The first non-loopback address: the one the kernel would route outward from (no packet is
+/// sent by connecting a UDP socket), else loopback.
+fn default_advertise() -> IpAddr {
+    UdpSocket::bind("0.0.0.0:0")
+        .and_then(|socket| {
+            socket.connect("192.0.2.1:9")?; // TEST-NET-1: only consults the routing table
+            socket.local_addr()
+        })
+        .map(|addr| addr.ip())
+        .ok()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_flag_over_file_over_default() {
+        let dir = std::env::temp_dir().join(format!("mm-config-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("node.toml");
+        std::fs::write(
+            &file,
+            "region = \"busan\"\nnode_id = \"from-file\"\nmedia_ports = \"40000-40009\"\n",
+        )
+        .expect("write config");
+        let args = NodeArgs {
+            config: Some(file),
+            node_id: Some("from-flag".into()),
+            data_dir: Some(dir.join("data")),
+            ..Default::default()
+        };
+        let config = args.resolve().expect("valid");
+        assert_eq!(config.node_id, "from-flag");
+        assert_eq!(config.region, "busan");
+        assert_eq!((config.media_port_min, config.media_port_max), (40000, 40009));
+        assert_eq!(config.sessions_per_node_max, 10, "capped by the port range");
+        assert_eq!(config.http.port(), 8080);
+        // The generated secret is stable across reads.
+        let again = args.resolve().expect("valid");
+        assert_eq!(config.api_secret, again.api_secret);
+        assert_eq!(config.api_secret.len(), 64);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        assert!(parse_port_range("5-1").is_err());
+        assert!(parse_port_range("x").is_err());
+        let dir = std::env::temp_dir().join(format!("mm-config-{}", uuid::Uuid::now_v7()));
+        let file = dir.join("bad.toml");
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(&file, "no_such_setting = 1\n").expect("write");
+        let args = NodeArgs {
+            config: Some(file),
+            data_dir: Some(dir.join("data")),
+            ..Default::default()
+        };
+        let error = args.resolve().expect_err("unknown key");
+        assert!(error.to_string().contains("no_such_setting"), "{error}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,133 @@
+//! The HTTP edge (actix-web): WHIP, WHEP, admin API, metrics and health. Handlers check
+//! authorization and input, then talk to actors through their addresses.
+
+pub mod admin;
+pub mod metrics;
+pub mod problem;
+pub mod sessions;
+
+use crate::auth::TokenKeys;
+use crate::metrics::Metrics;
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use mediamesh_actors::{RoomRegistry, SessionKind};
+use problem::ApiError;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Shared by every HTTP worker.
+pub struct AppState {
+    pub node_id: String,
+    pub region: String,
+    pub keys: TokenKeys,
+    pub rooms: Arc<RoomRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub body_bytes_max: usize,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Every route of the node.
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics::scrape))
+        .service(
+            web::resource("/whip/{room}")
+                .route(web::post().to(|s, r, p, q, b| sessions::create(s, r, p, q, b, SessionKind::Publisher)))
+                .route(web::method(actix_web::http::Method::OPTIONS).to(preflight)),
+        )
+        .service(
+            web::resource("/whip/{room}/{session}")
+                .route(web::patch().to(|s, r, p, b| sessions::patch(s, r, p, b, SessionKind::Publisher)))
+                .route(web::delete().to(|s, r, p| sessions::delete(s, r, p, SessionKind::Publisher)))
+                .route(web::method(actix_web::http::Method::OPTIONS).to(preflight)),
+        )
+        .service(
+            web::resource("/whep/{room}")
+                .route(web::post().to(|s, r, p, q, b| sessions::create(s, r, p, q, b, SessionKind::Subscriber)))
+                .route(web::method(actix_web::http::Method::OPTIONS).to(preflight)),
+        )
+        .service(
+            web::resource("/whep/{room}/{session}")
+                .route(web::patch().to(|s, r, p, b| sessions::patch(s, r, p, b, SessionKind::Subscriber)))
+                .route(web::delete().to(|s, r, p| sessions::delete(s, r, p, SessionKind::Subscriber)))
+                .route(web::method(actix_web::http::Method::OPTIONS).to(preflight)),
+        )
+        .route("/admin/v1/cluster", web::get().to(admin::cluster))
+        .route("/admin/v1/rooms", web::get().to(admin::rooms))
+        .route("/admin/v1/rooms/{room}", web::get().to(admin::room));
+}
+
+/// Headers every response carries, so pages on other origins can use the API.
+pub fn cors_headers() -> actix_web::middleware::DefaultHeaders {
+    actix_web::middleware::DefaultHeaders::new()
+        .add(("Access-Control-Allow-Origin", "*"))
+        .add((
+            "Access-Control-Expose-Headers",
+            "Location, ETag, Link, Accept-Patch, Retry-After",
+        ))
+}
+
+async fn preflight() -> HttpResponse {
+    HttpResponse::NoContent()
+        .insert_header(("Access-Control-Allow-Methods", "POST, PATCH, DELETE, OPTIONS"))
+        .insert_header(("Access-Control-Allow-Headers", "Authorization, Content-Type, If-Match"))
+        .insert_header(("Access-Control-Max-Age", "86400"))
+        .insert_header(("Accept-Post", "application/sdp"))
+        .finish()
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.ready.load(Ordering::Acquire) {
+        HttpResponse::Ok().content_type("text/plain").body("ready\n")
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body("not ready\n")
+    }
+}
+
+/// Refuses a request whose `Content-Type` is not `expected` (parameters allowed).
+pub fn require_content_type(request: &HttpRequest, expected: &'static str) -> Result<(), ApiError> {
+    let actual = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if actual.as_deref() == Some(expected) {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType { expected })
+    }
+}
+
+/// Reads a request body of at most `bytes_max` bytes, refusing larger ones before reading
+/// them when the length is declared.
+pub async fn read_body(request: &HttpRequest, mut payload: web::Payload, bytes_max: usize) -> Result<Bytes, ApiError> {
+    if let Some(length) = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && length > bytes_max
+    {
+        return Err(ApiError::PayloadTooLarge(bytes_max));
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body failed: {e}")))?;
+        if body.len() + chunk.len() > bytes_max {
+            return Err(ApiError::PayloadTooLarge(bytes_max));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}

@@ -1,0 +1,177 @@
+//! WHIP (RFC 9725) and WHEP: one POST creates a session, PATCH trickles or restarts ICE,
+//! DELETE ends it. Publish and playback share this code; the kind picks the grant and request.
+
+use super::problem::ApiError;
+use super::{AppState, read_body, require_content_type};
+use crate::auth::{self, Grant};
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use mediamesh_actors::room::{RoomReply, RoomRequest};
+use mediamesh_actors::{Identity, RoomError, RoomId, SessionId, SessionKind};
+use serde::Deserialize;
+
+const SDP: &str = "application/sdp";
+const TRICKLE: &str = "application/trickle-ice-sdpfrag";
+
+#[derive(Debug, Deserialize)]
+pub struct PlayQuery {
+    layer: Option<String>,
+}
+
+fn path_prefix(kind: SessionKind) -> &'static str {
+    match kind {
+        SessionKind::Publisher => "whip",
+        SessionKind::Subscriber => "whep",
+    }
+}
+
+fn grant(kind: SessionKind) -> Grant {
+    match kind {
+        SessionKind::Publisher => Grant::Publish,
+        SessionKind::Subscriber => Grant::Subscribe,
+    }
+}
+
+fn room_id(name: &str) -> Result<RoomId, ApiError> {
+    RoomId::parse(name).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "invalid room name: 1 to {} characters of A-Z a-z 0-9 _ . -",
+            mediamesh_actors::ids::ROOM_NAME_BYTES_MAX
+        ))
+    })
+}
+
+fn authorize(state: &AppState, request: &HttpRequest, kind: SessionKind, room: &RoomId) -> Result<Identity, ApiError> {
+    let header = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    let token = auth::bearer(header)?;
+    let claims = state.keys.authorize(token, grant(kind), Some(room.as_str()))?;
+    Ok(Identity(claims.sub))
+}
+
+fn parse_layer(query: &PlayQuery) -> Result<Option<u8>, ApiError> {
+    match query.layer.as_deref() {
+        None => Ok(None),
+        Some("low") => Ok(Some(0)),
+        Some("mid") => Ok(Some(1)),
+        Some("high") => Ok(Some(2)),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "layer must be low, mid or high, not {other:.20?}"
+        ))),
+    }
+}
+
+/// `POST /whip/{room}` and `POST /whep/{room}`.
+pub async fn create(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<PlayQuery>,
+    payload: web::Payload,
+    kind: SessionKind,
+) -> Result<HttpResponse, ApiError> {
+    let room = room_id(&path)?;
+    let identity = authorize(&state, &request, kind, &room)?;
+    require_content_type(&request, SDP)?;
+    let layer = match kind {
+        SessionKind::Subscriber => parse_layer(&query)?,
+        SessionKind::Publisher => None,
+    };
+    let body = read_body(&request, payload, state.body_bytes_max).await?;
+    let offer =
+        String::from_utf8(body.to_vec()).map_err(|_| ApiError::BadRequest("the SDP offer is not UTF-8".into()))?;
+    mediamesh_actors::sdp::validate_offer(&offer).map_err(RoomError::BadOffer)?;
+    let make_request = || match kind {
+        SessionKind::Publisher => RoomRequest::Publish {
+            identity: identity.clone(),
+            offer: offer.clone(),
+        },
+        SessionKind::Subscriber => RoomRequest::Subscribe {
+            identity: identity.clone(),
+            offer: offer.clone(),
+            layer,
+        },
+    };
+    // A room that is closing refuses its mailbox; the second attempt makes a fresh room.
+    let mut reply = None;
+    for _ in 0..2 {
+        let addr = state.rooms.get_or_create(&room).await?;
+        match addr.send(make_request()).await {
+            Ok(result) => {
+                reply = Some(result?);
+                break;
+            }
+            Err(_) => continue,
+        }
+    }
+    let Some(RoomReply::Answer(answer)) = reply else {
+        return Err(RoomError::Closing.into());
+    };
+    let location = format!("/{}/{}/{}", path_prefix(kind), room, answer.session);
+    Ok(HttpResponse::build(StatusCode::CREATED)
+        .content_type(SDP)
+        .insert_header(("Location", location))
+        .insert_header(("ETag", answer.etag))
+        .body(answer.sdp))
+}
+
+/// `PATCH /whip/{room}/{session}` and the WHEP equivalent.
+pub async fn patch(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    kind: SessionKind,
+) -> Result<HttpResponse, ApiError> {
+    let (room, session) = path.into_inner();
+    let room = room_id(&room)?;
+    authorize(&state, &request, kind, &room)?;
+    require_content_type(&request, TRICKLE)?;
+    let body = read_body(&request, payload, state.body_bytes_max).await?;
+    let fragment =
+        String::from_utf8(body.to_vec()).map_err(|_| ApiError::BadRequest("the fragment is not UTF-8".into()))?;
+    let if_match = request
+        .headers()
+        .get("if-match")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let addr = state.rooms.get(&room).ok_or(RoomError::UnknownSession)?;
+    let reply = addr
+        .send(RoomRequest::Patch {
+            kind,
+            session: SessionId(session),
+            if_match,
+            fragment,
+        })
+        .await
+        .map_err(|_| RoomError::UnknownSession)??;
+    let RoomReply::Patched(outcome) = reply else {
+        return Err(RoomError::UnknownSession.into());
+    };
+    Ok(match outcome.restart_fragment {
+        Some(fragment) => HttpResponse::Ok()
+            .content_type(TRICKLE)
+            .insert_header(("ETag", outcome.etag))
+            .body(fragment),
+        None => HttpResponse::NoContent().finish(),
+    })
+}
+
+/// `DELETE /whip/{room}/{session}` and the WHEP equivalent.
+pub async fn delete(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    path: web::Path<(String, String)>,
+    kind: SessionKind,
+) -> Result<HttpResponse, ApiError> {
+    let (room, session) = path.into_inner();
+    let room = room_id(&room)?;
+    authorize(&state, &request, kind, &room)?;
+    let addr = state.rooms.get(&room).ok_or(RoomError::UnknownSession)?;
+    addr.send(RoomRequest::End {
+        kind,
+        session: SessionId(session),
+    })
+    .await
+    .map_err(|_| RoomError::UnknownSession)??;
+    Ok(HttpResponse::Ok().finish())
+}

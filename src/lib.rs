@@ -1,0 +1,10 @@
+//! mediamesh node: the edge (HTTP, CLI, auth, telemetry) and the composition root that joins
+//! the actors (`mediamesh-actors`) with the store (`mediamesh-cluster`).
+
+pub mod auth;
+pub mod config;
+pub mod directory;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod telemetry;

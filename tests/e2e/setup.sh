@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Prepare the machine for the mediamesh end-to-end tests (idempotent, non-interactive).
+#  - Debian packages chromium + chromium-driver (installed only when missing)
+#  - a venv at <repo>/.venv with tests/e2e/requirements.txt (pip runs only when the
+#    requirements changed since the last successful install; see the stamp file)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+VENV="$REPO/.venv"
+REQ="$HERE/requirements.txt"
+STAMP="$VENV/.e2e-requirements.sha256"
+export DEBIAN_FRONTEND=noninteractive
+
+log() { echo "[e2e setup] $*"; }
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+fi
+
+# --- Debian packages -------------------------------------------------------------------------
+missing=()
+for pkg in chromium chromium-driver python3-venv; do
+    if dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        log "package $pkg: present"
+    else
+        missing+=("$pkg")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]} (apt-get update first)"
+    $SUDO apt-get update -q </dev/null
+    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+else
+    log "Debian packages: nothing to install"
+fi
+for bin in /usr/bin/chromium /usr/bin/chromedriver; do
+    [ -x "$bin" ] || { log "ERROR: $bin missing after install"; exit 1; }
+done
+
+# --- Python venv -------------------------------------------------------------------------------
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating venv $VENV"
+    "$PY" -m venv "$VENV"
+else
+    log "venv $VENV: present"
+fi
+want="$(sha256sum "$REQ" | cut -d' ' -f1)"
+have="$(cat "$STAMP" 2>/dev/null || true)"
+if [ "$want" = "$have" ] && "$VENV/bin/python" -c "import aiortc, selenium, pytest, pytest_timeout, requests" 2>/dev/null; then
+    log "python requirements: up to date (stamp $want)"
+else
+    log "installing python requirements from $REQ"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input -r "$REQ" </dev/null
+    echo "$want" > "$STAMP"
+    log "python requirements installed (stamp $want)"
+fi
+log "ready: $("$VENV/bin/python" --version), $(/usr/bin/chromium --version 2>/dev/null | head -1), $(/usr/bin/chromedriver --version 2>/dev/null | head -1)"

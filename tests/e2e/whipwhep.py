@@ -1,0 +1,402 @@
+"""Minimal WHIP / WHEP client on aiortc for the mediamesh end-to-end tests.
+
+Everything stays on loopback: importing this module patches aioice so that the only host
+candidate gathered is 127.0.0.1 (see shared/TESTING.md), and no STUN/TURN server is configured.
+
+Async API (run it inside ``asyncio.run`` or ``run(...)`` below)::
+
+    pub = await publish(f"{base}/whip/room1", token)        # synthetic VP8 video + Opus tone
+    viewer = await play(f"{base}/whep/room1", token)        # recvonly video + audio, counts frames
+    await viewer.wait_frames(video=60, audio=1, timeout=20)
+    await viewer.close()                                    # DELETE the Location, close the pc
+    await pub.close()
+
+``publish``/``play`` POST ``application/sdp`` with ``Authorization: Bearer <jwt>``, expect
+``201 Created`` and a ``Location`` header (resolved against the request URL), set the answer and
+wait until the PeerConnection is ``connected`` (ICE + DTLS).  ``delete(location, token)`` sends
+the DELETE on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import math
+import struct
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Optional
+
+import aioice.ice
+import av
+import requests
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
+from aiortc.mediastreams import MediaStreamError
+
+log = logging.getLogger("whipwhep")
+
+# --------------------------------------------------------------------------------------------
+# loopback-only ICE
+# --------------------------------------------------------------------------------------------
+_LOOPBACK = ["127.0.0.1"]
+
+
+def _loopback_host_addresses(use_ipv4: bool = True, use_ipv6: bool = False) -> list[str]:
+    return list(_LOOPBACK) if use_ipv4 else []
+
+
+def patch_loopback() -> None:
+    """Make aioice gather only 127.0.0.1 host candidates in this process (idempotent)."""
+    aioice.ice.get_host_addresses = _loopback_host_addresses
+
+
+patch_loopback()
+
+
+def new_pc() -> RTCPeerConnection:
+    """A PeerConnection without any STUN/TURN server (host candidates on loopback only)."""
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+class WhipError(RuntimeError):
+    """The server answered a WHIP/WHEP request with something other than the contract."""
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic media
+# --------------------------------------------------------------------------------------------
+class SyntheticVideoTrack(VideoStreamTrack):
+    """A moving gradient with a bouncing bar, ``fps`` frames a second, yuv420p."""
+
+    def __init__(self, width: int = 320, height: int = 240, fps: int = 30, period: int = 60):
+        super().__init__()
+        self.width, self.height, self.fps = width, height, fps
+        self.frames_sent = 0
+        # pre-render ``period`` distinct frames' planes (cheap to cycle, keeps CPU low)
+        self._planes = []
+        w, h = width, height
+        for i in range(period):
+            bar = (i * w // period) % w
+            row = bytearray((x * 255 // max(w - 1, 1) + i * 4) & 0xFF for x in range(w))
+            for x in range(bar, min(bar + w // 10, w)):
+                row[x] = 235
+            y = bytes(row) * h
+            u = bytes([(64 + i * 2) & 0xFF]) * ((w // 2) * (h // 2))
+            v = bytes([(192 - i * 2) & 0xFF]) * ((w // 2) * (h // 2))
+            self._planes.append((y, u, v))
+
+    async def next_timestamp(self):
+        # like VideoStreamTrack.next_timestamp but at our own frame rate
+        clock = 90000
+        if getattr(self, "_start", None) is not None:
+            self._timestamp += int(clock / self.fps)
+            wait = self._start + (self._timestamp / clock) - time.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        else:
+            self._start = time.time()
+            self._timestamp = 0
+        return self._timestamp, fractions.Fraction(1, clock)
+
+    async def recv(self):
+        pts, time_base = await self.next_timestamp()
+        frame = av.VideoFrame(self.width, self.height, "yuv420p")
+        y, u, v = self._planes[self.frames_sent % len(self._planes)]
+        for i, (plane, data) in enumerate(zip(frame.planes, (y, u, v))):
+            _fill_plane(plane, data, self.width if i == 0 else self.width // 2)
+        frame.pts, frame.time_base = pts, time_base
+        self.frames_sent += 1
+        return frame
+
+
+def _fill_plane(plane, data: bytes, width: int) -> None:
+    stride = plane.line_size
+    if stride == width:
+        plane.update(data)
+        return
+    rows = len(data) // width
+    buf = bytearray(stride * rows)
+    for r in range(rows):
+        buf[r * stride : r * stride + width] = data[r * width : (r + 1) * width]
+    plane.update(bytes(buf))
+
+
+class ToneAudioTrack(MediaStreamTrack):
+    """A 400 Hz sine tone, 48 kHz mono s16, 20 ms frames (Opus-friendly)."""
+
+    kind = "audio"
+
+    def __init__(self, freq: int = 400, rate: int = 48000, ptime: float = 0.020):
+        super().__init__()
+        self.rate = rate
+        self.samples = int(rate * ptime)
+        self.frames_sent = 0
+        # an integral number of periods per frame when rate*ptime is a multiple of rate/freq
+        self._pcm = b"".join(
+            struct.pack("<h", int(8000 * math.sin(2 * math.pi * freq * n / rate)))
+            for n in range(self.samples)
+        )
+        self._start: Optional[float] = None
+        self._timestamp = 0
+
+    async def recv(self):
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.time()
+            self._timestamp = 0
+        else:
+            self._timestamp += self.samples
+            wait = self._start + (self._timestamp / self.rate) - time.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=self.samples)
+        frame.planes[0].update(self._pcm)
+        frame.pts = self._timestamp
+        frame.sample_rate = self.rate
+        frame.time_base = fractions.Fraction(1, self.rate)
+        self.frames_sent += 1
+        return frame
+
+
+def prefer_codec(transceiver, mime: str) -> None:
+    """Restrict a transceiver to one codec (e.g. ``video/VP8``), keeping its RTX."""
+    kind = mime.split("/")[0]
+    caps = RTCRtpSender.getCapabilities(kind).codecs
+    chosen = [c for c in caps if c.mimeType.lower() == mime.lower()]
+    if not chosen:
+        raise ValueError(f"aiortc has no codec {mime}")
+    rtx = [c for c in caps if c.mimeType.lower() == f"{kind}/rtx"]
+    transceiver.setCodecPreferences(chosen + rtx)
+
+
+# --------------------------------------------------------------------------------------------
+# receiving side: count decoded frames
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FrameCounter:
+    """Attach to a PeerConnection's ``track`` event; counts frames returned by ``recv()``.
+
+    For video, ``recv()`` returns *decoded* frames (aiortc decodes in the receiver), so
+    ``video`` is the number of decoded video frames and ``video_size`` the last (w, h).
+    """
+
+    video: int = 0
+    audio: int = 0
+    video_size: Optional[tuple[int, int]] = None
+    first_video_at: Optional[float] = None
+    first_audio_at: Optional[float] = None
+    tasks: list = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def attach(self, pc: RTCPeerConnection) -> None:
+        @pc.on("track")
+        def _on_track(track):
+            self.tasks.append(asyncio.ensure_future(self._consume(track)))
+
+    async def _consume(self, track) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except (MediaStreamError, asyncio.CancelledError):
+                return
+            except Exception:  # decoder hiccup: keep counting what does decode
+                log.exception("recv on %s track failed", track.kind)
+                return
+            now = time.monotonic()
+            if track.kind == "video":
+                self.video += 1
+                self.video_size = (frame.width, frame.height)
+                self.first_video_at = self.first_video_at or now
+            else:
+                self.audio += 1
+                self.first_audio_at = self.first_audio_at or now
+            self.changed.set()
+
+    async def wait(self, video: int = 0, audio: int = 0, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.video < video or self.audio < audio:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"wanted >= {video} video / {audio} audio frames in {timeout}s, "
+                    f"got {self.video} video / {self.audio} audio"
+                )
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+
+
+async def wait_connected(pc: RTCPeerConnection, timeout: float = 15.0) -> None:
+    """Wait until ICE + DTLS are up (connectionState == 'connected'), or raise."""
+    deadline = time.monotonic() + timeout
+    while pc.connectionState != "connected":
+        if pc.connectionState in ("failed", "closed"):
+            raise ConnectionError(f"peer connection {pc.connectionState}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"not connected after {timeout}s (connection={pc.connectionState}, "
+                f"ice={pc.iceConnectionState})"
+            )
+        await asyncio.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# WHIP / WHEP signalling
+# --------------------------------------------------------------------------------------------
+def _headers(token: Optional[str], content_type: Optional[str] = None) -> dict:
+    h = {}
+    if token:
+        h["Authorization"] = f"Bearer {token}"
+    if content_type:
+        h["Content-Type"] = content_type
+    return h
+
+
+async def post_offer(url: str, token: Optional[str], sdp: str, timeout: float = 10.0):
+    """POST an SDP offer; return (answer_sdp, absolute_location, response)."""
+    resp = await asyncio.to_thread(
+        requests.post, url, data=sdp.encode(), headers=_headers(token, "application/sdp"),
+        timeout=timeout,
+    )
+    if resp.status_code != 201:
+        raise WhipError(f"POST {url} -> {resp.status_code} (want 201): {resp.text[:500]}")
+    loc = resp.headers.get("Location")
+    if not loc:
+        raise WhipError(f"POST {url} -> 201 without a Location header")
+    ctype = resp.headers.get("Content-Type", "")
+    if "application/sdp" not in ctype:
+        raise WhipError(f"POST {url} -> Content-Type {ctype!r}, want application/sdp")
+    return resp.text, urllib.parse.urljoin(url, loc), resp
+
+
+async def delete(location: str, token: Optional[str] = None, timeout: float = 10.0) -> int:
+    """DELETE a WHIP/WHEP session resource; returns the HTTP status."""
+    resp = await asyncio.to_thread(
+        requests.delete, location, headers=_headers(token), timeout=timeout
+    )
+    return resp.status_code
+
+
+@dataclass
+class Session:
+    pc: RTCPeerConnection
+    url: str
+    token: Optional[str]
+    location: Optional[str] = None
+    answer: Optional[str] = None
+    response_headers: dict = field(default_factory=dict)
+    counter: Optional[FrameCounter] = None  # WHEP viewers
+    video_track: Optional[SyntheticVideoTrack] = None  # WHIP publishers
+    audio_track: Optional[ToneAudioTrack] = None
+    connect_seconds: Optional[float] = None
+    deleted_status: Optional[int] = None
+
+    async def wait_frames(self, video: int = 0, audio: int = 0, timeout: float = 20.0):
+        assert self.counter is not None, "not a viewer"
+        await self.counter.wait(video, audio, timeout)
+
+    async def close(self, delete_resource: bool = True) -> Optional[int]:
+        """DELETE the Location (if any) and close the PeerConnection. Returns DELETE's status."""
+        status = None
+        try:
+            if delete_resource and self.location and self.deleted_status is None:
+                status = self.deleted_status = await delete(self.location, self.token)
+        finally:
+            if self.counter:
+                self.counter.stop()
+            await self.pc.close()
+        return status
+
+
+async def _negotiate(pc, url, token, connect_timeout, counter=None) -> Session:
+    t0 = time.monotonic()
+    await pc.setLocalDescription(await pc.createOffer())  # waits for ICE gathering (no trickle)
+    session = Session(pc=pc, url=url, token=token, counter=counter)
+    try:
+        answer, location, resp = await post_offer(url, token, pc.localDescription.sdp)
+        session.location, session.answer = location, answer
+        session.response_headers = dict(resp.headers)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await wait_connected(pc, connect_timeout)
+    except BaseException:
+        await session.close()
+        raise
+    session.connect_seconds = time.monotonic() - t0
+    return session
+
+
+async def publish(
+    url: str,
+    token: Optional[str],
+    *,
+    video: bool = True,
+    audio: bool = True,
+    width: int = 320,
+    height: int = 240,
+    fps: int = 30,
+    connect_timeout: float = 15.0,
+) -> Session:
+    """WHIP-publish a synthetic VP8 video track and an Opus tone; returns when connected."""
+    pc = new_pc()
+    vtrack = atrack = None
+    if video:
+        vtrack = SyntheticVideoTrack(width, height, fps)
+        prefer_codec(pc.addTransceiver(vtrack, direction="sendonly"), "video/VP8")
+    if audio:
+        atrack = ToneAudioTrack()
+        prefer_codec(pc.addTransceiver(atrack, direction="sendonly"), "audio/opus")
+    session = await _negotiate(pc, url, token, connect_timeout)
+    session.video_track, session.audio_track = vtrack, atrack
+    return session
+
+
+def with_layer(url: str, layer: Optional[str]) -> str:
+    if not layer:
+        return url
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}layer={urllib.parse.quote(layer)}"
+
+
+async def play(
+    url: str,
+    token: Optional[str],
+    layer: Optional[str] = None,
+    *,
+    video: bool = True,
+    audio: bool = True,
+    connect_timeout: float = 15.0,
+) -> Session:
+    """WHEP-play: offer recvonly video + audio, count decoded frames; returns when connected."""
+    pc = new_pc()
+    counter = FrameCounter()
+    counter.attach(pc)
+    if video:
+        pc.addTransceiver("video", direction="recvonly")
+    if audio:
+        pc.addTransceiver("audio", direction="recvonly")
+    return await _negotiate(pc, with_layer(url, layer), token, connect_timeout, counter)
+
+
+def run(coro, timeout: float = 120.0):
+    """Run a coroutine to completion in a fresh event loop, with an overall deadline."""
+
+    async def _bounded():
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(_bounded())
