@@ -66,6 +66,9 @@ pub struct NodeArgs {
     /// Log format: json or text [default: json]
     #[arg(long, env = "MEDIAMESH_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Viewer state expires this many milliseconds after its last update [default: 300000]
+    #[arg(long, env = "MEDIAMESH_VIEWER_TTL_MS")]
+    pub viewer_ttl_ms: Option<u64>,
 }
 
 /// The same settings as read from a TOML file.
@@ -90,6 +93,7 @@ struct FileConfig {
     subscribers_per_room_max: Option<usize>,
     publishers_per_room_max: Option<usize>,
     log_format: Option<String>,
+    viewer_ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +124,7 @@ pub struct NodeConfig {
     pub subscribers_per_room_max: usize,
     pub publishers_per_room_max: usize,
     pub log_format: LogFormat,
+    pub viewer_ttl_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +263,10 @@ impl NodeArgs {
                     .unwrap_or(16),
             )?,
             log_format,
+            viewer_ttl_ms: positive(
+                "viewer_ttl_ms",
+                self.viewer_ttl_ms.or(file.viewer_ttl_ms).unwrap_or(300_000) as usize,
+            )? as u64,
             data_dir,
         })
     }

@@ -2,6 +2,7 @@
 //! the actors (`mediamesh-actors`) with the store (`mediamesh-cluster`).
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod directory;
 pub mod http;

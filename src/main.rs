@@ -108,9 +108,8 @@ fn run_node(args: NodeArgs) -> ExitCode {
             .expect("tokio runtime")
     });
     let result = system.block_on(async move {
-        let listener = std::net::TcpListener::bind(config.http)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--http): {e}", config.http))?;
-        mediamesh::node::run(config, listener, mediamesh::node::shutdown_signal()).await
+        let listeners = mediamesh::node::NodeListeners::bind(&config)?;
+        mediamesh::node::run(config, listeners, mediamesh::node::shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,29 +3,71 @@
 
 use crate::auth::{Grants, TokenKeys};
 use crate::config::NodeConfig;
-use crate::directory::LocalDirectory;
+use crate::directory::StoreDirectory;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use actix_web::{App, HttpServer, web};
 use mediamesh_actors::media::bwe::BweConfig;
 use mediamesh_actors::media::engine::{MediaConfig, PeerFactory};
 use mediamesh_actors::{NodeId, NodeStats, RoomContext, RoomLimits, RoomRegistry};
+use mediamesh_cluster::{NodeLoad, Store, StoreConfig};
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// HTTP worker threads; the media plane has its own runtime.
 const HTTP_WORKERS: usize = 2;
 
+/// The already-bound listeners of a node (tests bind port 0 and pass them in).
+pub struct NodeListeners {
+    pub http: TcpListener,
+    pub cluster: TcpListener,
+}
+
+impl NodeListeners {
+    pub fn bind(config: &NodeConfig) -> anyhow::Result<NodeListeners> {
+        let http = TcpListener::bind(config.http)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--http): {e}", config.http))?;
+        let cluster = TcpListener::bind(config.cluster)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--cluster): {e}", config.cluster))?;
+        Ok(NodeListeners { http, cluster })
+    }
+}
+
+/// Load reports to the store this often.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Runs a node until `shutdown` resolves. Must be called inside an actix `System` whose
 /// runtime is a multi-thread tokio runtime (the media plane runs on it).
 pub async fn run(
     config: NodeConfig,
-    http_listener: TcpListener,
+    listeners: NodeListeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let http_listener = listeners.http;
+    let http_addr = http_listener.local_addr()?;
+    let cluster_addr = listeners.cluster.local_addr()?;
+    listeners.cluster.set_nonblocking(true)?;
+    let cluster_listener = tokio::net::TcpListener::from_std(listeners.cluster)?;
+    let store_shutdown = tokio_util::sync::CancellationToken::new();
+    let mut store_config = StoreConfig::new(
+        config.node_id.clone(),
+        config.data_dir.join("store"),
+        config.cluster_secret.clone(),
+    );
+    store_config.region = config.region.clone();
+    store_config.advertise_cluster = format!("{}:{}", config.advertise, cluster_addr.port());
+    store_config.http_url = format!("http://{}:{}", config.advertise, http_addr.port());
+    store_config.grpc_url = format!("http://{}:{}", config.advertise, config.grpc.port());
+    store_config.join = config.join.clone();
+    store_config.viewer_ttl_ms = config.viewer_ttl_ms;
+    store_config.capacity = u32::try_from(config.sessions_per_node_max).unwrap_or(u32::MAX);
+    store_config.heartbeat_interval_ms = 0; // the node reports its load itself, below
+    let store = Store::start(store_config, cluster_listener, store_shutdown.clone().cancelled_owned())
+        .await
+        .map_err(|e| anyhow::anyhow!("store: {e}"))?;
     let arbiter_count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let arbiters: Vec<actix::Arbiter> = (0..arbiter_count).map(|_| actix::Arbiter::new()).collect();
     let factory = PeerFactory::new(MediaConfig {
@@ -53,21 +95,20 @@ pub async fn run(
     });
     let registry = RoomRegistry::new(
         context,
-        Arc::new(LocalDirectory::default()),
+        Arc::new(StoreDirectory::new(store.clone())),
         arbiters.iter().map(|a| a.handle()).collect(),
     );
     let keys = TokenKeys::new(&config.api_secret);
-    let ready = Arc::new(AtomicBool::new(true));
+    let heartbeat = tokio::spawn(report_load(store.clone(), Arc::clone(&stats)));
     let state = web::Data::new(AppState {
         node_id: config.node_id.clone(),
         region: config.region.clone(),
         keys: keys.clone(),
         rooms: Arc::clone(&registry),
-        metrics: Arc::new(Metrics::new(stats, counters, ports)),
+        metrics: Arc::new(Metrics::new(Arc::clone(&stats), counters, ports)),
         body_bytes_max: config.body_bytes_max,
-        ready,
+        store: store.clone(),
     });
-    let http_addr = http_listener.local_addr()?;
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -95,6 +136,7 @@ pub async fn run(
         http = %http_addr,
         media_ports = %format!("{}-{}", config.media_port_min, config.media_port_max),
         advertise = %config.advertise,
+        cluster = %cluster_addr,
         "node started; dashboard: http://{}/#token={}",
         http_addr,
         admin_token
@@ -111,8 +153,34 @@ pub async fn run(
     for arbiter in arbiters {
         arbiter.stop();
     }
+    heartbeat.abort();
+    store.shutdown();
+    store_shutdown.cancel();
+    store.closed().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reports this node's load (CPU, connections, rooms) to the store, which also keeps it alive in
+/// the membership.
+async fn report_load(store: Store, stats: Arc<NodeStats>) {
+    let mut interval = tokio::time::interval(HEARTBEAT_INTERVAL);
+    let mut last_cpu = crate::metrics::process_cpu_seconds();
+    let mut last_at = std::time::Instant::now();
+    loop {
+        interval.tick().await;
+        let cpu = crate::metrics::process_cpu_seconds();
+        let elapsed = last_at.elapsed().as_secs_f64().max(1e-3);
+        let load = NodeLoad {
+            cpu: ((cpu - last_cpu) / elapsed) as f32,
+            connections: stats.active_connections.load(Ordering::Relaxed).max(0) as u64,
+            rooms: stats.rooms.load(Ordering::Relaxed).max(0) as u64,
+        };
+        (last_cpu, last_at) = (cpu, std::time::Instant::now());
+        if let Err(error) = store.heartbeat(load).await {
+            tracing::debug!(%error, "load report not committed");
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -3,11 +3,14 @@
 use super::AppState;
 use super::problem::ApiError;
 use crate::auth::{self, Grant};
+use crate::clock;
 use actix_web::{HttpRequest, HttpResponse, web};
 use mediamesh_actors::room::{RoomReply, RoomRequest};
 use mediamesh_actors::{RoomId, RoomInfo};
+use mediamesh_cluster::{Consistency, ViewerId, ViewerState};
+use serde::Deserialize;
 use serde_json::json;
-use std::sync::atomic::Ordering;
+use std::collections::BTreeMap;
 
 fn authorize_admin(state: &AppState, request: &HttpRequest) -> Result<(), ApiError> {
     let header = request.headers().get("authorization").and_then(|v| v.to_str().ok());
@@ -49,22 +52,161 @@ pub async fn room(
     Ok(HttpResponse::Ok().json(info))
 }
 
-/// `GET /admin/v1/cluster`: on a single node, the node itself.
+/// `GET /admin/v1/cluster`: the store's view: leader, term, commit index, nodes, digest.
 pub async fn cluster(state: web::Data<AppState>, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     authorize_admin(&state, &request)?;
-    let stats = &state.rooms.context().stats;
+    let status = state.store.status();
+    let nodes: Vec<_> = status
+        .nodes
+        .iter()
+        .map(|node| {
+            json!({
+                "id": node.id,
+                "region": node.region,
+                "state": node.state,
+                "membership": node.membership,
+                "http": node.http_url,
+                "cluster": node.cluster_addr,
+                "grpc": node.grpc_url,
+                "load": {
+                    "cpu": node.last_load.as_ref().map_or(0.0, |l| l.cpu),
+                    "connections": node.last_load.as_ref().map_or(0, |l| l.connections),
+                    "rooms": node.last_load.as_ref().map_or(0, |l| l.rooms),
+                },
+                "last_heartbeat": clock::rfc3339_ms(node.last_heartbeat_ms),
+            })
+        })
+        .collect();
     Ok(HttpResponse::Ok().json(json!({
-        "leader": state.node_id,
-        "term": 1,
-        "commit_index": 0,
-        "nodes": [{
-            "id": state.node_id,
-            "region": state.region,
-            "state": "alive",
-            "load": {
-                "cpu": crate::metrics::process_cpu_seconds(),
-                "connections": stats.active_connections.load(Ordering::Relaxed),
-            }
-        }]
+        "node": status.node_id,
+        "leader": status.leader,
+        "term": status.term,
+        "commit_index": status.commit_index,
+        "applied_index": status.applied_index,
+        "snapshot_index": status.snapshot_index,
+        "digest": status.digest,
+        "nodes": nodes,
     })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReadQuery {
+    /// `local` reads this replica's state without a quorum round trip; default linearizable.
+    consistency: Option<String>,
+}
+
+fn consistency(query: &ReadQuery) -> Result<Consistency, ApiError> {
+    match query.consistency.as_deref() {
+        None | Some("linearizable") => Ok(Consistency::Linearizable),
+        Some("local") => Ok(Consistency::Local),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "consistency must be linearizable or local, not {other:.20?}"
+        ))),
+    }
+}
+
+/// The body of `PUT /admin/v1/viewers/{viewer}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewerUpdate {
+    room: String,
+    #[serde(default)]
+    session: Option<String>,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    position_ms: u64,
+    #[serde(default)]
+    subscriptions: Vec<String>,
+    #[serde(default)]
+    layers: BTreeMap<String, String>,
+}
+
+/// Subscriptions and layers one viewer state may hold.
+const VIEWER_SUBSCRIPTIONS_MAX: usize = 64;
+
+fn viewer_json(viewer: &ViewerState) -> serde_json::Value {
+    json!({
+        "viewer": viewer.viewer,
+        "room": viewer.room,
+        "node": viewer.node,
+        "session": viewer.session,
+        "position_ms": viewer.position_ms,
+        "subscriptions": viewer.subscriptions,
+        "layers": viewer.layers,
+        "updated_at": clock::rfc3339_ms(viewer.updated_at_ms),
+        "expires_at": clock::rfc3339_ms(viewer.expires_at_ms),
+        "updated_at_ms": viewer.updated_at_ms,
+        "expires_at_ms": viewer.expires_at_ms,
+        "revision": viewer.revision,
+    })
+}
+
+fn viewer_id(path: &str) -> Result<ViewerId, ApiError> {
+    let id = ViewerId(path.to_string());
+    id.validate().map_err(ApiError::BadRequest)?;
+    Ok(id)
+}
+
+/// `GET /admin/v1/viewers/{viewer}`
+pub async fn viewer_get(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<ReadQuery>,
+) -> Result<HttpResponse, ApiError> {
+    authorize_admin(&state, &request)?;
+    let id = viewer_id(&path)?;
+    let viewer = state.store.viewer(&id, consistency(&query)?).await?;
+    let viewer = viewer.ok_or_else(|| ApiError::NotFound(format!("no viewer state for {:.64?}", id.0)))?;
+    Ok(HttpResponse::Ok().json(viewer_json(&viewer)))
+}
+
+/// `PUT /admin/v1/viewers/{viewer}`: answers after the write is committed.
+pub async fn viewer_put(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    authorize_admin(&state, &request)?;
+    let id = viewer_id(&path)?;
+    super::require_content_type(&request, "application/json")?;
+    let body = super::read_body(&request, payload, state.body_bytes_max).await?;
+    let update: ViewerUpdate =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid viewer JSON: {e}")))?;
+    if update.subscriptions.len() > VIEWER_SUBSCRIPTIONS_MAX || update.layers.len() > VIEWER_SUBSCRIPTIONS_MAX {
+        return Err(ApiError::BadRequest(format!(
+            "at most {VIEWER_SUBSCRIPTIONS_MAX} subscriptions and layers"
+        )));
+    }
+    let viewer = ViewerState {
+        viewer: id,
+        room: mediamesh_cluster::RoomId(update.room),
+        node: mediamesh_cluster::NodeId(update.node.unwrap_or_else(|| state.node_id.clone())),
+        session: update.session.unwrap_or_else(|| "admin".into()),
+        position_ms: update.position_ms,
+        subscriptions: update.subscriptions,
+        layers: update.layers,
+        updated_at_ms: 0,
+        expires_at_ms: 0,
+        revision: 0,
+    };
+    let stored = state.store.upsert_viewer(viewer).await?;
+    Ok(HttpResponse::Ok().json(viewer_json(&stored)))
+}
+
+/// `DELETE /admin/v1/viewers/{viewer}`
+pub async fn viewer_delete(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize_admin(&state, &request)?;
+    let id = viewer_id(&path)?;
+    if state.store.delete_viewer(id.clone()).await? {
+        Ok(HttpResponse::NoContent().finish())
+    } else {
+        Err(ApiError::NotFound(format!("no viewer state for {:.64?}", id.0)))
+    }
 }

@@ -15,7 +15,6 @@ use futures::StreamExt;
 use mediamesh_actors::{RoomRegistry, SessionKind};
 use problem::ApiError;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Shared by every HTTP worker.
 pub struct AppState {
@@ -25,7 +24,7 @@ pub struct AppState {
     pub rooms: Arc<RoomRegistry>,
     pub metrics: Arc<Metrics>,
     pub body_bytes_max: usize,
-    pub ready: Arc<AtomicBool>,
+    pub store: mediamesh_cluster::Store,
 }
 
 /// Every route of the node.
@@ -58,7 +57,13 @@ pub fn routes(config: &mut web::ServiceConfig) {
         )
         .route("/admin/v1/cluster", web::get().to(admin::cluster))
         .route("/admin/v1/rooms", web::get().to(admin::rooms))
-        .route("/admin/v1/rooms/{room}", web::get().to(admin::room));
+        .route("/admin/v1/rooms/{room}", web::get().to(admin::room))
+        .service(
+            web::resource("/admin/v1/viewers/{viewer}")
+                .route(web::get().to(admin::viewer_get))
+                .route(web::put().to(admin::viewer_put))
+                .route(web::delete().to(admin::viewer_delete)),
+        );
 }
 
 /// Headers every response carries, so pages on other origins can use the API.
@@ -84,8 +89,9 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain").body("ok\n")
 }
 
+/// Ready when the store has a leader and this node is registered.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.ready.load(Ordering::Acquire) {
+    if state.store.is_ready() {
         HttpResponse::Ok().content_type("text/plain").body("ready\n")
     } else {
         HttpResponse::ServiceUnavailable()

@@ -23,6 +23,8 @@ pub enum ApiError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Room(#[from] RoomError),
+    #[error("store: {0}")]
+    Store(#[from] mediamesh_cluster::StoreError),
     #[error("unsupported content type: expected {expected}")]
     UnsupportedMediaType { expected: &'static str },
     #[error("request body larger than {0} bytes")]
@@ -43,6 +45,7 @@ impl ApiError {
             StatusCode::FORBIDDEN => "Forbidden",
             StatusCode::NOT_FOUND => "Not Found",
             StatusCode::PRECONDITION_FAILED => "Precondition Failed",
+            StatusCode::CONFLICT => "Conflict",
             StatusCode::PAYLOAD_TOO_LARGE => "Payload Too Large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "Unsupported Media Type",
             StatusCode::TOO_MANY_REQUESTS => "Too Many Requests",
@@ -69,6 +72,18 @@ impl ResponseError for ApiError {
                 RoomError::Media(MediaError::Negotiation(_)) => StatusCode::BAD_REQUEST,
                 RoomError::Media(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
+            ApiError::Store(e) => {
+                use mediamesh_cluster::StoreError;
+                match e {
+                    StoreError::InvalidInput(_) => StatusCode::BAD_REQUEST,
+                    StoreError::EpochConflict { .. } | StoreError::Rejected(_) => StatusCode::CONFLICT,
+                    StoreError::NoLeader
+                    | StoreError::Timeout(_)
+                    | StoreError::Overloaded(_)
+                    | StoreError::Transport(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                }
+            }
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -81,14 +81,14 @@ impl TestNode {
     pub fn wait_healthy(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Ok(response) = reqwest::blocking::get(format!("{}/healthz", self.base))
+            if let Ok(response) = reqwest::blocking::get(format!("{}/readyz", self.base))
                 && response.status() == 200
             {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("node at {} not healthy within {timeout:?}", self.base);
+        panic!("node at {} not ready within {timeout:?}", self.base);
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -196,10 +196,10 @@ class Node:
             if rc is not None:
                 self.exit_code = rc
                 raise RuntimeError(
-                    f"mediamesh node exited with code {rc} before /healthz answered\n"
+                    f"mediamesh node exited with code {rc} before /readyz answered\n"
                     f"--- node log (tail) ---\n{self.log_tail()}")
             try:
-                r = requests.get(self.base + "/healthz", timeout=2)
+                r = requests.get(self.base + "/readyz", timeout=2)
                 if r.status_code == 200:
                     break
                 last = f"HTTP {r.status_code}"
@@ -208,7 +208,7 @@ class Node:
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError(
-                    f"mediamesh node: /healthz not 200 within {ready_timeout}s (last: {last})\n"
+                    f"mediamesh node: /readyz not 200 within {ready_timeout}s (last: {last})\n"
                     f"--- node log (tail) ---\n{self.log_tail()}")
             time.sleep(0.2)
         print(f"[e2e] node ready in {time.monotonic() - t0:.2f}s at {self.base} (pid {self.proc.pid})")
