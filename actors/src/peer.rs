@@ -8,6 +8,7 @@ use crate::room::{Room, RoomError, RoomEvent};
 use crate::sdp;
 use actix::Addr;
 use parking_lot::Mutex;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -110,10 +111,65 @@ pub struct PeerSession {
     pub pc: Arc<dyn PeerConnection>,
     pub events: Arc<PeerEvents>,
     pub etag: String,
+    pub gathered: watch::Receiver<bool>,
+    pub gathering_timeout: Duration,
     pub _lease: PortLease,
     pub _permit: SessionPermit,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// Mailbox bound of a session actor: it only receives PATCH requests and stops.
+pub const SESSION_MAILBOX_MAX: usize = 16;
+
+/// A WHIP/WHEP PATCH for a session; must be answered.
+#[derive(actix::Message)]
+#[rtype(result = "Result<PatchOutcome, RoomError>")]
+pub struct PatchSession {
+    pub fragment: String,
+}
+
+/// Ends a session; must be delivered (sent with `send`).
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+pub struct StopSession;
+
+/// The actor plumbing both session kinds share: a bounded mailbox, PATCH, stop, and closing
+/// the connection (and leaving the `$gauge` of `NodeStats`) when the actor stops.
+macro_rules! session_actor {
+    ($actor:ty, $gauge:ident) => {
+        impl actix::Actor for $actor {
+            type Context = actix::Context<Self>;
+
+            fn started(&mut self, ctx: &mut Self::Context) {
+                ctx.set_mailbox_capacity($crate::peer::SESSION_MAILBOX_MAX);
+            }
+
+            fn stopped(&mut self, _ctx: &mut Self::Context) {
+                self.session.close();
+                self.stats
+                    .$gauge
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+
+        impl actix::Handler<$crate::peer::PatchSession> for $actor {
+            type Result = actix::ResponseFuture<Result<$crate::peer::PatchOutcome, $crate::room::RoomError>>;
+
+            fn handle(&mut self, msg: $crate::peer::PatchSession, _ctx: &mut Self::Context) -> Self::Result {
+                Box::pin(self.session.patch(msg.fragment))
+            }
+        }
+
+        impl actix::Handler<$crate::peer::StopSession> for $actor {
+            type Result = ();
+
+            fn handle(&mut self, _msg: $crate::peer::StopSession, ctx: &mut Self::Context) {
+                actix::ActorContext::stop(ctx);
+            }
+        }
+    };
+}
+pub(crate) use session_actor;
 
 /// The reply to a PATCH: `None` for plain trickle (204), or the fragment answering an ICE
 /// restart (200) with the new ETag.
@@ -123,6 +179,16 @@ pub struct PatchOutcome {
 }
 
 impl PeerSession {
+    /// Applies a PATCH; the future owns what it needs, so the actor is free meanwhile.
+    pub fn patch(&self, fragment: String) -> impl Future<Output = Result<PatchOutcome, RoomError>> + 'static {
+        patch(
+            Arc::clone(&self.pc),
+            self.gathered.clone(),
+            fragment,
+            self.gathering_timeout,
+        )
+    }
+
     /// Closes the connection and stops its tasks; idempotent, never blocks the caller.
     pub fn close(&mut self) {
         for task in self.tasks.drain(..) {

@@ -6,7 +6,7 @@ use crate::media::codec::Codec;
 use crate::media::engine::PeerRole;
 use crate::media::feedback::FeedbackState;
 use crate::media::track::{MediaCounters, PublishedTrack, order_rids};
-use crate::peer::{self, PatchOutcome, PeerEvents, PeerSession};
+use crate::peer::{self, PeerEvents, PeerSession};
 use crate::registry::{NodeStats, RoomContext, SessionPermit};
 use crate::room::{Room, RoomError, RoomEvent, SessionAnswer};
 use crate::sdp;
@@ -14,7 +14,7 @@ use actix::prelude::*;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::RTCSessionDescription;
 
@@ -27,50 +27,11 @@ pub struct Publisher {
     pub identity: Identity,
     stats: Arc<NodeStats>,
     session: PeerSession,
-    gathered: watch::Receiver<bool>,
-    gathering_timeout: Duration,
 }
 
-impl Actor for Publisher {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(16);
-    }
-
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.session.close();
-        self.stats.publishers.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Control messages of a publisher session; all must be delivered.
-#[derive(Message)]
-#[rtype(result = "Result<PatchOutcome, RoomError>")]
-pub enum PublisherMsg {
-    Patch { fragment: String },
-}
-
-impl Handler<PublisherMsg> for Publisher {
-    type Result = ResponseFuture<Result<PatchOutcome, RoomError>>;
-
-    fn handle(&mut self, msg: PublisherMsg, _ctx: &mut Self::Context) -> Self::Result {
-        match msg {
-            PublisherMsg::Patch { fragment } => Box::pin(peer::patch(
-                Arc::clone(&self.session.pc),
-                self.gathered.clone(),
-                fragment,
-                self.gathering_timeout,
-            )),
-        }
-    }
-}
+peer::session_actor!(Publisher, publishers);
 
 impl Publisher {
-    pub fn is_connected(&self) -> bool {
-        self.session.events.is_connected()
-    }
-
     /// Negotiates a WHIP offer and starts the session's actor.
     pub async fn negotiate(
         context: Arc<RoomContext>,
@@ -147,13 +108,13 @@ impl Publisher {
         let actor = Publisher {
             identity,
             stats: Arc::clone(&context.stats),
-            gathered,
-            gathering_timeout: context.factory.config().gathering_timeout,
             session: PeerSession {
                 session: session.clone(),
                 pc,
                 events,
                 etag: etag.clone(),
+                gathered,
+                gathering_timeout: context.factory.config().gathering_timeout,
                 _lease: lease,
                 _permit: permit,
                 tasks: Vec::new(),

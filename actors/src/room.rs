@@ -4,10 +4,10 @@
 use crate::ids::{Identity, NodeId, RoomId, SessionId};
 use crate::media::engine::MediaError;
 use crate::media::track::{MediaKind, PublishedTrack};
-use crate::peer::PatchOutcome;
-use crate::publisher::{Publisher, PublisherMsg};
+use crate::peer::{PatchOutcome, PatchSession, StopSession};
+use crate::publisher::Publisher;
 use crate::registry::{RoomContext, RoomRegistry};
-use crate::subscriber::{SlotControl, SlotHandle, SubscribeRequest, Subscriber, SubscriberMsg};
+use crate::subscriber::{SlotControl, SlotHandle, SubscribeRequest, Subscriber};
 use actix::prelude::*;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -214,7 +214,7 @@ impl Room {
     fn remove_session(&mut self, session: &SessionId) -> bool {
         if let Some(publisher) = self.publishers.remove(session) {
             tracing::info!(room = %self.id, session = %session, "publisher session ended");
-            publisher.addr.do_send_stop();
+            stop_session(&publisher.addr);
             let kinds: Vec<MediaKind> = publisher.tracks.iter().map(|t| t.kind).collect();
             for kind in kinds {
                 self.rebind(kind);
@@ -223,7 +223,7 @@ impl Room {
         }
         if let Some(subscriber) = self.subscribers.remove(session) {
             tracing::info!(room = %self.id, session = %session, "subscriber session ended");
-            subscriber.addr.do_send_stop();
+            stop_session(&subscriber.addr);
             return true;
         }
         false
@@ -258,40 +258,16 @@ impl Room {
     }
 }
 
-/// Stopping a session actor is a control event that must not be lost; a stopped actor's
-/// `Drop` also closes its connection, so dropping the last address is enough.
-trait StopSession {
-    fn do_send_stop(&self);
-}
-
-impl<A: Actor<Context = Context<A>>> StopSession for Addr<A>
+/// Stops a session actor. A control event that must not be lost: sent with `send`, which waits
+/// for mailbox room; a stopped actor's `Drop` also closes its connection.
+fn stop_session<A>(addr: &Addr<A>)
 where
-    A: Handler<Stop>,
+    A: Actor<Context = Context<A>> + Handler<StopSession>,
 {
-    fn do_send_stop(&self) {
-        let addr = self.clone();
-        tokio::spawn(async move {
-            let _ = addr.send(Stop).await;
-        });
-    }
-}
-
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stop;
-
-impl Handler<Stop> for Publisher {
-    type Result = ();
-    fn handle(&mut self, _msg: Stop, ctx: &mut Context<Self>) {
-        ctx.stop();
-    }
-}
-
-impl Handler<Stop> for Subscriber {
-    type Result = ();
-    fn handle(&mut self, _msg: Stop, ctx: &mut Context<Self>) {
-        ctx.stop();
-    }
+    let addr = addr.clone();
+    tokio::spawn(async move {
+        let _ = addr.send(StopSession).await;
+    });
 }
 
 impl Actor for Room {
@@ -421,7 +397,7 @@ impl Handler<RoomRequest> for Room {
                         let addr = self.publishers.get(&session).map(|p| p.addr.clone());
                         futures::future::Either::Left(async move {
                             let addr = addr.ok_or(RoomError::UnknownSession)?;
-                            addr.send(PublisherMsg::Patch { fragment })
+                            addr.send(PatchSession { fragment })
                                 .await
                                 .map_err(|_| RoomError::UnknownSession)?
                         })
@@ -430,7 +406,7 @@ impl Handler<RoomRequest> for Room {
                         let addr = self.subscribers.get(&session).map(|s| s.addr.clone());
                         futures::future::Either::Right(async move {
                             let addr = addr.ok_or(RoomError::UnknownSession)?;
-                            addr.send(SubscriberMsg::Patch { fragment })
+                            addr.send(PatchSession { fragment })
                                 .await
                                 .map_err(|_| RoomError::UnknownSession)?
                         })

@@ -10,7 +10,7 @@ use crate::media::feedback::FeedbackState;
 use crate::media::layer::{LayerAction, LayerSelector};
 use crate::media::rewrite::RtpRewriter;
 use crate::media::track::{ForwardPacket, MediaCounters, MediaKind, PublishedTrack, Sink};
-use crate::peer::{self, PatchOutcome, PeerEvents, PeerSession};
+use crate::peer::{self, PeerEvents, PeerSession};
 use crate::registry::{NodeStats, RoomContext, SessionPermit};
 use crate::room::{Room, RoomError, SessionAnswer};
 use crate::sdp;
@@ -20,7 +20,7 @@ use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCR
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::peer_connection::RTCSessionDescription;
@@ -51,43 +51,9 @@ pub struct Subscriber {
     pub identity: Identity,
     stats: Arc<NodeStats>,
     session: PeerSession,
-    gathered: watch::Receiver<bool>,
-    gathering_timeout: Duration,
 }
 
-impl Actor for Subscriber {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(16);
-    }
-
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.session.close();
-        self.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-#[derive(Message)]
-#[rtype(result = "Result<PatchOutcome, RoomError>")]
-pub enum SubscriberMsg {
-    Patch { fragment: String },
-}
-
-impl Handler<SubscriberMsg> for Subscriber {
-    type Result = ResponseFuture<Result<PatchOutcome, RoomError>>;
-
-    fn handle(&mut self, msg: SubscriberMsg, _ctx: &mut Self::Context) -> Self::Result {
-        match msg {
-            SubscriberMsg::Patch { fragment } => Box::pin(peer::patch(
-                Arc::clone(&self.session.pc),
-                self.gathered.clone(),
-                fragment,
-                self.gathering_timeout,
-            )),
-        }
-    }
-}
+peer::session_actor!(Subscriber, subscribers);
 
 /// What the room knows about the tracks it will bind, to pick the slot codecs.
 pub struct SubscribeRequest {
@@ -106,10 +72,6 @@ pub struct NegotiatedSubscriber {
 }
 
 impl Subscriber {
-    pub fn is_connected(&self) -> bool {
-        self.session.events.is_connected()
-    }
-
     pub async fn negotiate(
         context: Arc<RoomContext>,
         room: Addr<Room>,
@@ -245,13 +207,13 @@ impl Subscriber {
         let actor = Subscriber {
             identity: request.identity,
             stats: Arc::clone(&context.stats),
-            gathered,
-            gathering_timeout: context.factory.config().gathering_timeout,
             session: PeerSession {
                 session: session.clone(),
                 pc,
                 events,
                 etag: etag.clone(),
+                gathered,
+                gathering_timeout: context.factory.config().gathering_timeout,
                 _lease: lease,
                 _permit: permit,
                 tasks,

@@ -350,14 +350,16 @@ async def publish(
     width: int = 320,
     height: int = 240,
     fps: int = 30,
+    video_codec: str = "video/VP8",
     connect_timeout: float = 15.0,
 ) -> Session:
-    """WHIP-publish a synthetic VP8 video track and an Opus tone; returns when connected."""
+    """WHIP-publish a synthetic video track (VP8 unless ``video_codec`` says otherwise) and an
+    Opus tone; returns when connected."""
     pc = new_pc()
     vtrack = atrack = None
     if video:
         vtrack = SyntheticVideoTrack(width, height, fps)
-        prefer_codec(pc.addTransceiver(vtrack, direction="sendonly"), "video/VP8")
+        prefer_codec(pc.addTransceiver(vtrack, direction="sendonly"), video_codec)
     if audio:
         atrack = ToneAudioTrack()
         prefer_codec(pc.addTransceiver(atrack, direction="sendonly"), "audio/opus")
