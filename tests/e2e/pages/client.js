@@ -126,9 +126,12 @@ const mm = {
   async inbound(id) {
     const s = sessions[id];
     const out = { connectionState: s.pc.connectionState, video: null, audio: null };
-    (await s.pc.getStats()).forEach((r) => {
+    const report = await s.pc.getStats();
+    report.forEach((r) => {
       if (r.type !== 'inbound-rtp') return;
+      const codec = r.codecId && report.get(r.codecId);
       out[r.kind] = {
+        mimeType: codec ? codec.mimeType : null,
         packetsReceived: r.packetsReceived, bytesReceived: r.bytesReceived,
         framesDecoded: r.framesDecoded, framesReceived: r.framesReceived,
         frameWidth: r.frameWidth, frameHeight: r.frameHeight, keyFramesDecoded: r.keyFramesDecoded,
