@@ -46,6 +46,8 @@ pub async fn run(
     listeners: NodeListeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Identity hashes in logs match across nodes that share the cluster secret.
+    mediamesh_actors::pii::set_identity_salt(format!("mediamesh-pii:{}", config.cluster_secret).as_bytes());
     let http_listener = listeners.http;
     let http_addr = http_listener.local_addr()?;
     let cluster_addr = listeners.cluster.local_addr()?;

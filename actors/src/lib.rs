@@ -10,6 +10,7 @@
 pub mod ids;
 pub mod media;
 pub mod peer;
+pub mod pii;
 pub mod ports;
 pub mod publisher;
 pub mod registry;
