@@ -1,0 +1,256 @@
+//! What publishing and playing share: building a loopback-capable peer connection, its event
+//! handler, non-trickle negotiation over WHIP/WHEP, and closing.
+
+use crate::error::Error;
+use crate::signal;
+use parking_lot::Mutex;
+use reqwest::{Client, Url};
+use rtc::interceptor::Registry;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use webrtc::media_stream::track_remote::TrackRemote;
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
+};
+use webrtc::runtime::TokioRuntime;
+
+/// Settings both kinds of session take.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Local address the connection's UDP socket binds to and announces. Loopback by default:
+    /// benchmark and test traffic never leaves the machine.
+    pub bind_ip: IpAddr,
+    /// Upper bound on ICE gathering before the offer is sent.
+    pub gathering_timeout: Duration,
+    /// Upper bound on each HTTP request.
+    pub http_timeout: Duration,
+    /// Upper bound on reaching the connected state after the answer is applied.
+    pub connect_timeout: Duration,
+    /// HTTP client to use; a shared process-wide one when `None`.
+    pub http: Option<Client>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            bind_ip: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            gathering_timeout: Duration::from_secs(5),
+            http_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(15),
+            http: None,
+        }
+    }
+}
+
+/// The connection's event handler: flips watch channels, hands remote tracks to the session.
+pub(crate) struct PeerEvents {
+    gathered: watch::Sender<bool>,
+    state: watch::Sender<RTCPeerConnectionState>,
+    tracks: Mutex<Option<mpsc::UnboundedSender<Arc<dyn TrackRemote>>>>,
+}
+
+pub(crate) struct PeerWatch {
+    pub gathered: watch::Receiver<bool>,
+    pub state: watch::Receiver<RTCPeerConnectionState>,
+}
+
+impl PeerEvents {
+    pub fn new() -> (Arc<Self>, PeerWatch) {
+        let (gathered, gathered_rx) = watch::channel(false);
+        let (state, state_rx) = watch::channel(RTCPeerConnectionState::New);
+        let events = Arc::new(Self {
+            gathered,
+            state,
+            tracks: Mutex::new(None),
+        });
+        (
+            events,
+            PeerWatch {
+                gathered: gathered_rx,
+                state: state_rx,
+            },
+        )
+    }
+
+    /// Remote tracks will be sent to the returned receiver.
+    pub fn take_tracks(&self) -> mpsc::UnboundedReceiver<Arc<dyn TrackRemote>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.tracks.lock() = Some(tx);
+        rx
+    }
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for PeerEvents {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.gathered.send(true);
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.state.send(state);
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        if let Some(tx) = self.tracks.lock().as_ref() {
+            let _ = tx.send(track);
+        }
+    }
+}
+
+pub(crate) async fn build_peer(
+    bind_ip: IpAddr,
+    media_engine: MediaEngine,
+    registry: Registry,
+    events: Arc<PeerEvents>,
+) -> Result<Arc<dyn PeerConnection>, Error> {
+    let mut settings = SettingEngineBuilder::new();
+    if bind_ip.is_loopback() {
+        settings = settings.with_include_loopback_candidate(true);
+    }
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(media_engine)
+        .with_setting_engine(settings.build())
+        .with_interceptor_registry(registry)
+        .with_handler(events)
+        .with_runtime(Arc::new(TokioRuntime))
+        .with_udp_addrs(vec![SocketAddr::new(bind_ip, 0)])
+        .build()
+        .await?;
+    Ok(Arc::new(pc))
+}
+
+/// Offers, waits for every candidate (no trickle), POSTs, applies the answer. Returns the
+/// session URL. Closes the connection on failure.
+pub(crate) async fn negotiate(
+    pc: &Arc<dyn PeerConnection>,
+    watch: &mut PeerWatch,
+    http: &Client,
+    url: &Url,
+    token: &str,
+    options: &ConnectOptions,
+) -> Result<Url, Error> {
+    let result = async {
+        let offer = pc.create_offer(None).await?;
+        pc.set_local_description(offer).await?;
+        // Reduced to a plain value at once: the watch guard must not live across an await.
+        let gathered = tokio::time::timeout(options.gathering_timeout, watch.gathered.wait_for(|done| *done))
+            .await
+            .map(|waited| waited.is_ok());
+        match gathered {
+            Ok(true) => {}
+            Ok(false) => return Err(Error::ConnectionFailed),
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: "ICE gathering",
+                    after: options.gathering_timeout,
+                });
+            }
+        }
+        let local = pc
+            .local_description()
+            .await
+            .ok_or_else(|| Error::WebRtc("no local description after gathering".into()))?;
+        let created = signal::post_offer(http, url, token, local.sdp, options.http_timeout).await?;
+        let answer = RTCSessionDescription::answer(created.answer_sdp).map_err(|e| Error::BadAnswer(e.to_string()))?;
+        if let Err(error) = pc.set_remote_description(answer).await {
+            // The server holds a session we cannot use: end it.
+            let _ = signal::delete(http, &created.location, token, options.http_timeout).await;
+            return Err(Error::BadAnswer(error.to_string()));
+        }
+        Ok(created.location)
+    }
+    .await;
+    if result.is_err() {
+        let _ = pc.close().await;
+    }
+    result
+}
+
+/// Waits for the connected state; `Err` when it fails or closes first, or on timeout.
+pub(crate) async fn wait_connected(
+    state: &mut watch::Receiver<RTCPeerConnectionState>,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let reached = tokio::time::timeout(
+        timeout,
+        state.wait_for(|s| {
+            matches!(
+                s,
+                RTCPeerConnectionState::Connected | RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
+            )
+        }),
+    )
+    .await
+    .map(|waited| waited.map(|state| *state));
+    match reached {
+        Ok(Ok(RTCPeerConnectionState::Connected)) => Ok(()),
+        Ok(_) => Err(Error::ConnectionFailed),
+        Err(_) => Err(Error::Timeout {
+            what: "the connected state",
+            after: timeout,
+        }),
+    }
+}
+
+/// Tasks and connection of a live session; `Drop` stops the tasks and closes the connection
+/// without waiting, `close` does it in order and ends the server's session.
+pub(crate) struct SessionCore {
+    pub pc: Arc<dyn PeerConnection>,
+    pub location: Url,
+    pub token: String,
+    pub http: Client,
+    pub http_timeout: Duration,
+    pub state: watch::Receiver<RTCPeerConnectionState>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub closed: bool,
+}
+
+impl SessionCore {
+    pub fn state(&self) -> RTCPeerConnectionState {
+        *self.state.borrow()
+    }
+
+    pub async fn close(&mut self) -> Result<(), Error> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        let deleted = signal::delete(&self.http, &self.location, &self.token, self.http_timeout).await;
+        let closed = self.pc.close().await;
+        deleted?;
+        closed.map_err(Error::from)
+    }
+}
+
+impl Drop for SessionCore {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        // Best effort: without a runtime there is nothing to run the close on; the server
+        // ends the session when ICE consent expires.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let pc = Arc::clone(&self.pc);
+            let http = self.http.clone();
+            let location = self.location.clone();
+            let token = std::mem::take(&mut self.token);
+            let timeout = self.http_timeout;
+            handle.spawn(async move {
+                let _ = signal::delete(&http, &location, &token, timeout).await;
+                let _ = pc.close().await;
+            });
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! WHIP publishing of synthetic media: a VP8 video track at a target bitrate and an Opus track
+//! of silence, paced in real time, answering keyframe requests (PLI, FIR) with a keyframe.
+
+use crate::codecs::{self, KeyframeRequestTap};
+use crate::error::Error;
+use crate::media::{FrameSizes, OPUS_CLOCK_RATE, OPUS_PACKET_DURATION_MS, VP8_CLOCK_RATE, Vp8Packetizer, opus_packet};
+use crate::peer::{self, ConnectOptions, PeerEvents, SessionCore};
+use crate::signal;
+use rtc::interceptor::{Registry, Slot};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::{configure_nack, configure_rtcp_reports};
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::time::MissedTickBehavior;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState};
+
+/// Slot of the keyframe-request tap in the interceptor chain (after the stock ones).
+const KEYFRAME_TAP_SLOT: usize = 14_000;
+/// Keyframes forced by requests are at least this far apart (what encoders do, roughly).
+const FORCED_KEYFRAME_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What to publish.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    pub video: bool,
+    pub audio: bool,
+    /// Target video bitrate, RTP payload bytes counted.
+    pub video_bitrate_bps: u64,
+    pub frame_rate: u32,
+    /// A keyframe every this many frames (besides those asked for by PLI/FIR).
+    pub keyframe_interval_frames: u32,
+    pub width: u16,
+    pub height: u16,
+    /// Largest RTP payload; keep under the path MTU minus RTP/SRTP/UDP/IP overhead.
+    pub rtp_payload_bytes_max: usize,
+    /// Size of each 20 ms Opus packet.
+    pub audio_payload_bytes: usize,
+    pub connect: ConnectOptions,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        Self {
+            video: true,
+            audio: true,
+            video_bitrate_bps: 1_500_000,
+            frame_rate: 30,
+            keyframe_interval_frames: 60,
+            width: 640,
+            height: 480,
+            rtp_payload_bytes_max: 1_200,
+            audio_payload_bytes: 60,
+            connect: ConnectOptions::default(),
+        }
+    }
+}
+
+/// Counters of a publishing session.
+#[derive(Debug, Default)]
+pub struct PublishCounters {
+    pub video_packets: AtomicU64,
+    pub video_bytes: AtomicU64,
+    pub video_frames: AtomicU64,
+    pub keyframes: AtomicU64,
+    pub audio_packets: AtomicU64,
+    pub audio_bytes: AtomicU64,
+    /// PLI and FIR received.
+    pub keyframe_requests: AtomicU64,
+    /// Packets the local stack refused (not yet bound, or closing).
+    pub write_errors: AtomicU64,
+}
+
+/// A snapshot of [`PublishCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublishStats {
+    pub video_packets: u64,
+    pub video_bytes: u64,
+    pub video_frames: u64,
+    pub keyframes: u64,
+    pub audio_packets: u64,
+    pub audio_bytes: u64,
+    pub keyframe_requests: u64,
+    pub write_errors: u64,
+}
+
+/// A live WHIP session; media flows from [`publish`] returning until [`PublishSession::close`].
+pub struct PublishSession {
+    core: SessionCore,
+    counters: Arc<PublishCounters>,
+}
+
+impl PublishSession {
+    /// Absolute URL of the session resource on the server.
+    pub fn location(&self) -> &str {
+        self.core.location.as_str()
+    }
+
+    pub fn state(&self) -> RTCPeerConnectionState {
+        self.core.state()
+    }
+
+    pub fn stats(&self) -> PublishStats {
+        let c = &self.counters;
+        PublishStats {
+            video_packets: c.video_packets.load(Ordering::Relaxed),
+            video_bytes: c.video_bytes.load(Ordering::Relaxed),
+            video_frames: c.video_frames.load(Ordering::Relaxed),
+            keyframes: c.keyframes.load(Ordering::Relaxed),
+            audio_packets: c.audio_packets.load(Ordering::Relaxed),
+            audio_bytes: c.audio_bytes.load(Ordering::Relaxed),
+            keyframe_requests: c.keyframe_requests.load(Ordering::Relaxed),
+            write_errors: c.write_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the media, DELETEs the session and closes the connection.
+    pub async fn close(mut self) -> Result<(), Error> {
+        self.core.close().await
+    }
+}
+
+/// Publishes synthetic media to the WHIP endpoint `url` (e.g. `http://127.0.0.1:8080/whip/room`).
+/// Returns once the connection is up and media is being sent.
+pub async fn publish(url: &str, token: &str, options: PublishOptions) -> Result<PublishSession, Error> {
+    if !options.video && !options.audio {
+        return Err(Error::WebRtc("nothing to publish: video and audio are both off".into()));
+    }
+    if options.frame_rate == 0 || options.rtp_payload_bytes_max < 2 {
+        return Err(Error::WebRtc(
+            "frame rate must be positive and RTP payloads at least 2 bytes".into(),
+        ));
+    }
+    let url = signal::parse_url(url)?;
+    let http = options.connect.http.clone().unwrap_or_else(signal::default_http_client);
+    let counters = Arc::new(PublishCounters::default());
+    let keyframe_requests = Arc::new(AtomicU64::new(0));
+
+    let mut media_engine = codecs::media_engine(true)?;
+    let mut registry = configure_nack(Registry::new(), &mut media_engine);
+    registry = configure_rtcp_reports(registry);
+    registry = registry.with(
+        Slot::from(KEYFRAME_TAP_SLOT),
+        KeyframeRequestTap::new(Arc::clone(&keyframe_requests)),
+    );
+    let (events, mut watch) = PeerEvents::new();
+    let pc = peer::build_peer(options.connect.bind_ip, media_engine, registry, events).await?;
+
+    let mut tracks = Vec::new();
+    if options.video {
+        tracks.push((
+            RtpCodecKind::Video,
+            add_send_track(&pc, RtpCodecKind::Video, codecs::vp8_codec(true)).await?,
+        ));
+    }
+    if options.audio {
+        tracks.push((
+            RtpCodecKind::Audio,
+            add_send_track(&pc, RtpCodecKind::Audio, codecs::opus_codec()).await?,
+        ));
+    }
+    let location = peer::negotiate(&pc, &mut watch, &http, &url, token, &options.connect).await?;
+    let mut core = SessionCore {
+        pc,
+        location,
+        token: token.to_string(),
+        http,
+        http_timeout: options.connect.http_timeout,
+        state: watch.state.clone(),
+        tasks: Vec::new(),
+        closed: false,
+    };
+    peer::wait_connected(&mut watch.state, options.connect.connect_timeout).await?;
+
+    for (kind, (track, ssrc, payload_type)) in tracks {
+        let counters = Arc::clone(&counters);
+        let task = match kind {
+            RtpCodecKind::Video => tokio::spawn(send_video(
+                track,
+                ssrc,
+                payload_type,
+                options.clone(),
+                Arc::clone(&keyframe_requests),
+                counters,
+            )),
+            _ => tokio::spawn(send_audio(
+                track,
+                ssrc,
+                payload_type,
+                options.audio_payload_bytes,
+                counters,
+            )),
+        };
+        core.tasks.push(task);
+    }
+    Ok(PublishSession { core, counters })
+}
+
+/// Adds a send-only track; returns it with its SSRC and the payload type to stamp (resolved
+/// again after negotiation in case the answer renumbered it).
+async fn add_send_track(
+    pc: &Arc<dyn PeerConnection>,
+    kind: RtpCodecKind,
+    codec: RTCRtpCodec,
+) -> Result<(Arc<TrackLocalStaticRTP>, u32, SenderPayloadType), Error> {
+    let ssrc: u32 = rand::random();
+    let label = if kind == RtpCodecKind::Video { "video" } else { "audio" };
+    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        "mediamesh-sdk".to_string(),
+        format!("{label}-{ssrc:08x}"),
+        label.to_string(),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec: codec.clone(),
+            ..Default::default()
+        }],
+    )));
+    let transceiver = pc
+        .add_transceiver_from_track(
+            Arc::clone(&track) as Arc<dyn TrackLocal>,
+            Some(RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Sendonly,
+                ..Default::default()
+            }),
+        )
+        .await?;
+    let sender = transceiver
+        .sender()
+        .await?
+        .ok_or_else(|| Error::WebRtc("a send-only transceiver without a sender".into()))?;
+    Ok((
+        track,
+        ssrc,
+        SenderPayloadType {
+            sender,
+            mime_type: codec.mime_type,
+        },
+    ))
+}
+
+/// The sender and codec whose negotiated payload type a track must stamp on its packets.
+struct SenderPayloadType {
+    sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+    mime_type: String,
+}
+
+impl SenderPayloadType {
+    async fn resolve(&self) -> Option<u8> {
+        let parameters = self.sender.get_parameters().await.ok()?;
+        parameters
+            .rtp_parameters
+            .codecs
+            .iter()
+            .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&self.mime_type))
+            .map(|c| c.payload_type)
+    }
+}
+
+async fn send_video(
+    track: Arc<TrackLocalStaticRTP>,
+    ssrc: u32,
+    payload_type: SenderPayloadType,
+    options: PublishOptions,
+    keyframe_requests: Arc<AtomicU64>,
+    counters: Arc<PublishCounters>,
+) {
+    let Some(payload_type) = payload_type.resolve().await else {
+        tracing::warn!("the answer did not accept VP8; no video is sent");
+        return;
+    };
+    let packetizer = Vp8Packetizer::new(options.width, options.height, options.rtp_payload_bytes_max);
+    let sizes = FrameSizes::for_bitrate(
+        options.video_bitrate_bps,
+        options.frame_rate,
+        options.keyframe_interval_frames,
+    );
+    let frame_period = Duration::from_secs(1) / options.frame_rate;
+    let ticks_per_frame = VP8_CLOCK_RATE / options.frame_rate;
+    let mut sequence_number: u16 = rand::random();
+    let timestamp_base: u32 = rand::random();
+    let mut seen_requests = 0u64;
+    let mut last_keyframe: Option<Instant> = None;
+    let mut frames_since_keyframe = 0u32;
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(frame_period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        // The timestamp follows the wall clock, so skipped ticks show as a longer frame.
+        let frame_index = (now.duration_since(started).as_micros() / frame_period.as_micros().max(1)) as u32;
+        let timestamp = timestamp_base.wrapping_add(frame_index.wrapping_mul(ticks_per_frame));
+        let requests = keyframe_requests.load(Ordering::Relaxed);
+        let requested = requests != seen_requests
+            && last_keyframe.is_none_or(|at| now.duration_since(at) >= FORCED_KEYFRAME_INTERVAL);
+        if requests != seen_requests {
+            counters.keyframe_requests.store(requests, Ordering::Relaxed);
+        }
+        let keyframe =
+            last_keyframe.is_none() || requested || frames_since_keyframe + 1 >= options.keyframe_interval_frames;
+        if keyframe {
+            seen_requests = requests;
+            last_keyframe = Some(now);
+            frames_since_keyframe = 0;
+        } else {
+            frames_since_keyframe += 1;
+        }
+        let frame_bytes = if keyframe {
+            sizes.keyframe_bytes
+        } else {
+            sizes.interframe_bytes
+        };
+        let payloads = packetizer.packetize(&packetizer.frame_data(keyframe, frame_bytes));
+        let last = payloads.len() - 1;
+        for (index, payload) in payloads.into_iter().enumerate() {
+            let bytes = payload.len() as u64;
+            let packet = rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    marker: index == last,
+                    payload_type,
+                    sequence_number,
+                    timestamp,
+                    ssrc,
+                    ..Default::default()
+                },
+                payload,
+            };
+            sequence_number = sequence_number.wrapping_add(1);
+            if track.write_rtp(packet).await.is_ok() {
+                counters.video_packets.fetch_add(1, Ordering::Relaxed);
+                counters.video_bytes.fetch_add(bytes, Ordering::Relaxed);
+            } else {
+                counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        counters.video_frames.fetch_add(1, Ordering::Relaxed);
+        if keyframe {
+            counters.keyframes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn send_audio(
+    track: Arc<TrackLocalStaticRTP>,
+    ssrc: u32,
+    payload_type: SenderPayloadType,
+    payload_bytes: usize,
+    counters: Arc<PublishCounters>,
+) {
+    let Some(payload_type) = payload_type.resolve().await else {
+        tracing::warn!("the answer did not accept Opus; no audio is sent");
+        return;
+    };
+    let payload = opus_packet(payload_bytes);
+    let period = Duration::from_millis(u64::from(OPUS_PACKET_DURATION_MS));
+    let ticks_per_packet = OPUS_CLOCK_RATE / 1_000 * OPUS_PACKET_DURATION_MS;
+    let mut sequence_number: u16 = rand::random();
+    let timestamp_base: u32 = rand::random();
+    let started = Instant::now();
+    let mut first = true;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let index = (started.elapsed().as_millis() / u128::from(OPUS_PACKET_DURATION_MS)) as u32;
+        let packet = rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                // Marker on the first packet of a talk spurt (RFC 7587 §4.2).
+                marker: first,
+                payload_type,
+                sequence_number,
+                timestamp: timestamp_base.wrapping_add(index.wrapping_mul(ticks_per_packet)),
+                ssrc,
+                ..Default::default()
+            },
+            payload: payload.clone(),
+        };
+        first = false;
+        sequence_number = sequence_number.wrapping_add(1);
+        if track.write_rtp(packet).await.is_ok() {
+            counters.audio_packets.fetch_add(1, Ordering::Relaxed);
+            counters.audio_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        } else {
+            counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
