@@ -21,10 +21,11 @@ pub struct Metrics {
     packets_forwarded: IntCounter,
     bytes_forwarded: IntCounter,
     packets_dropped: IntCounter,
+    packets_lost: IntCounter,
     keyframe_requests: IntCounter,
     media_ports_in_use: IntGauge,
     resident_memory: IntGauge,
-    cpu_seconds: prometheus::Gauge,
+    cpu_seconds: prometheus::Counter,
     ports: Arc<mediamesh_actors::media::engine::PortPool>,
 }
 
@@ -59,7 +60,7 @@ impl Metrics {
         registry
             .register(Box::new(participants.clone()))
             .expect("registered once");
-        let cpu_seconds = prometheus::Gauge::new(
+        let cpu_seconds = prometheus::Counter::new(
             "process_cpu_seconds_total",
             "Total user and system CPU time spent in seconds",
         )
@@ -104,6 +105,11 @@ impl Metrics {
                 &registry,
                 "mediamesh_rtp_packets_dropped_total",
                 "RTP packets dropped because a subscriber queue was full",
+            ),
+            packets_lost: counter(
+                &registry,
+                "mediamesh_rtp_packets_lost_total",
+                "RTP packets missing from publishers' streams (sequence gaps at ingress)",
             ),
             keyframe_requests: counter(
                 &registry,
@@ -157,10 +163,15 @@ impl Metrics {
         Self::sync_counter(&self.packets_forwarded, c.packets_forwarded.load(Ordering::Relaxed));
         Self::sync_counter(&self.bytes_forwarded, c.bytes_forwarded.load(Ordering::Relaxed));
         Self::sync_counter(&self.packets_dropped, c.packets_dropped.load(Ordering::Relaxed));
+        Self::sync_counter(&self.packets_lost, c.packets_lost.load(Ordering::Relaxed));
         Self::sync_counter(&self.keyframe_requests, c.keyframe_requests.load(Ordering::Relaxed));
         self.media_ports_in_use.set(self.ports.in_use() as i64);
         self.resident_memory.set(process_resident_bytes() as i64);
-        self.cpu_seconds.set(process_cpu_seconds());
+        let cpu = process_cpu_seconds();
+        let counted = self.cpu_seconds.get();
+        if cpu > counted {
+            self.cpu_seconds.inc_by(cpu - counted);
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for families the registry produced.
         TextEncoder::new()

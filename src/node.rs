@@ -19,6 +19,8 @@ use std::time::Duration;
 
 /// HTTP worker threads; the media plane has its own runtime.
 const HTTP_WORKERS: usize = 2;
+/// Threads of the publishers' (ingress) runtime.
+const INGRESS_THREADS: usize = 1;
 
 /// The already-bound listeners of a node (tests bind port 0 and pass them in).
 pub struct NodeListeners {
@@ -70,6 +72,11 @@ pub async fn run(
     let store = Store::start(store_config, cluster_listener, store_shutdown.clone().cancelled_owned())
         .await
         .map_err(|e| anyhow::anyhow!("store: {e}"))?;
+    let ingress_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(INGRESS_THREADS)
+        .thread_name("mediamesh-ingress")
+        .enable_all()
+        .build()?;
     let arbiter_count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let arbiters: Vec<actix::Arbiter> = (0..arbiter_count).map(|_| actix::Arbiter::new()).collect();
     let factory = PeerFactory::new(MediaConfig {
@@ -94,6 +101,7 @@ pub async fn run(
         stats: Arc::clone(&stats),
         bwe: BweConfig::default(),
         media_runtime: tokio::runtime::Handle::current(),
+        ingress_runtime: ingress_runtime.handle().clone(),
     });
     let registry = RoomRegistry::new(
         context,
@@ -156,6 +164,7 @@ pub async fn run(
         arbiter.stop();
     }
     heartbeat.abort();
+    ingress_runtime.shutdown_background();
     store.shutdown();
     store_shutdown.cancel();
     store.closed().await;

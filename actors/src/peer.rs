@@ -29,6 +29,8 @@ pub struct PeerEvents {
     room: Addr<Room>,
     stats: Arc<NodeStats>,
     gathered: watch::Sender<bool>,
+    /// True once the connection has reached `connected` (ICE and DTLS done).
+    connected: watch::Sender<bool>,
     connected_counted: AtomicBool,
     closed_reported: AtomicBool,
     on_track: Mutex<Option<TrackCallback>>,
@@ -42,6 +44,7 @@ impl PeerEvents {
             room,
             stats,
             gathered,
+            connected: watch::channel(false).0,
             connected_counted: AtomicBool::new(false),
             closed_reported: AtomicBool::new(false),
             on_track: Mutex::new(None),
@@ -55,6 +58,11 @@ impl PeerEvents {
 
     pub fn is_connected(&self) -> bool {
         self.connected_counted.load(Ordering::Acquire)
+    }
+
+    /// Becomes true when the connection is up; media sent before that is lost on the wire.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
     }
 
     /// Removes this connection from the active-connections gauge, once.
@@ -87,8 +95,11 @@ impl PeerConnectionEventHandler for PeerEvents {
 
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
         match state {
-            RTCPeerConnectionState::Connected if !self.connected_counted.swap(true, Ordering::AcqRel) => {
-                self.stats.active_connections.fetch_add(1, Ordering::Relaxed);
+            RTCPeerConnectionState::Connected => {
+                if !self.connected_counted.swap(true, Ordering::AcqRel) {
+                    self.stats.active_connections.fetch_add(1, Ordering::Relaxed);
+                }
+                self.connected.send_replace(true);
             }
             RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
                 self.mark_gone();

@@ -68,6 +68,9 @@ pub struct RoomContext {
     /// The multi-thread runtime the media plane (connections, forwarding) runs on; actors run
     /// on arbiters and only hold handles.
     pub media_runtime: tokio::runtime::Handle,
+    /// A runtime of its own for publishers' connections, so ingress keeps its share of CPU
+    /// when a node is saturated by egress: a packet lost at ingress is lost for every viewer.
+    pub ingress_runtime: tokio::runtime::Handle,
 }
 
 impl RoomContext {

@@ -305,7 +305,7 @@ impl Handler<RoomRequest> for Room {
                 };
                 self.pending_publishers += 1;
                 let identity_kept = identity.clone();
-                let negotiate = context.media_runtime.spawn(Publisher::negotiate(
+                let negotiate = context.ingress_runtime.spawn(Publisher::negotiate(
                     Arc::clone(&context),
                     room,
                     identity,

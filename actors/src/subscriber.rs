@@ -20,7 +20,7 @@ use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCR
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::peer_connection::RTCSessionDescription;
@@ -187,7 +187,7 @@ impl Subscriber {
                 seen_remb_reports: 0,
                 seen_keyframe_requests: 0,
             };
-            tasks.push(tokio::spawn(slot.run(control_rx)));
+            tasks.push(tokio::spawn(slot.run(control_rx, events.connected())));
             slots.push(SlotHandle {
                 kind: if codec.is_video() {
                     MediaKind::Video
@@ -273,8 +273,30 @@ struct Binding {
 }
 
 impl ForwardSlot {
-    async fn run(mut self, mut control: mpsc::Receiver<SlotControl>) {
-        let mut binding: Option<Binding> = None;
+    async fn run(mut self, mut control: mpsc::Receiver<SlotControl>, mut connected: watch::Receiver<bool>) {
+        // Binding replays the keyframe cache: hold it until the viewer's connection is up, or
+        // the replayed GOP is lost on the wire and the first frame waits for the next keyframe.
+        let mut pending: Option<Arc<PublishedTrack>> = None;
+        loop {
+            tokio::select! {
+                up = connected.wait_for(|up| *up) => {
+                    if up.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                command = control.recv() => match command {
+                    None => return,
+                    Some(SlotControl::Bind(track)) => pending = Some(track),
+                    Some(SlotControl::Unbind) => pending = None,
+                    Some(SlotControl::SetLayer(layer)) => self.preference = layer,
+                },
+            }
+        }
+        let mut binding: Option<Binding> = match pending {
+            Some(track) => Some(self.bind(track).await),
+            None => None,
+        };
         let mut tick = tokio::time::interval(SLOT_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -70,6 +70,8 @@ pub struct MediaCounters {
     pub packets_forwarded: AtomicU64,
     pub bytes_forwarded: AtomicU64,
     pub packets_dropped: AtomicU64,
+    /// Packets missing from publishers' streams: sequence gaps seen at ingress.
+    pub packets_lost: AtomicU64,
     pub keyframe_requests: AtomicU64,
 }
 
@@ -85,6 +87,8 @@ struct Inner {
     sinks: Vec<Arc<Sink>>,
     window_start: Option<Instant>,
     window_bytes: [u64; LAYERS_MAX],
+    /// Highest sequence number seen per layer, to count gaps.
+    highest_sequence: [Option<u16>; LAYERS_MAX],
 }
 
 /// A track a publisher sends, with up to [`LAYERS_MAX`] simulcast layers.
@@ -145,6 +149,7 @@ impl PublishedTrack {
                 sinks: Vec::new(),
                 window_start: None,
                 window_bytes: [0; LAYERS_MAX],
+                highest_sequence: [None; LAYERS_MAX],
             }),
             keyframe_tx,
             last_keyframe_request_ms: Default::default(),
@@ -191,6 +196,20 @@ impl PublishedTrack {
         meter.last_packet_ms.store(self.now_ms(now).max(1), Ordering::Relaxed);
 
         let mut inner = self.inner.lock();
+        let sequence = packet.header.sequence_number;
+        match inner.highest_sequence[layer_index] {
+            Some(highest) => {
+                let ahead = sequence.wrapping_sub(highest);
+                // RFC 3550 serial arithmetic: ahead by less than half the space is newer.
+                if (1..0x8000).contains(&ahead) {
+                    self.counters
+                        .packets_lost
+                        .fetch_add(u64::from(ahead - 1), Ordering::Relaxed);
+                    inner.highest_sequence[layer_index] = Some(sequence);
+                }
+            }
+            None => inner.highest_sequence[layer_index] = Some(sequence),
+        }
         inner.window_bytes[layer_index] += size + 12;
         match inner.window_start {
             None => inner.window_start = Some(now),
@@ -381,7 +400,17 @@ mod tests {
         assert!(keyframe_rx.try_recv().is_err(), "second request is throttled");
 
         drop(rx);
-        track.ingest(0, delta, now);
+        track.ingest(0, delta.clone(), now);
         assert_eq!(track.sink_count(), 0, "closed sinks are removed");
+
+        // Sequence gaps at ingress are counted once; late and duplicate packets are not losses.
+        let counters = Arc::clone(&track.counters);
+        let before = counters.packets_lost.load(Ordering::Relaxed);
+        for sequence in [1u16, 2, 5, 3, 5, 6] {
+            let mut packet = delta.clone();
+            packet.header.sequence_number = sequence;
+            track.ingest(0, packet, now);
+        }
+        assert_eq!(counters.packets_lost.load(Ordering::Relaxed) - before, 2);
     }
 }
