@@ -1192,8 +1192,27 @@ pub(crate) const FORWARDED_METADATA_KEY: &str = "x-mediamesh-forwarded";
 fn forward_failure(status: tonic::Status, timeout_ms: u64) -> ProposeFailure {
     match status.code() {
         tonic::Code::FailedPrecondition => ProposeFailure::NotLeader,
+        // The leader we knew is gone (crashed, restarting): nothing was sent, so the caller may
+        // wait for the next leader within its deadline instead of failing at once.
+        _ if connection_refused(&status) => ProposeFailure::NotLeader,
         _ => ProposeFailure::Error(forward_error(status, timeout_ms)),
     }
+}
+
+/// True when a call failed because its TCP connection was refused: the request never left this
+/// node, so retrying it cannot apply it twice. (A reset or timeout after connecting is not this:
+/// the peer may have received the request.)
+fn connection_refused(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn forward_error(status: tonic::Status, timeout_ms: u64) -> StoreError {
@@ -1740,5 +1759,33 @@ impl ReplicaTask {
         self.storage.compact(index, term, data)?;
         tracing::info!(node = %self.shared.node_id, index, "compacted the log");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_forward_is_retried_and_other_failures_are_not() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port(); // the listener is dropped here: connections to the port are refused
+        let secret = SecretInterceptor::new("secret").expect("a valid secret");
+        let mut client = transport::peer_client(&format!("127.0.0.1:{port}"), &secret).expect("a client");
+        let status = client
+            .propose(pb::ProposeRequest { commands: Vec::new() })
+            .await
+            .expect_err("nothing listens there");
+        assert!(connection_refused(&status), "{status:?}");
+        assert!(matches!(forward_failure(status, 1), ProposeFailure::NotLeader));
+
+        let unknown = tonic::Status::unavailable("connection reset after the request was sent");
+        assert!(!connection_refused(&unknown));
+        assert!(matches!(
+            forward_failure(unknown, 1),
+            ProposeFailure::Error(StoreError::Transport(_))
+        ));
     }
 }

@@ -248,7 +248,10 @@ impl ProcessCluster {
     /// SIGKILL, then reap.
     pub fn kill(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let mut child = node.child.take().unwrap_or_else(|| panic!("{} is not running", node.spec.id));
+        let mut child = node
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{} is not running", node.spec.id));
         // Child::kill sends SIGKILL on Unix.
         let _ = child.kill();
         let _ = child.wait();
@@ -349,10 +352,15 @@ impl ProcessCluster {
         loop {
             let statuses: Result<Vec<Value>, String> = (0..self.nodes.len()).map(|i| self.status(i)).collect();
             if let Ok(statuses) = &statuses {
-                let applied: Vec<u64> = statuses.iter().map(|s| s["applied_index"].as_u64().unwrap_or(0)).collect();
+                let applied: Vec<u64> = statuses
+                    .iter()
+                    .map(|s| s["applied_index"].as_u64().unwrap_or(0))
+                    .collect();
                 let digests: Vec<&str> = statuses.iter().map(|s| s["digest"].as_str().unwrap_or("")).collect();
                 if applied.windows(2).all(|w| w[0] == w[1])
-                    && statuses.iter().all(|s| s["leader"].is_string() && s["leader"] == statuses[0]["leader"])
+                    && statuses
+                        .iter()
+                        .all(|s| s["leader"].is_string() && s["leader"] == statuses[0]["leader"])
                 {
                     if digests.windows(2).all(|w| w[0] == w[1]) && !digests[0].is_empty() {
                         return Ok((applied[0], digests[0].to_string()));
@@ -369,7 +377,9 @@ impl ProcessCluster {
                         .collect(),
                     Err(e) => vec![e.clone()],
                 };
-                return Err(format!("no convergence in time; last (applied:digest) per node: {last:?}"));
+                return Err(format!(
+                    "no convergence in time; last (applied:digest) per node: {last:?}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -406,7 +416,11 @@ impl Drop for ProcessCluster {
         }
         if std::thread::panicking() {
             for i in 0..self.nodes.len() {
-                eprintln!("---- last lines of {} ({}) ----", self.nodes[i].spec.id, self.nodes[i].log_path.display());
+                eprintln!(
+                    "---- last lines of {} ({}) ----",
+                    self.nodes[i].spec.id,
+                    self.nodes[i].log_path.display()
+                );
                 for line in self.log_tail(i, LOG_TAIL_LINES) {
                     eprintln!("{line}");
                 }
