@@ -85,7 +85,8 @@ pub struct StoreConfig {
     pub heartbeat_interval_ms: u64,
     /// A node with no heartbeat for this long is reported dead.
     pub node_dead_after_ms: u64,
-    /// How long the viewer batcher waits to coalesce updates.
+    /// How long the viewer batcher lingers to coalesce updates while earlier batches are still in
+    /// flight (an update that finds none in flight is proposed at once).
     pub viewer_batch_ms: u64,
     /// Most expiry batches the leader proposes per second.
     pub expiry_batches_per_second: u32,
@@ -1124,8 +1125,14 @@ impl Store {
         Ok(())
     }
 
+    /// Coalesces viewer updates into `UpsertViewers` proposals. An update that finds no batch
+    /// in flight is proposed at once (with whatever else is already queued), so a lone writer
+    /// pays no batching delay; while batches are in flight, updates linger up to the configured
+    /// window and coalesce (last write per viewer wins), up to `VIEWER_BATCHES_IN_FLIGHT_MAX`
+    /// proposals at a time.
     async fn run_viewer_batcher(&self, mut rx: mpsc::Receiver<ViewerUpdate>) {
         let window = Duration::from_millis(self.shared.config.viewer_batch_ms);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(VIEWER_BATCHES_IN_FLIGHT_MAX));
         loop {
             let first = tokio::select! {
                 _ = self.shared.shutdown.cancelled() => return,
@@ -1140,46 +1147,81 @@ impl Store {
                 entry.1.push(u.reply);
             };
             add(first, &mut pending);
-            let window_end = Instant::now() + window;
+            // Whatever is queued already joins for free.
             while pending.len() < VIEWERS_PER_UPSERT_MAX {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(window_end) => break,
-                    next = rx.recv() => match next { Some(u) => add(u, &mut pending), None => break },
+                match rx.try_recv() {
+                    Ok(u) => add(u, &mut pending),
+                    Err(_) => break,
                 }
             }
-            let viewers: Vec<ViewerState> = pending.values().map(|(s, _)| s.clone()).collect();
-            let result = self
-                .propose(vec![Command::UpsertViewers { viewers }], self.deadline())
-                .await;
-            match result.map(|mut o| o.pop()) {
-                Ok(Some(Outcome::Viewers(stored))) => {
-                    for state in stored {
-                        if let Some((_, replies)) = pending.remove(&state.viewer) {
-                            for reply in replies {
-                                let _ = reply.send(Ok(state.clone()));
-                            }
+            let busy = in_flight.available_permits() < VIEWER_BATCHES_IN_FLIGHT_MAX;
+            if busy && !window.is_zero() {
+                let window_end = Instant::now() + window;
+                while pending.len() < VIEWERS_PER_UPSERT_MAX {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(window_end) => break,
+                        next = rx.recv() => match next { Some(u) => add(u, &mut pending), None => break },
+                    }
+                }
+            }
+            // Wait for a free slot; updates arriving meanwhile join this batch.
+            let permit = loop {
+                tokio::select! {
+                    permit = Arc::clone(&in_flight).acquire_owned() => match permit {
+                        Ok(permit) => break permit,
+                        Err(_) => return, // the semaphore is never closed
+                    },
+                    next = rx.recv(), if pending.len() < VIEWERS_PER_UPSERT_MAX => match next {
+                        Some(u) => add(u, &mut pending),
+                        None => return,
+                    },
+                    _ = self.shared.shutdown.cancelled() => return,
+                }
+            };
+            let store = self.clone();
+            tokio::spawn(async move {
+                store.propose_viewer_batch(pending).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn propose_viewer_batch(&self, mut pending: BTreeMap<ViewerId, (ViewerState, Vec<ViewerReply>)>) {
+        let viewers: Vec<ViewerState> = pending.values().map(|(s, _)| s.clone()).collect();
+        let result = self
+            .propose(vec![Command::UpsertViewers { viewers }], self.deadline())
+            .await;
+        match result.map(|mut o| o.pop()) {
+            Ok(Some(Outcome::Viewers(stored))) => {
+                for state in stored {
+                    if let Some((_, replies)) = pending.remove(&state.viewer) {
+                        for reply in replies {
+                            let _ = reply.send(Ok(state.clone()));
                         }
                     }
                 }
-                Ok(other) => {
-                    let e = other.map_or(StoreError::Rejected("no outcome".into()), outcome_error);
-                    for (_, (_, replies)) in std::mem::take(&mut pending) {
-                        for reply in replies {
-                            let _ = reply.send(Err(e.clone()));
-                        }
+            }
+            Ok(other) => {
+                let e = other.map_or(StoreError::Rejected("no outcome".into()), outcome_error);
+                for (_, (_, replies)) in pending {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
                     }
                 }
-                Err(e) => {
-                    for (_, (_, replies)) in std::mem::take(&mut pending) {
-                        for reply in replies {
-                            let _ = reply.send(Err(e.clone()));
-                        }
+            }
+            Err(e) => {
+                for (_, (_, replies)) in pending {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
                     }
                 }
             }
         }
     }
 }
+
+/// Viewer-update proposals one node has in flight at once.
+const VIEWER_BATCHES_IN_FLIGHT_MAX: usize = 4;
 
 /// Peer delivery reports waiting for the replica task, at most.
 const PEER_REPORTS_MAX: usize = 1024;
