@@ -996,23 +996,3 @@ fn write_report(args: &Args, started: SystemTime, results: &[RunResult]) -> Resu
     );
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stamps_and_durations() {
-        assert_eq!(
-            utc_stamp(UNIX_EPOCH + Duration::from_secs(1_700_000_000), '-'),
-            "2023-11-14T22-13-20Z"
-        );
-        assert_eq!(parse_duration("20s").unwrap(), Duration::from_secs(20));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert_eq!(metric_value("a_total 3\nb_total 4.5\n", "b_total"), Some(4.5));
-        assert_eq!(metric_value("b_total_x 1\n", "b_total"), None);
-        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 50.0), Some(3.0));
-    }
-}
