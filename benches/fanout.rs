@@ -10,6 +10,8 @@
 //! that binary is missing. Results go to `benches/results/fanout-<UTC>.{md,json}` and
 //! `fanout-latest.{md,json}`. See `benches/README.md` for what each column means.
 
+#[path = "common/mod.rs"]
+mod common;
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
 use mediamesh_sdk::{ConnectOptions, PlayOptions, PlaySession, PublishOptions, PublishSession};
@@ -781,28 +783,12 @@ async fn run(args: &Args) -> Result<()> {
 }
 
 fn machine() -> serde_json::Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memory_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let facts = common::machine_facts();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     serde_json::json!({
-        "cpu_model": model,
-        "cores": cores,
-        "memory_gib": (memory_kib as f64 / 1_048_576.0 * 10.0).round() / 10.0,
+        "cpu_model": facts.cpu_model,
+        "cores": facts.cores,
+        "memory_gib": facts.memory_gib,
         "kernel": kernel.trim(),
     })
 }

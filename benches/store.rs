@@ -27,6 +27,8 @@
 #[path = "../tests/common/cluster.rs"]
 mod cluster;
 
+#[path = "common/mod.rs"]
+mod common;
 use mediamesh_cluster::{NodeId, RoomId, Store, StoreConfig, ViewerId, ViewerState};
 use serde_json::json;
 use std::fmt::Write as _;
@@ -791,27 +793,12 @@ struct Machine {
 }
 
 fn machine() -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu_model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let ram_kib: f64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let facts = common::machine_facts();
     let temp_dir = std::env::temp_dir();
     Machine {
-        cpu_model,
-        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        ram_gib: (ram_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        cpu_model: facts.cpu_model,
+        cores: facts.cores,
+        ram_gib: facts.memory_gib,
         kernel: command_output("uname", &["-sr"]).unwrap_or_default(),
         temp_dir: temp_dir.display().to_string(),
         temp_dir_filesystem: command_output("stat", &["-f", "-c", "%T", &temp_dir.display().to_string()])
