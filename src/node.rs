@@ -157,9 +157,6 @@ pub async fn run(
     tracing::info!("shutting down");
     handle.stop(true).await;
     let _ = server_task.await;
-    for (_, room) in registry.list() {
-        drop(room);
-    }
     for arbiter in arbiters {
         arbiter.stop();
     }

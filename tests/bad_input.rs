@@ -125,7 +125,7 @@ fn missing_invalid_and_expired_tokens_are_401() {
     );
     let response = post_sdp(&node, "/whip/room1", Some(&forged), "application/sdp", sample_offer());
     assert_problem(response, 401, "invalid");
-    let expired = expired_token(&node);
+    let expired = expired_token();
     let response = post_sdp(&node, "/whip/room1", Some(&expired), "application/sdp", sample_offer());
     assert_problem(response, 401, "expired");
     let response = client()
@@ -137,7 +137,7 @@ fn missing_invalid_and_expired_tokens_are_401() {
     assert_still_serving(&mut node);
 }
 
-fn expired_token(node: &TestNode) -> String {
+fn expired_token() -> String {
     // An `exp` an hour in the past, signed with the node's secret.
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
     let claims = mediamesh::auth::Claims {
@@ -153,7 +153,6 @@ fn expired_token(node: &TestNode) -> String {
             .as_secs()
             - 3_600,
     };
-    let _ = node;
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,

@@ -163,6 +163,13 @@ macro_rules! session_actor {
             }
         }
 
+        impl $actor {
+            /// The connection's event handler, for the room to read the connection state.
+            pub(crate) fn events(&self) -> std::sync::Arc<$crate::peer::PeerEvents> {
+                std::sync::Arc::clone(&self.session.events)
+            }
+        }
+
         impl actix::Handler<$crate::peer::PatchSession> for $actor {
             type Result = actix::ResponseFuture<Result<$crate::peer::PatchOutcome, $crate::room::RoomError>>;
 

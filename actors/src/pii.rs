@@ -73,21 +73,14 @@ pub fn mask_phone(phone: &str) -> String {
         Some(rest) if phone.trim_start().starts_with('+') => ("+82-", format!("0{rest}")),
         _ => ("", digits.clone()),
     };
-    if national.len() == 11 && national.starts_with("01") {
+    if matches!(national.len(), 10 | 11) && national.starts_with("01") {
         let carrier = if prefix.is_empty() {
             &national[..3]
         } else {
             &national[1..3]
         };
-        return format!("{prefix}{carrier}-****-{}", &national[7..]);
-    }
-    if national.len() == 10 && national.starts_with("01") {
-        let carrier = if prefix.is_empty() {
-            &national[..3]
-        } else {
-            &national[1..3]
-        };
-        return format!("{prefix}{carrier}-***-{}", &national[6..]);
+        let middle = "*".repeat(national.len() - 7); // 3 or 4 digits
+        return format!("{prefix}{carrier}-{middle}-{}", &national[national.len() - 4..]);
     }
     let tail = &digits[digits.len().saturating_sub(4)..];
     format!("****{tail}")
@@ -222,6 +215,7 @@ mod tests {
         assert_eq!(mask_phone("010-1234-5678"), "010-****-5678");
         assert_eq!(mask_phone("01012345678"), "010-****-5678");
         assert_eq!(mask_phone("+82-10-1234-5678"), "+82-10-****-5678");
+        assert_eq!(mask_phone("011-123-4567"), "011-***-4567");
         assert_eq!(mask_phone("02-555-1234"), "****1234");
         assert_eq!(mask_ip("203.0.113.77".parse().expect("ip")), "203.0.113.0");
         assert_eq!(mask_ip("2001:db8:1:2:3:4:5:6".parse().expect("ip")), "2001:db8:1::");

@@ -1,7 +1,7 @@
 //! The Publisher actor: one WHIP session. It owns the peer connection; each remote track gets a
 //! reader task that feeds a [`PublishedTrack`] (the media plane) and tells the room about it.
 
-use crate::ids::{Identity, SessionId};
+use crate::ids::SessionId;
 use crate::media::codec::Codec;
 use crate::media::engine::PeerRole;
 use crate::media::feedback::FeedbackState;
@@ -24,7 +24,6 @@ const KEYFRAME_QUEUE_MAX: usize = 16;
 const ROOM_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Publisher {
-    pub identity: Identity,
     stats: Arc<NodeStats>,
     session: PeerSession,
 }
@@ -36,15 +35,12 @@ impl Publisher {
     pub async fn negotiate(
         context: Arc<RoomContext>,
         room: Addr<Room>,
-        identity: Identity,
         offer: String,
         permit: SessionPermit,
     ) -> Result<(Publisher, SessionAnswer), RoomError> {
         sdp::validate_offer(&offer).map_err(RoomError::BadOffer)?;
-        if !sdp::offered_codecs(&offer)
-            .iter()
-            .any(|c| matches!(c, Codec::Opus | Codec::Vp8 | Codec::Vp9 | Codec::H264 | Codec::Av1))
-        {
+        // `offered_codecs` keeps only the codecs the media plane forwards.
+        if sdp::offered_codecs(&offer).is_empty() {
             return Err(RoomError::BadOffer(
                 "no supported codec offered (Opus, VP8, VP9, H264, AV1)".into(),
             ));
@@ -106,7 +102,6 @@ impl Publisher {
             .publishers
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let actor = Publisher {
-            identity,
             stats: Arc::clone(&context.stats),
             session: PeerSession {
                 session: session.clone(),

@@ -4,7 +4,7 @@
 use crate::ids::{Identity, NodeId, RoomId, SessionId};
 use crate::media::engine::MediaError;
 use crate::media::track::{MediaKind, PublishedTrack};
-use crate::peer::{PatchOutcome, PatchSession, StopSession};
+use crate::peer::{PatchOutcome, PatchSession, PeerEvents, StopSession};
 use crate::publisher::Publisher;
 use crate::registry::{RoomContext, RoomRegistry};
 use crate::subscriber::{SlotControl, SlotHandle, SubscribeRequest, Subscriber};
@@ -121,6 +121,7 @@ pub enum RoomEvent {
 
 struct PublisherEntry {
     addr: Addr<Publisher>,
+    events: Arc<PeerEvents>,
     identity: Identity,
     etag: String,
     tracks: Vec<Arc<PublishedTrack>>,
@@ -128,6 +129,7 @@ struct PublisherEntry {
 
 struct SubscriberEntry {
     addr: Addr<Subscriber>,
+    events: Arc<PeerEvents>,
     identity: Identity,
     etag: String,
     slots: Vec<SlotHandle>,
@@ -240,7 +242,7 @@ impl Room {
                 .map(|(session, p)| SessionInfo {
                     session: session.to_string(),
                     identity: p.identity.to_string(),
-                    connected: p.addr.connected(),
+                    connected: p.events.is_connected(),
                     tracks: p.tracks.len(),
                 })
                 .collect(),
@@ -250,7 +252,7 @@ impl Room {
                 .map(|(session, s)| SessionInfo {
                     session: session.to_string(),
                     identity: s.identity.to_string(),
-                    connected: s.addr.connected(),
+                    connected: s.events.is_connected(),
                     tracks: s.slots.len(),
                 })
                 .collect(),
@@ -304,24 +306,21 @@ impl Handler<RoomRequest> for Room {
                     Err(error) => return ActorResponse::reply(Err(error)),
                 };
                 self.pending_publishers += 1;
-                let identity_kept = identity.clone();
-                let negotiate = context.ingress_runtime.spawn(Publisher::negotiate(
-                    Arc::clone(&context),
-                    room,
-                    identity,
-                    offer,
-                    permit,
-                ));
+                let negotiate =
+                    context
+                        .ingress_runtime
+                        .spawn(Publisher::negotiate(Arc::clone(&context), room, offer, permit));
                 ActorResponse::r#async(negotiate.into_actor(self).map(move |joined, room, ctx| {
                     room.pending_publishers -= 1;
                     let result = joined.unwrap_or_else(|e| Err(RoomError::Media(MediaError::WebRtc(e.to_string()))));
                     let reply = result.map(|(publisher, answer)| {
-                        let addr = publisher.start();
+                        let events = publisher.events();
                         room.publishers.insert(
                             answer.session.clone(),
                             PublisherEntry {
-                                addr,
-                                identity: identity_kept,
+                                addr: publisher.start(),
+                                events,
+                                identity,
                                 etag: answer.etag.clone(),
                                 tracks: Vec::new(),
                             },
@@ -343,9 +342,7 @@ impl Handler<RoomRequest> for Room {
                 };
                 self.pending_subscribers += 1;
                 let video_source = self.source(MediaKind::Video).map(|t| (t.codec, t.fmtp.clone()));
-                let identity_kept = identity.clone();
                 let request = SubscribeRequest {
-                    identity,
                     offer,
                     layer,
                     video_source,
@@ -364,8 +361,9 @@ impl Handler<RoomRequest> for Room {
                         room.subscribers.insert(
                             negotiated.answer.session.clone(),
                             SubscriberEntry {
+                                events: negotiated.subscriber.events(),
                                 addr: negotiated.subscriber.start(),
-                                identity: identity_kept,
+                                identity,
                                 etag: negotiated.answer.etag.clone(),
                                 slots: negotiated.slots,
                             },

@@ -2,7 +2,7 @@
 //! per media slot (video, audio). The room binds each slot to a [`PublishedTrack`]; the task
 //! drains its sink, chooses the simulcast layer and rewrites headers for this viewer.
 
-use crate::ids::{Identity, SessionId};
+use crate::ids::SessionId;
 use crate::media::bwe::BandwidthEstimator;
 use crate::media::codec::Codec;
 use crate::media::engine::PeerRole;
@@ -48,7 +48,6 @@ pub struct SlotHandle {
 }
 
 pub struct Subscriber {
-    pub identity: Identity,
     stats: Arc<NodeStats>,
     session: PeerSession,
 }
@@ -57,7 +56,6 @@ peer::session_actor!(Subscriber, subscribers);
 
 /// What the room knows about the tracks it will bind, to pick the slot codecs.
 pub struct SubscribeRequest {
-    pub identity: Identity,
     pub offer: String,
     pub layer: Option<u8>,
     /// Codec and fmtp of the room's current video track, if any.
@@ -205,7 +203,6 @@ impl Subscriber {
         let etag = peer::etag_of(&answer.sdp);
         context.stats.subscribers.fetch_add(1, Ordering::Relaxed);
         let actor = Subscriber {
-            identity: request.identity,
             stats: Arc::clone(&context.stats),
             session: PeerSession {
                 session: session.clone(),

@@ -99,10 +99,6 @@ impl PortPool {
         self.state.lock().in_use.len()
     }
 
-    pub fn contains(&self, port: u16) -> bool {
-        (self.port_min..=self.port_max).contains(&port)
-    }
-
     /// Leases a port that is free in the pool and bindable right now (another process may hold
     /// ports of the range). Walks the range round-robin so a just-released port rests a while.
     pub fn lease(self: &Arc<Self>) -> Result<PortLease, MediaError> {

@@ -91,10 +91,6 @@ impl RtpRewriter {
         }
         out
     }
-
-    pub fn ssrc(&self) -> u32 {
-        self.ssrc
-    }
 }
 
 #[cfg(test)]

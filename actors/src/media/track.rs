@@ -39,7 +39,6 @@ pub struct Sink {
     tx: mpsc::Sender<ForwardPacket>,
     /// Bit mask of the layers this subscriber wants now (see `LayerSelector::wanted_mask`).
     wanted_layers: AtomicU8,
-    dropped_packets: AtomicU64,
 }
 
 impl Sink {
@@ -48,17 +47,12 @@ impl Sink {
         let sink = Arc::new(Sink {
             tx,
             wanted_layers: AtomicU8::new(wanted_layers),
-            dropped_packets: AtomicU64::new(0),
         });
         (sink, rx)
     }
 
     pub fn set_wanted_layers(&self, mask: u8) {
         self.wanted_layers.store(mask, Ordering::Relaxed);
-    }
-
-    pub fn dropped_packets(&self) -> u64 {
-        self.dropped_packets.load(Ordering::Relaxed)
     }
 }
 
@@ -241,7 +235,6 @@ impl PublishedTrack {
             match sink.tx.try_send(item) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    sink.dropped_packets.fetch_add(1, Ordering::Relaxed);
                     self.counters.packets_dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => closed = true,
