@@ -212,6 +212,28 @@ pub(crate) struct SessionCore {
 }
 
 impl SessionCore {
+    /// The session of a negotiated connection at `location`; `tasks` end with it.
+    pub fn new(
+        pc: Arc<dyn PeerConnection>,
+        location: Url,
+        token: &str,
+        http: Client,
+        options: &ConnectOptions,
+        watch: &PeerWatch,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    ) -> Self {
+        SessionCore {
+            pc,
+            location,
+            token: token.to_string(),
+            http,
+            http_timeout: options.http_timeout,
+            state: watch.state.clone(),
+            tasks,
+            closed: false,
+        }
+    }
+
     pub fn state(&self) -> RTCPeerConnectionState {
         *self.state.borrow()
     }

@@ -201,16 +201,7 @@ pub async fn play(url: &str, token: &str, options: PlayOptions) -> Result<PlaySe
             return Err(error);
         }
     };
-    let core = SessionCore {
-        pc,
-        location,
-        token: token.to_string(),
-        http,
-        http_timeout: options.connect.http_timeout,
-        state: watch.state.clone(),
-        tasks: vec![reader],
-        closed: false,
-    };
+    let core = SessionCore::new(pc, location, token, http, &options.connect, &watch, vec![reader]);
     // On failure `core` is dropped, which ends the server's session too.
     peer::wait_connected(&mut watch.state, options.connect.connect_timeout).await?;
     *shared.connected_at.lock() = Some(Instant::now());

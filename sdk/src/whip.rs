@@ -165,16 +165,7 @@ pub async fn publish(url: &str, token: &str, options: PublishOptions) -> Result<
         ));
     }
     let location = peer::negotiate(&pc, &mut watch, &http, &url, token, &options.connect).await?;
-    let mut core = SessionCore {
-        pc,
-        location,
-        token: token.to_string(),
-        http,
-        http_timeout: options.connect.http_timeout,
-        state: watch.state.clone(),
-        tasks: Vec::new(),
-        closed: false,
-    };
+    let mut core = SessionCore::new(pc, location, token, http, &options.connect, &watch, Vec::new());
     peer::wait_connected(&mut watch.state, options.connect.connect_timeout).await?;
 
     for (kind, (track, ssrc, payload_type)) in tracks {
