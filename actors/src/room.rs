@@ -2,6 +2,7 @@
 //! subscriber slot forwards, and the room's limits. It handles control events only.
 
 use crate::ids::{Identity, NodeId, RoomId, SessionId};
+use crate::media::codec::Codec;
 use crate::media::engine::MediaError;
 use crate::media::track::{MediaKind, PublishedTrack};
 use crate::peer::{PatchOutcome, PatchSession, PeerEvents, StopSession};
@@ -124,6 +125,8 @@ struct PublisherEntry {
     events: Arc<PeerEvents>,
     identity: Identity,
     etag: String,
+    /// The video codec its answer chose, known before its first packet.
+    answered_video: Option<(Codec, String)>,
     tracks: Vec<Arc<PublishedTrack>>,
 }
 
@@ -187,6 +190,14 @@ impl Room {
             .flat_map(|p| p.tracks.iter())
             .find(|t| t.kind == kind)
             .cloned()
+    }
+
+    /// The video codec a new viewer should be offered: the source track's, or, before any video
+    /// packet arrived, what the oldest publisher's answer chose.
+    fn video_codec(&self) -> Option<(Codec, String)> {
+        self.source(MediaKind::Video)
+            .map(|t| (t.codec, t.fmtp.clone()))
+            .or_else(|| self.publishers.values().find_map(|p| p.answered_video.clone()))
     }
 
     fn bind_slot(slot: &SlotHandle, track: Option<&Arc<PublishedTrack>>) {
@@ -322,6 +333,7 @@ impl Handler<RoomRequest> for Room {
                                 events,
                                 identity,
                                 etag: answer.etag.clone(),
+                                answered_video: crate::sdp::answered_video_codec(&answer.sdp),
                                 tracks: Vec::new(),
                             },
                         );
@@ -341,7 +353,7 @@ impl Handler<RoomRequest> for Room {
                     Err(error) => return ActorResponse::reply(Err(error)),
                 };
                 self.pending_subscribers += 1;
-                let video_source = self.source(MediaKind::Video).map(|t| (t.codec, t.fmtp.clone()));
+                let video_source = self.video_codec();
                 let request = SubscribeRequest {
                     offer,
                     layer,

@@ -42,6 +42,39 @@ pub fn offered_codecs(offer: &str) -> Vec<Codec> {
     codecs
 }
 
+/// The codec and fmtp an answer chose for its first video section: the first payload type of the
+/// `m=video` line. The room knows a publisher's video codec from this as soon as it answers,
+/// before the first packet arrives, so a viewer who joins in between gets the same codec.
+pub fn answered_video_codec(answer: &str) -> Option<(Codec, String)> {
+    let mut payload_type: Option<String> = None;
+    let mut codec = None;
+    let mut fmtp = String::new();
+    for line in answer.lines().take(SDP_LINES_MAX).map(str::trim) {
+        if line.starts_with("m=") {
+            if payload_type.is_some() {
+                break;
+            }
+            if line.starts_with("m=video") {
+                payload_type = line.split_whitespace().nth(3).map(str::to_string);
+            }
+            continue;
+        }
+        let Some(pt) = payload_type.as_deref() else { continue };
+        if let Some(rest) = line.strip_prefix("a=rtpmap:")
+            && let Some((id, encoding)) = rest.split_once(' ')
+            && id == pt
+        {
+            codec = encoding.split('/').next().and_then(Codec::from_mime);
+        } else if let Some(rest) = line.strip_prefix("a=fmtp:")
+            && let Some((id, parameters)) = rest.split_once(' ')
+            && id == pt
+        {
+            fmtp = parameters.to_string();
+        }
+    }
+    codec.map(|codec| (codec, fmtp))
+}
+
 /// Basic shape check before the offer reaches the WebRTC stack, so malformed input gets a
 /// precise message.
 pub fn validate_offer(offer: &str) -> Result<(), String> {
@@ -164,6 +197,19 @@ mod tests {
         a=fingerprint:sha-256 00\r\n\
         m=video 9 UDP/TLS/RTP/SAVPF 96 102\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:102 H264/90000\r\n\
         a=rid:q send\r\na=rid:h send\r\na=rid:f send\r\na=simulcast:send q;h;f\r\n";
+
+    #[test]
+    fn reads_the_answered_video_codec() {
+        let answer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 98 96\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:98 VP9/90000\r\n\
+            a=fmtp:98 profile-id=2\r\na=fmtp:96 x=1\r\n";
+        assert_eq!(answered_video_codec(answer), Some((Codec::Vp9, "profile-id=2".into())));
+        assert_eq!(answered_video_codec(OFFER), Some((Codec::Vp8, String::new())));
+        assert_eq!(
+            answered_video_codec("v=0\r\nm=audio 9 RTP 111\r\na=rtpmap:111 opus/48000/2\r\n"),
+            None
+        );
+    }
 
     #[test]
     fn reads_offer() {

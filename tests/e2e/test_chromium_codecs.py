@@ -23,11 +23,19 @@ def test_chromium_codec_pass_through(node, browser, mime):
         viewer = browser.call("play", node.whep_url(room), view_token)
         ids.append(viewer["id"])
 
+        seen = {}
+
         def decoded():
-            stats = browser.call("inbound", viewer["id"])["video"] or {}
+            seen["viewer"] = browser.call("inbound", viewer["id"])
+            stats = seen["viewer"]["video"] or {}
             return stats if (stats.get("framesDecoded") or 0) > 5 else None
 
-        stats = wait_until(decoded, 30, 0.5, f"{mime} viewer framesDecoded > 5")
+        try:
+            stats = wait_until(decoded, 30, 0.5, f"{mime} viewer framesDecoded > 5")
+        except TimeoutError as e:
+            publisher = browser.call("outbound", pub["id"])
+            raise AssertionError(f"{e}; viewer: {seen.get('viewer')}; publisher: {publisher}; "
+                                 f"room: {node.admin_room(room, node.token(room, 'e2e-admin', admin=True)).text}") from e
         print(f"{mime}: {stats['frameWidth']}x{stats['frameHeight']} framesDecoded={stats['framesDecoded']} "
               f"codec={stats['mimeType']}")
         assert (stats["mimeType"] or "").lower() == mime.lower(), stats
