@@ -18,9 +18,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", file.display());
     }
     let descriptors = protox::compile(&files, [&proto_dir])?;
+    // The signal messages also have a JSON form (the WebSocket carries it): serde on every type,
+    // proto3 defaults for missing fields; `signal::v1::json` flattens each oneof into its
+    // message so a message reads `{"id": 1, "join": {...}}`.
+    const SIGNAL: &str = ".mediamesh.signal.v1";
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // `Signal/Connect` would clash with the generated `connect` constructor; clients build
+        // their `Channel` themselves and call `new`.
+        .build_transport(false)
+        .type_attribute(SIGNAL, "#[derive(serde::Serialize, serde::Deserialize)]")
+        .message_attribute(SIGNAL, "#[serde(default)]")
+        .enum_attribute(SIGNAL, "#[serde(rename_all = \"snake_case\")]")
         .compile_fds(descriptors)?;
     Ok(())
 }
