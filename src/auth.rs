@@ -104,6 +104,12 @@ impl TokenKeys {
     /// Verifies a token and checks that it grants `grant` on `room` (`None`: any room).
     pub fn authorize(&self, token: &str, grant: Grant, room: Option<&str>) -> Result<Claims, AuthError> {
         let claims = self.verify(token)?;
+        self.check(&claims, grant, room)?;
+        Ok(claims)
+    }
+
+    /// Checks that verified claims grant `grant` on `room` (`None`: any room).
+    pub fn check(&self, claims: &Claims, grant: Grant, room: Option<&str>) -> Result<(), AuthError> {
         let granted = match grant {
             Grant::Publish => claims.grants.publish,
             Grant::Subscribe => claims.grants.subscribe,
@@ -118,7 +124,7 @@ impl TokenKeys {
         {
             return Err(AuthError::WrongRoom);
         }
-        Ok(claims)
+        Ok(())
     }
 }
 

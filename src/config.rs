@@ -69,6 +69,12 @@ pub struct NodeArgs {
     /// Viewer state expires this many milliseconds after its last update [default: 300000]
     #[arg(long, env = "MEDIAMESH_VIEWER_TTL_MS")]
     pub viewer_ttl_ms: Option<u64>,
+    /// A dropped viewer may resume its session this many milliseconds after the drop [default: 30000]
+    #[arg(long, env = "MEDIAMESH_RESUME_WINDOW_MS")]
+    pub resume_window_ms: Option<u64>,
+    /// A signal session that sends nothing for this many milliseconds is ended [default: 30000]
+    #[arg(long, env = "MEDIAMESH_SIGNAL_IDLE_TIMEOUT_MS")]
+    pub signal_idle_timeout_ms: Option<u64>,
 }
 
 /// The same settings as read from a TOML file.
@@ -94,6 +100,8 @@ struct FileConfig {
     publishers_per_room_max: Option<usize>,
     log_format: Option<String>,
     viewer_ttl_ms: Option<u64>,
+    resume_window_ms: Option<u64>,
+    signal_idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +133,8 @@ pub struct NodeConfig {
     pub publishers_per_room_max: usize,
     pub log_format: LogFormat,
     pub viewer_ttl_ms: u64,
+    pub resume_window_ms: u64,
+    pub signal_idle_timeout_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +276,16 @@ impl NodeArgs {
             viewer_ttl_ms: positive(
                 "viewer_ttl_ms",
                 self.viewer_ttl_ms.or(file.viewer_ttl_ms).unwrap_or(300_000) as usize,
+            )? as u64,
+            resume_window_ms: positive(
+                "resume_window_ms",
+                self.resume_window_ms.or(file.resume_window_ms).unwrap_or(30_000) as usize,
+            )? as u64,
+            signal_idle_timeout_ms: positive(
+                "signal_idle_timeout_ms",
+                self.signal_idle_timeout_ms
+                    .or(file.signal_idle_timeout_ms)
+                    .unwrap_or(30_000) as usize,
             )? as u64,
             data_dir,
         })

@@ -8,4 +8,5 @@ pub mod directory;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod signal;
 pub mod telemetry;

@@ -6,6 +6,7 @@ use crate::config::NodeConfig;
 use crate::directory::StoreDirectory;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::signal::SignalContext;
 use actix_web::{App, HttpServer, web};
 use mediamesh_actors::media::bwe::BweConfig;
 use mediamesh_actors::media::engine::{MediaConfig, PeerFactory};
@@ -25,6 +26,7 @@ const INGRESS_THREADS: usize = 1;
 /// The already-bound listeners of a node (tests bind port 0 and pass them in).
 pub struct NodeListeners {
     pub http: TcpListener,
+    pub grpc: TcpListener,
     pub cluster: TcpListener,
 }
 
@@ -32,9 +34,11 @@ impl NodeListeners {
     pub fn bind(config: &NodeConfig) -> anyhow::Result<NodeListeners> {
         let http = TcpListener::bind(config.http)
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (--http): {e}", config.http))?;
+        let grpc = TcpListener::bind(config.grpc)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--grpc): {e}", config.grpc))?;
         let cluster = TcpListener::bind(config.cluster)
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (--cluster): {e}", config.cluster))?;
-        Ok(NodeListeners { http, cluster })
+        Ok(NodeListeners { http, grpc, cluster })
     }
 }
 
@@ -53,6 +57,9 @@ pub async fn run(
     let http_listener = listeners.http;
     let http_addr = http_listener.local_addr()?;
     let cluster_addr = listeners.cluster.local_addr()?;
+    let grpc_addr = listeners.grpc.local_addr()?;
+    listeners.grpc.set_nonblocking(true)?;
+    let grpc_listener = tokio::net::TcpListener::from_std(listeners.grpc)?;
     listeners.cluster.set_nonblocking(true)?;
     let cluster_listener = tokio::net::TcpListener::from_std(listeners.cluster)?;
     let store_shutdown = tokio_util::sync::CancellationToken::new();
@@ -64,7 +71,7 @@ pub async fn run(
     store_config.region = config.region.clone();
     store_config.advertise_cluster = format!("{}:{}", config.advertise, cluster_addr.port());
     store_config.http_url = format!("http://{}:{}", config.advertise, http_addr.port());
-    store_config.grpc_url = format!("http://{}:{}", config.advertise, config.grpc.port());
+    store_config.grpc_url = format!("http://{}:{}", config.advertise, grpc_addr.port());
     store_config.join = config.join.clone();
     store_config.viewer_ttl_ms = config.viewer_ttl_ms;
     store_config.capacity = u32::try_from(config.sessions_per_node_max).unwrap_or(u32::MAX);
@@ -109,6 +116,26 @@ pub async fn run(
         arbiters.iter().map(|a| a.handle()).collect(),
     );
     let keys = TokenKeys::new(&config.api_secret);
+    let signal = SignalContext::new(
+        config.node_id.clone(),
+        keys.clone(),
+        &config.cluster_secret,
+        Arc::clone(&registry),
+        store.clone(),
+        Duration::from_millis(config.signal_idle_timeout_ms),
+        Duration::from_millis(config.resume_window_ms),
+        format!("http://{}:{}", config.advertise, grpc_addr.port()),
+    );
+    let grpc_shutdown = tokio_util::sync::CancellationToken::new();
+    let grpc_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(crate::signal::grpc::service(Arc::clone(&signal)))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                grpc_shutdown.clone().cancelled_owned(),
+            ),
+    );
+    let signal_data = web::Data::new(Arc::clone(&signal));
     let heartbeat = tokio::spawn(report_load(store.clone(), Arc::clone(&stats)));
     let state = web::Data::new(AppState {
         node_id: config.node_id.clone(),
@@ -122,6 +149,7 @@ pub async fn run(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .app_data(signal_data.clone())
             .app_data(web::PayloadConfig::new(config.body_bytes_max))
             .wrap(http::cors_headers())
             .configure(http::routes)
@@ -144,6 +172,7 @@ pub async fn run(
         node = %config.node_id,
         region = %config.region,
         http = %http_addr,
+        grpc = %grpc_addr,
         media_ports = %format!("{}-{}", config.media_port_min, config.media_port_max),
         advertise = %config.advertise,
         cluster = %cluster_addr,
@@ -157,6 +186,10 @@ pub async fn run(
     tracing::info!("shutting down");
     handle.stop(true).await;
     let _ = server_task.await;
+    grpc_shutdown.cancel();
+    if tokio::time::timeout(Duration::from_secs(5), grpc_server).await.is_err() {
+        tracing::warn!("gRPC server did not stop within 5 s");
+    }
     for arbiter in arbiters {
         arbiter.stop();
     }

@@ -20,4 +20,4 @@ pub mod subscriber;
 
 pub use ids::{Identity, NodeId, RoomId, SessionId};
 pub use registry::{NodeStats, RoomContext, RoomLimits, RoomRegistry};
-pub use room::{RoomError, RoomInfo, SessionAnswer, SessionInfo, SessionKind};
+pub use room::{RoomError, RoomInfo, RoomNotice, SessionAnswer, SessionInfo, SessionKind, TrackInfo};

@@ -61,6 +61,29 @@ pub struct SessionInfo {
     pub tracks: usize,
 }
 
+/// A published track as clients see it (the signal protocol's `Track`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrackInfo {
+    /// `<publisher session>/<track id>`: unique in the room.
+    pub id: String,
+    pub kind: &'static str,
+    pub codec: &'static str,
+    pub layers: Vec<String>,
+    pub muted: bool,
+    pub publisher: String,
+}
+
+/// What a room tells its watchers (signal sessions) about its tracks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomNotice {
+    Published(TrackInfo),
+    Unpublished(String),
+    Muted { track_id: String, muted: bool },
+}
+
+/// Bound of a watcher's notice queue; a watcher that lets it fill up is dropped.
+pub const WATCH_QUEUE_MAX: usize = 64;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RoomInfo {
     pub room: String,
@@ -82,6 +105,32 @@ pub enum RoomRequest {
         identity: Identity,
         offer: String,
         layer: Option<u8>,
+        /// Track ids to forward; `None` for the room's default tracks.
+        tracks: Option<Vec<String>>,
+    },
+    /// Changes which tracks a subscriber's connection forwards (`None`: the defaults).
+    Select {
+        session: SessionId,
+        tracks: Option<Vec<String>>,
+    },
+    /// Changes the simulcast layer a subscriber's connection prefers (`None`: automatic).
+    SetLayer {
+        session: SessionId,
+        layer: Option<u8>,
+    },
+    /// Mutes or unmutes a publisher's tracks of one kind: its viewers stop getting them.
+    Mute {
+        session: SessionId,
+        kind: MediaKind,
+        muted: bool,
+    },
+    /// Subscribes `watcher` to the room's track notices; answers with the tracks now.
+    Watch {
+        watcher: SessionId,
+        notices: tokio::sync::mpsc::Sender<RoomNotice>,
+    },
+    Unwatch {
+        watcher: SessionId,
     },
     Patch {
         kind: SessionKind,
@@ -101,6 +150,8 @@ pub enum RoomReply {
     Patched(PatchOutcome),
     Ended,
     Info(RoomInfo),
+    Tracks(Vec<TrackInfo>),
+    Done,
 }
 
 /// Events from the room's own sessions; every one must be delivered (sent with `send`).
@@ -128,6 +179,8 @@ struct PublisherEntry {
     /// The video codec its answer chose, known before its first packet.
     answered_video: Option<(Codec, String)>,
     tracks: Vec<Arc<PublishedTrack>>,
+    /// Muted kinds, indexed by [`kind_index`].
+    muted: [bool; 2],
 }
 
 struct SubscriberEntry {
@@ -136,6 +189,26 @@ struct SubscriberEntry {
     identity: Identity,
     etag: String,
     slots: Vec<SlotHandle>,
+    /// Track ids chosen by the viewer; `None` for the room's default tracks.
+    selection: Option<Vec<String>>,
+}
+
+fn kind_index(kind: MediaKind) -> usize {
+    match kind {
+        MediaKind::Audio => 0,
+        MediaKind::Video => 1,
+    }
+}
+
+fn kind_name(kind: MediaKind) -> &'static str {
+    match kind {
+        MediaKind::Audio => "audio",
+        MediaKind::Video => "video",
+    }
+}
+
+fn track_id(session: &SessionId, track: &PublishedTrack) -> String {
+    format!("{session}/{}", track.id)
 }
 
 pub struct Room {
@@ -149,6 +222,8 @@ pub struct Room {
     /// Sessions being negotiated; they count against the limits and keep the room open.
     pending_publishers: usize,
     pending_subscribers: usize,
+    /// Signal sessions told about track changes; they keep the room open.
+    watchers: BTreeMap<SessionId, tokio::sync::mpsc::Sender<RoomNotice>>,
 }
 
 impl Room {
@@ -163,6 +238,7 @@ impl Room {
             subscribers: BTreeMap::new(),
             pending_publishers: 0,
             pending_subscribers: 0,
+            watchers: BTreeMap::new(),
         }
     }
 
@@ -175,6 +251,7 @@ impl Room {
             && self.subscribers.is_empty()
             && self.pending_publishers == 0
             && self.pending_subscribers == 0
+            && self.watchers.is_empty()
     }
 
     fn stop_if_empty(&self, ctx: &mut Context<Self>) {
@@ -183,13 +260,35 @@ impl Room {
         }
     }
 
-    /// The track a subscriber's slot of `kind` should forward: the oldest publisher's.
+    /// Every published track that is not muted, with its room-wide id, oldest publisher first.
+    fn live_tracks(&self) -> impl Iterator<Item = (String, &Arc<PublishedTrack>)> {
+        self.publishers.iter().flat_map(|(session, publisher)| {
+            publisher
+                .tracks
+                .iter()
+                .filter(|t| !publisher.muted[kind_index(t.kind)])
+                .map(move |t| (track_id(session, t), t))
+        })
+    }
+
+    /// The track a viewer's slot of `kind` should forward: the first of its chosen tracks that is
+    /// live, or without a choice the oldest publisher's.
+    fn source_for(&self, kind: MediaKind, selection: Option<&[String]>) -> Option<Arc<PublishedTrack>> {
+        let mut live = self.live_tracks().filter(|(_, t)| t.kind == kind);
+        match selection {
+            None => live.next().map(|(_, t)| Arc::clone(t)),
+            Some(chosen) => {
+                let live: Vec<_> = live.collect();
+                chosen
+                    .iter()
+                    .find_map(|id| live.iter().find(|(live_id, _)| live_id == id))
+                    .map(|(_, t)| Arc::clone(t))
+            }
+        }
+    }
+
     fn source(&self, kind: MediaKind) -> Option<Arc<PublishedTrack>> {
-        self.publishers
-            .values()
-            .flat_map(|p| p.tracks.iter())
-            .find(|t| t.kind == kind)
-            .cloned()
+        self.source_for(kind, None)
     }
 
     /// The video codec a new viewer should be offered: the source track's, or, before any video
@@ -200,37 +299,91 @@ impl Room {
             .or_else(|| self.publishers.values().find_map(|p| p.answered_video.clone()))
     }
 
-    fn bind_slot(slot: &SlotHandle, track: Option<&Arc<PublishedTrack>>) {
-        let command = match track {
-            Some(track) if track.codec == slot.codec => SlotControl::Bind(Arc::clone(track)),
-            Some(track) => {
+    /// Points a slot at `track`; nothing is sent when it already forwards it.
+    fn bind_slot(slot: &mut SlotHandle, track: Option<Arc<PublishedTrack>>) {
+        let track = track.filter(|track| {
+            let fits = track.codec == slot.codec;
+            if !fits {
                 tracing::debug!(have = ?slot.codec, published = ?track.codec, "viewer cannot take this codec");
-                SlotControl::Unbind
             }
+            fits
+        });
+        let unchanged = match (&slot.bound, &track) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            return;
+        }
+        let command = match &track {
+            Some(track) => SlotControl::Bind(Arc::clone(track)),
             None => SlotControl::Unbind,
         };
         if slot.control.try_send(command).is_err() {
             tracing::warn!("subscriber slot control queue full; bind dropped");
+            return;
+        }
+        slot.bound = track;
+    }
+
+    /// Re-binds the slots of `kind` of every viewer after the tracks changed.
+    fn rebind(&mut self, kind: MediaKind) {
+        let sessions: Vec<SessionId> = self.subscribers.keys().cloned().collect();
+        for session in sessions {
+            self.rebind_subscriber(&session, kind);
         }
     }
 
-    /// Re-binds every subscriber slot of `kind` after the room's source for it changed.
-    fn rebind(&self, kind: MediaKind) {
-        let source = self.source(kind);
-        for subscriber in self.subscribers.values() {
-            for slot in subscriber.slots.iter().filter(|s| s.kind == kind) {
-                Self::bind_slot(slot, source.as_ref());
+    fn rebind_subscriber(&mut self, session: &SessionId, kind: MediaKind) {
+        let Some(selection) = self.subscribers.get(session).map(|s| s.selection.clone()) else {
+            return;
+        };
+        let source = self.source_for(kind, selection.as_deref());
+        if let Some(subscriber) = self.subscribers.get_mut(session) {
+            for slot in subscriber.slots.iter_mut().filter(|s| s.kind == kind) {
+                Self::bind_slot(slot, source.clone());
             }
         }
+    }
+
+    fn track_infos(&self) -> Vec<TrackInfo> {
+        self.publishers
+            .iter()
+            .flat_map(|(session, p)| p.tracks.iter().map(move |t| Self::track_info(session, p, t)))
+            .collect()
+    }
+
+    fn track_info(session: &SessionId, publisher: &PublisherEntry, track: &PublishedTrack) -> TrackInfo {
+        TrackInfo {
+            id: track_id(session, track),
+            kind: kind_name(track.kind),
+            codec: track.codec.mime_type(),
+            layers: track.rids.clone(),
+            muted: publisher.muted[kind_index(track.kind)],
+            publisher: session.to_string(),
+        }
+    }
+
+    /// Tells every watcher; one whose queue is full or closed is dropped (it re-watches).
+    fn notify(&mut self, notice: RoomNotice) {
+        self.watchers.retain(|watcher, queue| match queue.try_send(notice.clone()) {
+            Ok(()) => true,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(watcher = %watcher, "room notices not read; watcher dropped");
+                false
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+        });
     }
 
     fn remove_session(&mut self, session: &SessionId) -> bool {
         if let Some(publisher) = self.publishers.remove(session) {
             tracing::info!(room = %self.id, session = %session, "publisher session ended");
             stop_session(&publisher.addr);
-            let kinds: Vec<MediaKind> = publisher.tracks.iter().map(|t| t.kind).collect();
-            for kind in kinds {
-                self.rebind(kind);
+            for track in &publisher.tracks {
+                self.notify(RoomNotice::Unpublished(track_id(session, track)));
+                self.rebind(track.kind);
             }
             return true;
         }
@@ -335,6 +488,7 @@ impl Handler<RoomRequest> for Room {
                                 etag: answer.etag.clone(),
                                 answered_video: crate::sdp::answered_video_codec(&answer.sdp),
                                 tracks: Vec::new(),
+                                muted: [false; 2],
                             },
                         );
                         RoomReply::Answer(answer)
@@ -343,7 +497,12 @@ impl Handler<RoomRequest> for Room {
                     reply
                 }))
             }
-            RoomRequest::Subscribe { identity, offer, layer } => {
+            RoomRequest::Subscribe {
+                identity,
+                offer,
+                layer,
+                tracks,
+            } => {
                 let max = context.limits.subscribers_per_room_max;
                 if self.subscribers.len() + self.pending_subscribers >= max {
                     return ActorResponse::reply(Err(RoomError::RoomFull("subscribers", max)));
@@ -353,7 +512,10 @@ impl Handler<RoomRequest> for Room {
                     Err(error) => return ActorResponse::reply(Err(error)),
                 };
                 self.pending_subscribers += 1;
-                let video_source = self.video_codec();
+                let video_source = self
+                    .source_for(MediaKind::Video, tracks.as_deref())
+                    .map(|t| (t.codec, t.fmtp.clone()))
+                    .or_else(|| self.video_codec());
                 let request = SubscribeRequest {
                     offer,
                     layer,
@@ -367,19 +529,20 @@ impl Handler<RoomRequest> for Room {
                     room.pending_subscribers -= 1;
                     let result = joined.unwrap_or_else(|e| Err(RoomError::Media(MediaError::WebRtc(e.to_string()))));
                     let reply = result.map(|negotiated| {
-                        for slot in &negotiated.slots {
-                            Room::bind_slot(slot, room.source(slot.kind).as_ref());
-                        }
+                        let session = negotiated.answer.session.clone();
                         room.subscribers.insert(
-                            negotiated.answer.session.clone(),
+                            session.clone(),
                             SubscriberEntry {
                                 events: negotiated.subscriber.events(),
                                 addr: negotiated.subscriber.start(),
                                 identity,
                                 etag: negotiated.answer.etag.clone(),
                                 slots: negotiated.slots,
+                                selection: tracks,
                             },
                         );
+                        room.rebind_subscriber(&session, MediaKind::Video);
+                        room.rebind_subscriber(&session, MediaKind::Audio);
                         RoomReply::Answer(negotiated.answer)
                     });
                     room.stop_if_empty(ctx);
@@ -453,6 +616,54 @@ impl Handler<RoomRequest> for Room {
                 ActorResponse::reply(reply)
             }
             RoomRequest::Info => ActorResponse::reply(Ok(RoomReply::Info(self.info()))),
+            RoomRequest::Select { session, tracks } => {
+                let Some(subscriber) = self.subscribers.get_mut(&session) else {
+                    return ActorResponse::reply(Err(RoomError::UnknownSession));
+                };
+                subscriber.selection = tracks;
+                self.rebind_subscriber(&session, MediaKind::Video);
+                self.rebind_subscriber(&session, MediaKind::Audio);
+                ActorResponse::reply(Ok(RoomReply::Done))
+            }
+            RoomRequest::SetLayer { session, layer } => {
+                let Some(subscriber) = self.subscribers.get(&session) else {
+                    return ActorResponse::reply(Err(RoomError::UnknownSession));
+                };
+                for slot in subscriber.slots.iter().filter(|s| s.kind == MediaKind::Video) {
+                    if slot.control.try_send(SlotControl::SetLayer(layer)).is_err() {
+                        tracing::warn!("subscriber slot control queue full; layer change dropped");
+                    }
+                }
+                ActorResponse::reply(Ok(RoomReply::Done))
+            }
+            RoomRequest::Mute { session, kind, muted } => {
+                let Some(publisher) = self.publishers.get_mut(&session) else {
+                    return ActorResponse::reply(Err(RoomError::UnknownSession));
+                };
+                if publisher.muted[kind_index(kind)] != muted {
+                    publisher.muted[kind_index(kind)] = muted;
+                    let ids: Vec<String> = publisher
+                        .tracks
+                        .iter()
+                        .filter(|t| t.kind == kind)
+                        .map(|t| track_id(&session, t))
+                        .collect();
+                    for track_id in ids {
+                        self.notify(RoomNotice::Muted { track_id, muted });
+                    }
+                    self.rebind(kind);
+                }
+                ActorResponse::reply(Ok(RoomReply::Done))
+            }
+            RoomRequest::Watch { watcher, notices } => {
+                self.watchers.insert(watcher, notices);
+                ActorResponse::reply(Ok(RoomReply::Tracks(self.track_infos())))
+            }
+            RoomRequest::Unwatch { watcher } => {
+                self.watchers.remove(&watcher);
+                self.stop_if_empty(ctx);
+                ActorResponse::reply(Ok(RoomReply::Done))
+            }
         }
     }
 }
@@ -467,14 +678,14 @@ impl Handler<RoomEvent> for Room {
                     return; // the session ended while its track opened
                 };
                 publisher.tracks.push(Arc::clone(&track));
-                let kind = track.kind;
-                if self.source(kind).is_some_and(|s| Arc::ptr_eq(&s, &track)) {
-                    self.rebind(kind);
-                }
+                let info = Self::track_info(&session, publisher, &track);
+                self.notify(RoomNotice::Published(info));
+                self.rebind(track.kind);
             }
             RoomEvent::TrackUnpublished { session, track } => {
                 if let Some(publisher) = self.publishers.get_mut(&session) {
                     publisher.tracks.retain(|t| !Arc::ptr_eq(t, &track));
+                    self.notify(RoomNotice::Unpublished(track_id(&session, &track)));
                     self.rebind(track.kind);
                 }
             }

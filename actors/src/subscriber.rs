@@ -45,6 +45,8 @@ pub struct SlotHandle {
     pub kind: MediaKind,
     pub codec: Codec,
     pub control: mpsc::Sender<SlotControl>,
+    /// The track the room last bound it to, so it re-binds only on a change.
+    pub bound: Option<Arc<PublishedTrack>>,
 }
 
 pub struct Subscriber {
@@ -194,6 +196,7 @@ impl Subscriber {
                 },
                 codec,
                 control,
+                bound: None,
             });
         }
         if slots.is_empty() {
@@ -343,6 +346,7 @@ impl ForwardSlot {
 
     async fn bind(&mut self, track: Arc<PublishedTrack>) -> Binding {
         let mut selector = LayerSelector::new(self.preference);
+        self.rewriter.restart();
         let now = Instant::now();
         let action = selector.evaluate(&track.layer_views(now), self.bwe.estimate_bps(now), now);
         let (sink, packets) = Sink::new(selector.wanted_mask());

@@ -33,6 +33,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics::scrape))
+        .route("/signal", web::get().to(crate::signal::ws::connect))
+        .route("/sdk/mediamesh.js", web::get().to(browser_sdk))
+        .route("/demo", web::get().to(demo_page))
         .service(
             web::resource("/whip/{room}")
                 .route(web::post().to(|s, r, p, q, b| sessions::create(s, r, p, q, b, SessionKind::Publisher)))
@@ -83,6 +86,22 @@ async fn preflight() -> HttpResponse {
         .insert_header(("Access-Control-Max-Age", "86400"))
         .insert_header(("Accept-Post", "application/sdp"))
         .finish()
+}
+
+/// The browser SDK (`sdk/js/mediamesh.js`), built into the binary.
+async fn browser_sdk() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/javascript; charset=utf-8")
+        .insert_header(("Cache-Control", "no-cache"))
+        .body(include_str!("../../sdk/js/mediamesh.js"))
+}
+
+/// A page that publishes a camera and watches a room with the browser SDK.
+async fn demo_page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("Cache-Control", "no-cache"))
+        .body(include_str!("../../sdk/js/demo.html"))
 }
 
 async fn healthz() -> HttpResponse {

@@ -89,6 +89,7 @@ pub async fn create(
             identity: identity.clone(),
             offer: offer.clone(),
             layer,
+            tracks: None,
         },
     };
     // A room that is closing refuses its mailbox; the second attempt makes a fresh room.

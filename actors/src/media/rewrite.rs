@@ -54,6 +54,13 @@ impl RtpRewriter {
         self.source != Some(source_ssrc)
     }
 
+    /// Makes the next packet re-anchor the stream even when it comes from the same source: after
+    /// a pause (mute, unsubscribe) the source's sequence numbers jumped, and the viewer would
+    /// count the packets it was never meant to get as lost.
+    pub fn restart(&mut self) {
+        self.source = None;
+    }
+
     /// Re-anchors the offsets so that the first packet of the new source continues the
     /// outgoing stream: next sequence number, and a timestamp advanced by the wall time since
     /// the last packet sent (at least one tick, so timestamps never repeat across sources).
@@ -118,6 +125,22 @@ mod tests {
         assert_eq!(c.timestamp, b.timestamp.wrapping_add(9_000));
         let d = rewriter.rewrite(60_001, 9_999_999 + 3_000, later);
         assert_eq!(d.sequence_number, c.sequence_number.wrapping_add(1));
+    }
+
+    #[test]
+    fn restart_hides_a_pause_of_the_same_source() {
+        let start = Instant::now();
+        let mut rewriter = RtpRewriter::new(42, 96, 90_000);
+        rewriter.switch_source(1, 100, 1_000, start);
+        let a = rewriter.rewrite(100, 1_000, start);
+        // 300 packets were not forwarded (muted); without a restart the viewer sees a gap.
+        assert!(!rewriter.is_new_source(1));
+        rewriter.restart();
+        assert!(rewriter.is_new_source(1));
+        let later = start + Duration::from_secs(2);
+        rewriter.switch_source(1, 400, 181_000, later);
+        let b = rewriter.rewrite(400, 181_000, later);
+        assert_eq!(b.sequence_number, a.sequence_number.wrapping_add(1));
     }
 
     #[test]

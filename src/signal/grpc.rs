@@ -1,0 +1,77 @@
+//! `mediamesh.signal.v1.Signal/Connect` on the `--grpc` port: the gRPC transport. The
+//! `authorization` metadata carries `Bearer <token>` (or `join.token` does).
+
+use super::session;
+use super::{FRAME_BYTES_MAX, Inbound, SignalContext};
+use crate::auth;
+use futures::StreamExt;
+use mediamesh_proto::signal::v1::signal_server::{Signal, SignalServer};
+use mediamesh_proto::signal::v1::{ClientMessage, ServerMessage};
+use std::pin::Pin;
+use std::sync::Arc;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct SignalService {
+    context: Arc<SignalContext>,
+}
+
+/// The service, with frames limited to [`FRAME_BYTES_MAX`].
+pub fn service(context: Arc<SignalContext>) -> SignalServer<SignalService> {
+    SignalServer::new(SignalService { context })
+        .max_decoding_message_size(FRAME_BYTES_MAX)
+        .max_encoding_message_size(FRAME_BYTES_MAX * 4)
+}
+
+type ServerStream = Pin<Box<dyn futures::Stream<Item = Result<ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Signal for SignalService {
+    type ConnectStream = ServerStream;
+
+    async fn connect(&self, request: Request<Streaming<ClientMessage>>) -> Result<Response<ServerStream>, Status> {
+        let claims = match request.metadata().get("authorization") {
+            Some(value) => {
+                let value = value
+                    .to_str()
+                    .map_err(|_| Status::unauthenticated("malformed authorization metadata"))?;
+                let token = auth::bearer(Some(value)).map_err(|e| Status::unauthenticated(e.to_string()))?;
+                Some(
+                    self.context
+                        .keys
+                        .verify(token)
+                        .map_err(|e| Status::unauthenticated(e.to_string()))?,
+                )
+            }
+            None => None,
+        };
+        let mut frames = request.into_inner();
+        let ((in_tx, in_rx), (out_tx, out_rx)) = session::channels();
+        tokio::spawn(session::run(Arc::clone(&self.context), claims, in_rx, out_tx));
+        tokio::spawn(async move {
+            loop {
+                let item = match frames.next().await {
+                    Some(Ok(message)) => Inbound::Message(message),
+                    Some(Err(status)) => {
+                        // tonic ends the stream after a frame it cannot decode.
+                        let item = if status.code() == tonic::Code::OutOfRange
+                            || status.message().contains("too large")
+                            || status.message().contains("message length")
+                        {
+                            Inbound::TooLarge
+                        } else {
+                            Inbound::Malformed(format!("undecodable frame: {}", status.message()))
+                        };
+                        let _ = in_tx.send(item).await;
+                        break;
+                    }
+                    None => break,
+                };
+                if in_tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let outgoing = tokio_stream::wrappers::ReceiverStream::new(out_rx).map(Ok);
+        Ok(Response::new(Box::pin(outgoing)))
+    }
+}

@@ -1,0 +1,116 @@
+//! Signaling: one session per client channel, the same code behind the WebSocket (`ws`, JSON
+//! frames) and gRPC (`grpc`, protobuf) transports. A transport decodes frames into [`Inbound`]
+//! items, runs [`session::run`], and writes what comes out; the session owns every rule.
+
+pub mod grpc;
+pub mod resume;
+pub mod session;
+pub mod ws;
+
+use crate::auth::TokenKeys;
+use mediamesh_actors::RoomRegistry;
+use mediamesh_proto::signal::v1::ClientMessage;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Largest signal frame accepted (JSON text or protobuf), in bytes. An SDP offer with simulcast
+/// and many candidates is ~10 KiB.
+pub const FRAME_BYTES_MAX: usize = 64 * 1024;
+/// Bound of each direction's queue between a transport and its session.
+pub const QUEUE_MAX: usize = 64;
+/// The WebSocket transport pings this often; clients are asked to send something at least once
+/// per idle timeout.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One decoded item from a transport.
+#[derive(Debug)]
+pub enum Inbound {
+    Message(ClientMessage),
+    /// Not a message: bad JSON or protobuf, a field of the wrong type, a binary WebSocket frame.
+    Malformed(String),
+    /// A well-formed message of a type this node does not know.
+    Unknown(String),
+    /// A frame over [`FRAME_BYTES_MAX`]; the transport cannot go on after it.
+    TooLarge,
+    /// Proof of life without a message (a WebSocket pong).
+    Heartbeat,
+}
+
+/// Everything a session needs from the node.
+pub struct SignalContext {
+    pub node_id: String,
+    pub keys: TokenKeys,
+    pub resume: resume::ResumeKeys,
+    pub rooms: Arc<RoomRegistry>,
+    pub store: mediamesh_cluster::Store,
+    pub idle_timeout: Duration,
+    pub resume_window: Duration,
+    /// The public gRPC address, as told to clients that ask for the gRPC mode.
+    pub grpc_url: String,
+    /// Live sessions by viewer session id; a resume elsewhere on this node cancels the old one.
+    live: Mutex<HashMap<String, Registration>>,
+    generation: AtomicU64,
+}
+
+/// A live session's entry: cancelled when a resume takes the viewer id over.
+#[derive(Clone)]
+struct Registration {
+    generation: u64,
+    cancelled: CancellationToken,
+}
+
+impl SignalContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node_id: String,
+        keys: TokenKeys,
+        cluster_secret: &str,
+        rooms: Arc<RoomRegistry>,
+        store: mediamesh_cluster::Store,
+        idle_timeout: Duration,
+        resume_window: Duration,
+        grpc_url: String,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            node_id,
+            keys,
+            resume: resume::ResumeKeys::new(cluster_secret),
+            rooms,
+            store,
+            idle_timeout,
+            resume_window,
+            grpc_url,
+            live: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// Registers a live session, cancelling one that held the same viewer id.
+    fn register(&self, viewer: &str) -> Registration {
+        let registration = Registration {
+            generation: self.generation.fetch_add(1, Ordering::Relaxed),
+            cancelled: CancellationToken::new(),
+        };
+        let previous = self.live.lock().insert(viewer.to_string(), registration.clone());
+        if let Some(previous) = previous {
+            previous.cancelled.cancel();
+        }
+        registration
+    }
+
+    /// Forgets a live session unless another one has taken its viewer id since.
+    fn unregister(&self, viewer: &str, registration: &Registration) {
+        let mut live = self.live.lock();
+        if live.get(viewer).is_some_and(|r| r.generation == registration.generation) {
+            live.remove(viewer);
+        }
+    }
+
+    pub fn live_sessions(&self) -> usize {
+        self.live.lock().len()
+    }
+}

@@ -1,0 +1,865 @@
+//! One signal session: the ordering rules, the room requests behind each message, the viewer
+//! state kept in the store for resume, and the idle timeout. Transport-agnostic: it reads
+//! [`Inbound`] items and writes [`ServerMessage`]s, and ends by returning (the transport then
+//! closes its connection).
+
+use super::resume::ResumeClaims;
+use super::{Inbound, QUEUE_MAX, SignalContext};
+use crate::auth::{AuthError, Claims, Grant};
+use mediamesh_actors::media::track::MediaKind;
+use mediamesh_actors::pii::Pii;
+use mediamesh_actors::room::{RoomReply, RoomRequest};
+use mediamesh_actors::{Identity, RoomError, RoomId, RoomNotice, SessionId, SessionKind, TrackInfo};
+use mediamesh_cluster::{Consistency, ViewerState};
+use mediamesh_proto::signal::v1 as pb;
+use pb::client_message::Body as In;
+use pb::server_message::Body as Out;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+
+/// Track ids one subscribe or unsubscribe may name, and a viewer may hold.
+const TRACK_IDS_MAX: usize = 64;
+/// A track id longer than this is refused.
+const TRACK_ID_BYTES_MAX: usize = 200;
+/// Display names are cut to this many characters.
+const DISPLAY_NAME_CHARS_MAX: usize = 64;
+/// The final viewer-state write of an ending session waits at most this long.
+const FINAL_PERSIST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An error reply: a stable code, a message, and whether the session ends after it.
+#[derive(Debug)]
+struct Refusal {
+    code: &'static str,
+    message: String,
+    fatal: bool,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            fatal: false,
+        }
+    }
+
+    fn fatal(mut self) -> Self {
+        self.fatal = true;
+        self
+    }
+}
+
+impl From<RoomError> for Refusal {
+    fn from(error: RoomError) -> Self {
+        let code = match &error {
+            RoomError::NodeFull(..) => "node_full",
+            RoomError::RoomFull(..) => "room_full",
+            RoomError::BadOffer(_) | RoomError::BadFragment(_) => "bad_request",
+            RoomError::UnknownSession => "not_found",
+            RoomError::PreconditionFailed => "out_of_order",
+            RoomError::Closing | RoomError::Directory(_) | RoomError::Media(_) => "internal",
+        };
+        Refusal::new(code, error.to_string())
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(error: AuthError) -> Self {
+        let code = if error.is_forbidden() { "forbidden" } else { "unauthorized" };
+        Refusal::new(code, error.to_string()).fatal()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Role {
+    publish: bool,
+    subscribe: bool,
+}
+
+impl Role {
+    fn parse(text: &str) -> Result<Role, Refusal> {
+        match text {
+            "publisher" => Ok(Role {
+                publish: true,
+                subscribe: false,
+            }),
+            "subscriber" => Ok(Role {
+                publish: false,
+                subscribe: true,
+            }),
+            "both" => Ok(Role {
+                publish: true,
+                subscribe: true,
+            }),
+            other => Err(Refusal::new(
+                "bad_request",
+                format!("role must be publisher, subscriber or both, not {other:.20?}"),
+            )),
+        }
+    }
+}
+
+fn parse_target(target: &str) -> Result<SessionKind, Refusal> {
+    match target {
+        "publisher" => Ok(SessionKind::Publisher),
+        "subscriber" => Ok(SessionKind::Subscriber),
+        other => Err(Refusal::new(
+            "bad_request",
+            format!("target must be publisher or subscriber, not {other:.20?}"),
+        )),
+    }
+}
+
+fn target_name(kind: SessionKind) -> &'static str {
+    match kind {
+        SessionKind::Publisher => "publisher",
+        SessionKind::Subscriber => "subscriber",
+    }
+}
+
+const LAYERS: [&str; 3] = ["low", "mid", "high"];
+
+fn parse_layer(text: &str) -> Result<Option<u8>, Refusal> {
+    if text.is_empty() || text == "auto" {
+        return Ok(None);
+    }
+    LAYERS.iter().position(|l| *l == text).map(|i| Some(i as u8)).ok_or_else(|| {
+        Refusal::new(
+            "bad_request",
+            format!("layer must be low, mid, high or auto, not {text:.20?}"),
+        )
+    })
+}
+
+fn parse_kind(text: &str) -> Result<MediaKind, Refusal> {
+    match text {
+        "audio" => Ok(MediaKind::Audio),
+        "video" => Ok(MediaKind::Video),
+        other => Err(Refusal::new(
+            "bad_request",
+            format!("kind must be audio or video, not {other:.20?}"),
+        )),
+    }
+}
+
+fn check_track_ids(ids: &[String]) -> Result<(), Refusal> {
+    if ids.is_empty() || ids.len() > TRACK_IDS_MAX {
+        return Err(Refusal::new(
+            "bad_request",
+            format!("name 1 to {TRACK_IDS_MAX} track ids"),
+        ));
+    }
+    if let Some(id) = ids.iter().find(|id| id.is_empty() || id.len() > TRACK_ID_BYTES_MAX) {
+        return Err(Refusal::new(
+            "bad_request",
+            format!("track id {id:.40?} is empty or longer than {TRACK_ID_BYTES_MAX} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+pub fn track_message(track: &TrackInfo) -> pb::Track {
+    pb::Track {
+        id: track.id.clone(),
+        kind: track.kind.to_string(),
+        codec: track.codec.to_string(),
+        layers: track.layers.clone(),
+        muted: track.muted,
+        publisher: track.publisher.clone(),
+    }
+}
+
+/// The state of a joined session.
+struct Joined {
+    room: RoomId,
+    identity: Identity,
+    /// The viewer session id: survives resumes.
+    viewer: String,
+    role: Role,
+    publisher: Option<SessionId>,
+    subscriber: Option<SessionId>,
+    /// Chosen track ids; `None` for the room's defaults.
+    selection: Option<Vec<String>>,
+    layer: Option<u8>,
+    muted: [bool; 2],
+    position_ms: u64,
+    /// Track notices of the room; `None` after the room closed (re-watched on the next request).
+    notices: Option<mpsc::Receiver<RoomNotice>>,
+    /// The viewer state the persister writes (subscribers only).
+    persist: Option<watch::Sender<Option<ViewerState>>>,
+    persister: Option<tokio::task::JoinHandle<()>>,
+    registration: super::Registration,
+}
+
+impl Joined {
+    fn viewer_state(&self, node: &str) -> ViewerState {
+        let mut layers = BTreeMap::new();
+        if let Some(layer) = self.layer {
+            layers.insert("video".to_string(), LAYERS[usize::from(layer)].to_string());
+        }
+        ViewerState {
+            viewer: mediamesh_cluster::ViewerId::new(self.viewer.clone()),
+            room: mediamesh_cluster::RoomId::new(self.room.to_string()),
+            node: mediamesh_cluster::NodeId::new(node),
+            session: self.viewer.clone(),
+            position_ms: self.position_ms,
+            subscriptions: self.selection.clone().unwrap_or_default(),
+            layers,
+            updated_at_ms: 0,
+            expires_at_ms: 0,
+            revision: 0,
+        }
+    }
+}
+
+/// Whether the session goes on after a message.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// `leave`: end, and forget the viewer state.
+    Leave,
+    /// A fatal error was sent: end, keeping the viewer state for a resume.
+    Stop,
+}
+
+struct Session {
+    ctx: Arc<SignalContext>,
+    out: mpsc::Sender<pb::ServerMessage>,
+    /// Verified at connect time (signature and expiry; room and grants at join).
+    claims: Option<Claims>,
+    joined: Option<Joined>,
+}
+
+/// Runs one session until the client leaves, the transport closes, the idle timeout passes, or a
+/// resume elsewhere takes it over. `claims` come from a token the transport already verified.
+pub async fn run(
+    ctx: Arc<SignalContext>,
+    claims: Option<Claims>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    out: mpsc::Sender<pb::ServerMessage>,
+) {
+    let mut session = Session {
+        ctx: Arc::clone(&ctx),
+        out,
+        claims,
+        joined: None,
+    };
+    let mut last_heard = Instant::now();
+    let mut idle_check = tokio::time::interval(Duration::from_millis(250).min(ctx.idle_timeout / 4));
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let flow = loop {
+        let cancelled = session
+            .joined
+            .as_ref()
+            .map(|j| j.registration.cancelled.clone())
+            .unwrap_or_default();
+        tokio::select! {
+            item = inbound.recv() => {
+                let Some(item) = item else { break Flow::Continue };
+                last_heard = Instant::now();
+                let flow = session.on_inbound(item).await;
+                if flow != Flow::Continue {
+                    break flow;
+                }
+            }
+            notice = next_notice(&mut session.joined) => session.on_notice(notice).await,
+            _ = idle_check.tick() => {
+                if last_heard.elapsed() >= ctx.idle_timeout {
+                    let message = format!("nothing received for {} ms", ctx.idle_timeout.as_millis());
+                    session.send_error(0, Refusal::new("idle_timeout", message).fatal()).await;
+                    break Flow::Stop;
+                }
+            }
+            _ = cancelled.cancelled() => {
+                let refusal = Refusal::new("replaced", "this session was resumed on another connection").fatal();
+                session.send_error(0, refusal).await;
+                break Flow::Stop;
+            }
+        }
+    };
+    session.end(flow == Flow::Leave).await;
+}
+
+async fn next_notice(joined: &mut Option<Joined>) -> Option<RoomNotice> {
+    match joined.as_mut().and_then(|j| j.notices.as_mut()) {
+        Some(notices) => notices.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    async fn send(&self, id: u64, body: Out) {
+        // A closed transport just means the session is ending.
+        let _ = self.out.send(pb::ServerMessage { id, body: Some(body) }).await;
+    }
+
+    async fn send_error(&self, id: u64, refusal: Refusal) {
+        tracing::debug!(code = refusal.code, message = %refusal.message, "signal error reply");
+        let error = pb::Error {
+            code: refusal.code.to_string(),
+            message: refusal.message,
+            fatal: refusal.fatal,
+        };
+        self.send(id, Out::Error(error)).await;
+    }
+
+    async fn on_inbound(&mut self, item: Inbound) -> Flow {
+        let (id, result) = match item {
+            Inbound::Heartbeat => return Flow::Continue,
+            Inbound::Malformed(reason) => (0, Err(Refusal::new("bad_request", reason))),
+            Inbound::Unknown(kind) => (
+                0,
+                Err(Refusal::new(
+                    "unknown_message",
+                    if kind.is_empty() {
+                        "a message needs a type".to_string()
+                    } else {
+                        format!("unknown message type {kind:.40?}")
+                    },
+                )),
+            ),
+            Inbound::TooLarge => (
+                0,
+                Err(Refusal::new(
+                    "too_large",
+                    format!("a frame is at most {} bytes", super::FRAME_BYTES_MAX),
+                )
+                .fatal()),
+            ),
+            Inbound::Message(message) => {
+                let id = message.id;
+                match message.body {
+                    None => (id, Err(Refusal::new("unknown_message", "a message needs a type"))),
+                    Some(In::Leave(_)) => return Flow::Leave,
+                    Some(body) => (id, self.on_message(body).await),
+                }
+            }
+        };
+        match result {
+            Ok(Some(reply)) => {
+                self.send(id, reply).await;
+                Flow::Continue
+            }
+            Ok(None) => Flow::Continue,
+            Err(refusal) => {
+                let fatal = refusal.fatal;
+                self.send_error(id, refusal).await;
+                if fatal { Flow::Stop } else { Flow::Continue }
+            }
+        }
+    }
+
+    fn joined(&mut self) -> Result<&mut Joined, Refusal> {
+        self.joined
+            .as_mut()
+            .ok_or_else(|| Refusal::new("not_joined", "send join first"))
+    }
+
+    async fn on_message(&mut self, body: In) -> Result<Option<Out>, Refusal> {
+        match body {
+            In::Ping(ping) => Ok(Some(Out::Pong(pb::Pong {
+                timestamp_ms: ping.timestamp_ms,
+            }))),
+            In::Join(join) => self.join(join).await.map(Some),
+            In::Offer(offer) => self.offer(offer).await.map(Some),
+            In::Answer(answer) => {
+                self.joined()?;
+                Err(Refusal::new(
+                    "out_of_order",
+                    format!(
+                        "answer for {:.20?} without an offer from the node",
+                        answer.target
+                    ),
+                ))
+            }
+            In::Trickle(trickle) => self.trickle(trickle).await,
+            In::Subscribe(subscribe) => {
+                check_track_ids(&subscribe.track_ids)?;
+                let joined = self.joined()?;
+                require(joined.role.subscribe, "subscribe")?;
+                let mut selection = joined.selection.clone().unwrap_or_default();
+                for id in subscribe.track_ids {
+                    if !selection.contains(&id) {
+                        selection.push(id);
+                    }
+                }
+                if selection.len() > TRACK_IDS_MAX {
+                    return Err(Refusal::new(
+                        "bad_request",
+                        format!("a viewer holds at most {TRACK_IDS_MAX} subscriptions"),
+                    ));
+                }
+                self.select(Some(selection)).await
+            }
+            In::Unsubscribe(unsubscribe) => {
+                check_track_ids(&unsubscribe.track_ids)?;
+                let joined = self.joined()?;
+                require(joined.role.subscribe, "unsubscribe")?;
+                let current = match joined.selection.clone() {
+                    Some(selection) => selection,
+                    // From the defaults: everything in the room now but what is named.
+                    None => self.room_tracks().await?.into_iter().map(|t| t.id).collect(),
+                };
+                let selection = current
+                    .into_iter()
+                    .filter(|id| !unsubscribe.track_ids.contains(id))
+                    .collect();
+                self.select(Some(selection)).await
+            }
+            In::SetLayer(set) => {
+                let layer = parse_layer(&set.layer)?;
+                let joined = self.joined()?;
+                require(joined.role.subscribe, "set_layer")?;
+                joined.layer = layer;
+                let subscriber = joined.subscriber.clone();
+                self.persist();
+                if let Some(session) = subscriber {
+                    self.room_request(RoomRequest::SetLayer { session, layer }).await?;
+                }
+                Ok(Some(Out::Ack(pb::Ack {})))
+            }
+            In::Mute(mute) => {
+                let kind = parse_kind(&mute.kind)?;
+                let joined = self.joined()?;
+                require(joined.role.publish, "mute")?;
+                joined.muted[usize::from(kind == MediaKind::Video)] = mute.muted;
+                if let Some(session) = joined.publisher.clone() {
+                    self.room_request(RoomRequest::Mute {
+                        session,
+                        kind,
+                        muted: mute.muted,
+                    })
+                    .await?;
+                }
+                Ok(Some(Out::Ack(pb::Ack {})))
+            }
+            In::Position(position) => {
+                let joined = self.joined()?;
+                require(joined.role.subscribe, "position")?;
+                joined.position_ms = position.position_ms;
+                self.persist();
+                Ok(Some(Out::Ack(pb::Ack {})))
+            }
+            In::Leave(_) => Ok(None), // handled by the caller
+        }
+    }
+
+    async fn join(&mut self, join: pb::Join) -> Result<Out, Refusal> {
+        if self.joined.is_some() {
+            return Err(Refusal::new("already_joined", "this session already joined a room"));
+        }
+        let room = RoomId::parse(&join.room).ok_or_else(|| {
+            Refusal::new(
+                "bad_request",
+                format!(
+                    "invalid room name: 1 to {} characters of A-Z a-z 0-9 _ . -",
+                    mediamesh_actors::ids::ROOM_NAME_BYTES_MAX
+                ),
+            )
+        })?;
+        let role = Role::parse(&join.role)?;
+        if !matches!(join.region.as_str(), "" | "seoul" | "busan") {
+            return Err(Refusal::new(
+                "bad_request",
+                format!("region must be seoul or busan, not {:.20?}", join.region),
+            ));
+        }
+        let claims = match (&self.claims, join.token.as_str()) {
+            (Some(claims), _) => claims.clone(),
+            (None, "") => return Err(AuthError::Missing.into()),
+            (None, token) => self.ctx.keys.verify(token)?,
+        };
+        for (wanted, grant) in [(role.publish, Grant::Publish), (role.subscribe, Grant::Subscribe)] {
+            if wanted {
+                self.ctx.keys.check(&claims, grant, Some(room.as_str()))?;
+            }
+        }
+        let identity = Identity(claims.sub.clone());
+        let display_name: String = join.display_name.chars().take(DISPLAY_NAME_CHARS_MAX).collect();
+
+        // A resume token gives an earlier viewer session back while its state is in the window.
+        let mut resumed: Option<ViewerState> = None;
+        if !join.resume_token.is_empty() {
+            match self.ctx.resume.verify(&join.resume_token) {
+                Ok(ResumeClaims {
+                    viewer,
+                    room: token_room,
+                    identity: token_identity,
+                }) if token_room == room.as_str() && token_identity == identity.0 => {
+                    resumed = self.resumable(&viewer).await;
+                }
+                Ok(_) => {
+                    return Err(Refusal::new(
+                        "forbidden",
+                        "the resume token is for another room or identity",
+                    ));
+                }
+                Err(reason) => return Err(Refusal::new("bad_request", reason)),
+            }
+        }
+        let viewer = match &resumed {
+            Some(state) => state.viewer.as_str().to_string(),
+            None => SessionId::generate().to_string(),
+        };
+        let resume_token = self.ctx.resume.sign(&ResumeClaims {
+            viewer: viewer.clone(),
+            room: room.to_string(),
+            identity: identity.0.clone(),
+        });
+        let registration = self.ctx.register(&viewer);
+        let (notice_tx, notice_rx) = mpsc::channel(mediamesh_actors::room::WATCH_QUEUE_MAX);
+        let mut joined = Joined {
+            room: room.clone(),
+            identity,
+            viewer: viewer.clone(),
+            role,
+            publisher: None,
+            subscriber: None,
+            selection: None,
+            layer: None,
+            muted: [false; 2],
+            position_ms: 0,
+            notices: None,
+            persist: None,
+            persister: None,
+            registration,
+        };
+        if let Some(state) = &resumed {
+            joined.selection = (!state.subscriptions.is_empty()).then(|| state.subscriptions.clone());
+            joined.layer = state.layers.get("video").and_then(|l| parse_layer(l).ok().flatten());
+            joined.position_ms = state.position_ms;
+        }
+        if role.subscribe {
+            let (tx, rx) = watch::channel(None);
+            joined.persister = Some(tokio::spawn(persist_viewer(self.ctx.store.clone(), rx)));
+            joined.persist = Some(tx);
+        }
+        tracing::info!(
+            room = %room,
+            viewer = %viewer,
+            identity = %Pii::Identity(&joined.identity.0),
+            display_name = %Pii::Name(&display_name),
+            resumed = resumed.is_some(),
+            "signal session joined"
+        );
+        let subscriptions = joined.selection.clone().unwrap_or_default();
+        let layer = joined.layer.map(|l| LAYERS[usize::from(l)].to_string()).unwrap_or_default();
+        let position_ms = joined.position_ms;
+        self.joined = Some(joined);
+        self.persist();
+        let tracks = self.watch(notice_tx, notice_rx).await?;
+        Ok(Out::Joined(pb::Joined {
+            session: viewer,
+            resume_token,
+            ice_servers: Vec::new(),
+            resumed: resumed.is_some(),
+            subscriptions,
+            layer,
+            position_ms,
+            node: self.ctx.node_id.clone(),
+            tracks: tracks.iter().map(track_message).collect(),
+            idle_timeout_ms: u32::try_from(self.ctx.idle_timeout.as_millis()).unwrap_or(u32::MAX),
+            resume_window_ms: u32::try_from(self.ctx.resume_window.as_millis()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    /// The stored state of `viewer` if it was updated within the resume window.
+    async fn resumable(&self, viewer: &str) -> Option<ViewerState> {
+        let id = mediamesh_cluster::ViewerId::new(viewer);
+        match self.ctx.store.viewer(&id, Consistency::Linearizable).await {
+            Ok(Some(state)) => {
+                let age_ms = now_ms().saturating_sub(state.updated_at_ms);
+                (age_ms <= self.ctx.resume_window.as_millis() as u64).then_some(state)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                tracing::warn!(%error, "viewer state not readable; a new session instead of a resume");
+                None
+            }
+        }
+    }
+
+    /// Hands the current viewer state to the persister (subscribers only).
+    fn persist(&self) {
+        if let Some(joined) = &self.joined
+            && let Some(persist) = &joined.persist
+        {
+            persist.send_replace(Some(joined.viewer_state(&self.ctx.node_id)));
+        }
+    }
+
+    /// Watches the room's tracks: its notices come to this session from now on.
+    async fn watch(
+        &mut self,
+        notice_tx: mpsc::Sender<RoomNotice>,
+        notice_rx: mpsc::Receiver<RoomNotice>,
+    ) -> Result<Vec<TrackInfo>, Refusal> {
+        let viewer = SessionId(self.joined()?.viewer.clone());
+        let reply = self
+            .room_request(RoomRequest::Watch {
+                watcher: viewer,
+                notices: notice_tx,
+            })
+            .await?;
+        self.joined()?.notices = Some(notice_rx);
+        match reply {
+            RoomReply::Tracks(tracks) => Ok(tracks),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    async fn room_tracks(&mut self) -> Result<Vec<TrackInfo>, Refusal> {
+        let (tx, rx) = mpsc::channel(mediamesh_actors::room::WATCH_QUEUE_MAX);
+        self.watch(tx, rx).await
+    }
+
+    /// Sends a request to the room, creating it (or a fresh one, if it was closing) as needed,
+    /// and re-watching it when the room this session watched has closed.
+    async fn room_request(&mut self, request: RoomRequest) -> Result<RoomReply, Refusal> {
+        let room = self.joined()?.room.clone();
+        let rewatch = self.joined.as_ref().is_some_and(|j| j.notices.is_none()) && !is_watch(&request);
+        let mut request = Some(request);
+        for _ in 0..2 {
+            let addr = self.ctx.rooms.get_or_create(&room).await?;
+            let Some(message) = request.take() else { break };
+            match addr.send(message).await {
+                Ok(reply) => {
+                    let reply = reply?;
+                    if rewatch {
+                        let (tx, rx) = mpsc::channel(mediamesh_actors::room::WATCH_QUEUE_MAX);
+                        let viewer = SessionId(self.joined()?.viewer.clone());
+                        if addr
+                            .send(RoomRequest::Watch {
+                                watcher: viewer,
+                                notices: tx,
+                            })
+                            .await
+                            .is_ok()
+                        {
+                            self.joined()?.notices = Some(rx);
+                        }
+                    }
+                    return Ok(reply);
+                }
+                // The room stopped before it took the request; the mailbox gives it back.
+                Err(actix::MailboxError::Closed) | Err(actix::MailboxError::Timeout) => {
+                    return Err(RoomError::Closing.into());
+                }
+            }
+        }
+        Err(RoomError::Closing.into())
+    }
+
+    async fn offer(&mut self, offer: pb::SessionDescription) -> Result<Out, Refusal> {
+        let kind = parse_target(&offer.target)?;
+        let joined = self.joined()?;
+        let (allowed, existing) = match kind {
+            SessionKind::Publisher => (joined.role.publish, joined.publisher.is_some()),
+            SessionKind::Subscriber => (joined.role.subscribe, joined.subscriber.is_some()),
+        };
+        require(allowed, &format!("offer for {}", target_name(kind)))?;
+        if existing {
+            return Err(Refusal::new(
+                "out_of_order",
+                format!(
+                    "the {} connection is already negotiated; trickle or ICE-restart it, or leave and join again",
+                    target_name(kind)
+                ),
+            ));
+        }
+        mediamesh_actors::sdp::validate_offer(&offer.sdp).map_err(|e| Refusal::new("bad_request", e))?;
+        let identity = joined.identity.clone();
+        let request = match kind {
+            SessionKind::Publisher => RoomRequest::Publish {
+                identity,
+                offer: offer.sdp,
+            },
+            SessionKind::Subscriber => RoomRequest::Subscribe {
+                identity,
+                offer: offer.sdp,
+                layer: joined.layer,
+                tracks: joined.selection.clone(),
+            },
+        };
+        let RoomReply::Answer(answer) = self.room_request(request).await? else {
+            return Err(Refusal::new("internal", "the room gave no answer"));
+        };
+        let joined = self.joined()?;
+        match kind {
+            SessionKind::Publisher => {
+                joined.publisher = Some(answer.session.clone());
+                let muted = joined.muted;
+                for (index, kind) in [MediaKind::Audio, MediaKind::Video].into_iter().enumerate() {
+                    if muted[index] {
+                        self.room_request(RoomRequest::Mute {
+                            session: answer.session.clone(),
+                            kind,
+                            muted: true,
+                        })
+                        .await?;
+                    }
+                }
+            }
+            SessionKind::Subscriber => joined.subscriber = Some(answer.session.clone()),
+        }
+        Ok(Out::Answer(pb::SessionDescription {
+            target: target_name(kind).to_string(),
+            sdp: answer.sdp,
+        }))
+    }
+
+    async fn trickle(&mut self, trickle: pb::Trickle) -> Result<Option<Out>, Refusal> {
+        let kind = parse_target(&trickle.target)?;
+        let joined = self.joined()?;
+        let session = match kind {
+            SessionKind::Publisher => joined.publisher.clone(),
+            SessionKind::Subscriber => joined.subscriber.clone(),
+        }
+        .ok_or_else(|| {
+            Refusal::new(
+                "out_of_order",
+                format!("trickle for {} before its offer", target_name(kind)),
+            )
+        })?;
+        let reply = self
+            .room_request(RoomRequest::Patch {
+                kind,
+                session,
+                if_match: None,
+                fragment: trickle.fragment,
+            })
+            .await?;
+        Ok(match reply {
+            RoomReply::Patched(outcome) => match outcome.restart_fragment {
+                Some(fragment) => Some(Out::Trickle(pb::Trickle {
+                    target: target_name(kind).to_string(),
+                    fragment,
+                })),
+                None => Some(Out::Ack(pb::Ack {})),
+            },
+            _ => Some(Out::Ack(pb::Ack {})),
+        })
+    }
+
+    async fn select(&mut self, selection: Option<Vec<String>>) -> Result<Option<Out>, Refusal> {
+        let joined = self.joined()?;
+        joined.selection = selection.clone();
+        let subscriber = joined.subscriber.clone();
+        self.persist();
+        if let Some(session) = subscriber {
+            self.room_request(RoomRequest::Select {
+                session,
+                tracks: selection,
+            })
+            .await?;
+        }
+        Ok(Some(Out::Ack(pb::Ack {})))
+    }
+
+    async fn on_notice(&mut self, notice: Option<RoomNotice>) {
+        let body = match notice {
+            Some(RoomNotice::Published(track)) => Out::TrackPublished(pb::TrackPublished {
+                track: Some(track_message(&track)),
+            }),
+            Some(RoomNotice::Unpublished(track_id)) => Out::TrackUnpublished(pb::TrackUnpublished { track_id }),
+            Some(RoomNotice::Muted { track_id, muted }) => Out::TrackMuted(pb::TrackMuted { track_id, muted }),
+            None => {
+                // The room closed (or dropped this watcher); the next request re-watches.
+                if let Some(joined) = self.joined.as_mut() {
+                    joined.notices = None;
+                }
+                return;
+            }
+        };
+        self.send(0, body).await;
+    }
+
+    /// Ends the media sessions and the watch; keeps the viewer state for a resume unless the
+    /// client left.
+    async fn end(mut self, left: bool) {
+        let Some(mut joined) = self.joined.take() else { return };
+        if let Some(addr) = self.ctx.rooms.get(&joined.room) {
+            let sessions = [
+                (SessionKind::Publisher, joined.publisher.take()),
+                (SessionKind::Subscriber, joined.subscriber.take()),
+            ];
+            for (kind, session) in sessions {
+                if let Some(session) = session {
+                    let _ = addr.send(RoomRequest::End { kind, session }).await;
+                }
+            }
+            let _ = addr
+                .send(RoomRequest::Unwatch {
+                    watcher: SessionId(joined.viewer.clone()),
+                })
+                .await;
+        }
+        self.ctx.unregister(&joined.viewer, &joined.registration);
+        let persist = joined.persist.take();
+        let persister = joined.persister.take();
+        let viewer_id = mediamesh_cluster::ViewerId::new(joined.viewer.clone());
+        if let (Some(persist), Some(persister)) = (persist, persister) {
+            if !left {
+                // The window counts from the drop: write the state once more, now.
+                persist.send_replace(Some(joined.viewer_state(&self.ctx.node_id)));
+            }
+            drop(persist);
+            let _ = tokio::time::timeout(FINAL_PERSIST_TIMEOUT, persister).await;
+        }
+        if left && let Err(error) = self.ctx.store.delete_viewer(viewer_id).await {
+            tracing::debug!(%error, "viewer state of a leaving viewer not deleted; it expires");
+        }
+        tracing::info!(room = %joined.room, viewer = %joined.viewer, left, "signal session ended");
+    }
+}
+
+fn is_watch(request: &RoomRequest) -> bool {
+    matches!(request, RoomRequest::Watch { .. })
+}
+
+fn require(allowed: bool, what: &str) -> Result<(), Refusal> {
+    if allowed {
+        Ok(())
+    } else {
+        Err(Refusal::new("forbidden", format!("{what} is not allowed by this session's role")))
+    }
+}
+
+/// Writes each new viewer state to the store in order, coalescing bursts; flushes the last one
+/// when the session drops its sender.
+async fn persist_viewer(store: mediamesh_cluster::Store, mut states: watch::Receiver<Option<ViewerState>>) {
+    // `changed` still reports a value sent just before the sender went away.
+    while states.changed().await.is_ok() {
+        let state = states.borrow_and_update().clone();
+        if let Some(state) = state
+            && let Err(error) = store.upsert_viewer(state).await
+        {
+            tracing::debug!(%error, "viewer state not written");
+        }
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("joined", &self.joined.as_ref().map(|j| j.viewer.as_str()))
+            .finish()
+    }
+}
+
+/// The sizes a transport gives its two queues.
+pub fn channels() -> (
+    (mpsc::Sender<Inbound>, mpsc::Receiver<Inbound>),
+    (mpsc::Sender<pb::ServerMessage>, mpsc::Receiver<pb::ServerMessage>),
+) {
+    (mpsc::channel(QUEUE_MAX), mpsc::channel(QUEUE_MAX))
+}
