@@ -367,14 +367,15 @@ impl Room {
 
     /// Tells every watcher; one whose queue is full or closed is dropped (it re-watches).
     fn notify(&mut self, notice: RoomNotice) {
-        self.watchers.retain(|watcher, queue| match queue.try_send(notice.clone()) {
-            Ok(()) => true,
-            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(watcher = %watcher, "room notices not read; watcher dropped");
-                false
-            }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
-        });
+        self.watchers
+            .retain(|watcher, queue| match queue.try_send(notice.clone()) {
+                Ok(()) => true,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(watcher = %watcher, "room notices not read; watcher dropped");
+                    false
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+            });
     }
 
     fn remove_session(&mut self, session: &SessionId) -> bool {

@@ -74,6 +74,15 @@ pub mod signal {
                 Value::Object(object).to_string()
             }
 
+            /// The `id` of a message that did not decode, when it has a readable one (so the error
+            /// reply can carry it), else 0.
+            pub fn peek_id(text: &str) -> u64 {
+                serde_json::from_str::<Value>(text)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(Value::as_u64))
+                    .unwrap_or(0)
+            }
+
             pub fn decode_client(text: &str) -> Result<ClientMessage, DecodeError> {
                 decode::<client_message::Body>(text).map(|(id, body)| ClientMessage { id, body: Some(body) })
             }
@@ -132,6 +141,8 @@ mod tests {
         let unknown = |t: &str| DecodeError::Unknown(t.into());
         assert_eq!(json::decode_client(r#"{"id":1,"dance":{}}"#), Err(unknown("dance")));
         assert_eq!(json::decode_client(r#"{"id":1}"#), Err(unknown("")));
+        assert_eq!(json::peek_id(r#"{"id":3,"dance":{}}"#), 3);
+        assert_eq!(json::peek_id(r#"{"id":3,"#), 0);
         for bad in [
             r#"{"join":{"room":5}}"#,
             r#"{"join":{},"ping":{}}"#,

@@ -205,11 +205,15 @@ function addSendTracks(pc, stream, { simulcast = false, codec = null, audioCodec
 // ------------------------------------------------------------------------------------------------
 // statistics
 // ------------------------------------------------------------------------------------------------
-const COUNTERS = ['framesDecoded', 'framesReceived', 'framesDropped', 'keyFramesDecoded',
-  'bytesReceived', 'packetsReceived', 'packetsLost', 'totalSamplesReceived'];
+// Counters that add up over a viewer's connections, by kind.
+const PACKET_COUNTERS = ['bytesReceived', 'packetsReceived', 'packetsLost'];
+const COUNTERS = {
+  video: ['framesDecoded', 'framesReceived', 'framesDropped', 'keyFramesDecoded', ...PACKET_COUNTERS],
+  audio: ['totalSamplesReceived', ...PACKET_COUNTERS],
+};
 
-function emptyInbound() {
-  return Object.fromEntries(COUNTERS.map((k) => [k, 0]));
+function emptyInbound(kind) {
+  return Object.fromEntries(COUNTERS[kind].map((k) => [k, 0]));
 }
 
 async function readInbound(pc) {
@@ -249,10 +253,10 @@ export async function outboundStats(pc) {
   report.forEach((r) => {
     if (r.type !== 'outbound-rtp' || (r.kind !== 'video' && r.kind !== 'audio')) return;
     const codec = r.codecId && report.get(r.codecId);
-    const o = out[r.kind] || (out[r.kind] = {
+    const o = out[r.kind] || (out[r.kind] = r.kind === 'video' ? {
       mimeType: null, bytesSent: 0, packetsSent: 0, framesEncoded: 0, framesSent: 0,
       frameWidth: null, frameHeight: null, framesPerSecond: null, layers: [],
-    });
+    } : { mimeType: null, bytesSent: 0, packetsSent: 0 });
     o.mimeType = o.mimeType || (codec ? codec.mimeType : null);
     o.bytesSent += r.bytesSent ?? 0;
     o.packetsSent += r.packetsSent ?? 0;
@@ -281,7 +285,7 @@ export async function outboundStats(pc) {
 class InboundMonitor {
   constructor(intervalMs = 250) {
     this.pc = null;
-    this.base = { video: emptyInbound(), audio: emptyInbound() };
+    this.base = { video: emptyInbound('video'), audio: emptyInbound('audio') };
     this.lastFrames = 0;          // framesDecoded of this.pc at the last sample
     this.lastFrameAt = null;      // time of the last sample that saw a new frame
     this.largestGapMs = 0;
@@ -326,7 +330,7 @@ class InboundMonitor {
     this.lastFrames = 0;
     for (const kind of ['video', 'audio']) {
       if (!last || !last[kind]) continue;
-      for (const k of COUNTERS) this.base[kind][k] += last[kind][k] || 0;
+      for (const k of COUNTERS[kind]) this.base[kind][k] += last[kind][k] || 0;
     }
   }
 
@@ -336,15 +340,16 @@ class InboundMonitor {
     const out = { connectionState: this.pc ? this.pc.connectionState : 'closed' };
     for (const kind of ['video', 'audio']) {
       const cur = (current && current[kind]) || {};
-      const s = {
-        mimeType: cur.mimeType ?? null, frameWidth: cur.frameWidth ?? null,
-        frameHeight: cur.frameHeight ?? null, framesPerSecond: cur.framesPerSecond ?? null,
-        jitterMs: cur.jitterMs ?? null, audioLevel: cur.audioLevel ?? null,
-      };
-      for (const k of COUNTERS) s[k] = this.base[kind][k] + (cur[k] || 0);
+      const s = { mimeType: cur.mimeType ?? null, jitterMs: cur.jitterMs ?? null };
+      for (const k of COUNTERS[kind]) s[k] = this.base[kind][k] + (cur[k] || 0);
       const expected = s.packetsReceived + s.packetsLost;
       s.loss = expected > 0 ? s.packetsLost / expected : 0;
+      if (kind === 'audio') s.audioLevel = cur.audioLevel ?? null;
       if (kind === 'video') {
+        Object.assign(s, {
+          frameWidth: cur.frameWidth ?? null, frameHeight: cur.frameHeight ?? null,
+          framesPerSecond: cur.framesPerSecond ?? null,
+        });
         const sinceLast = this.lastFrameAt !== null ? t - this.lastFrameAt : null;
         s.largestFrameGapMs = Math.round(this.largestGapMs);
         s.lastFrameAgoMs = sinceLast !== null ? Math.round(sinceLast) : null;
@@ -537,6 +542,7 @@ export class Client extends Emitter {
     this._layer = null;
     this._subscribed = null;     // explicit track ids, or null for the room's default tracks
     this._muted = { audio: false, video: false };
+    this._pauseSending = { audio: true, video: true };
     this._timers = [];
     this._ready = deferred();    // resolves while joined; replaced while reconnecting
     this._lastFatal = null;
@@ -547,7 +553,8 @@ export class Client extends Emitter {
 
   /**
    * Publishes a stream's video (first video track) and audio tracks: one peer connection to
-   * the node (target "publisher"). One publication per client.
+   * the node (target "publisher"). One publication per session: the node negotiates each
+   * target once, so publishing again after `Publication.close()` needs a new client.
    * @param {MediaStream} stream
    * @param {{codec?: string, audioCodec?: string, simulcast?: boolean}} [options]
    *   codec: preferred video MIME type (default "video/VP8"); simulcast: three layers q/h/f
@@ -634,7 +641,7 @@ export class Client extends Emitter {
   async mute(kind, muted, { pauseSending = true } = {}) {
     if (kind !== 'audio' && kind !== 'video') throw new MediameshError('bad_state', `kind must be audio or video, not ${kind}`);
     this._muted[kind] = !!muted;
-    this._pauseSending = pauseSending;
+    this._pauseSending[kind] = pauseSending !== false;
     if (muted && pauseSending && this._publication) await this._publication._applyLocalMute();
     await this.request('mute', { kind, muted: !!muted });
     if (!muted && this._publication) await this._publication._applyLocalMute();
@@ -1062,12 +1069,12 @@ export class Publication {
   async _applyLocalMute() {
     if (!this.pc) return;
     const muted = this._client._muted;
-    const pause = this._client._pauseSending !== false;
+    const pause = this._client._pauseSending;
     for (const sender of this.pc.getSenders()) {
       const t = this.pc.getTransceivers().find((x) => x.sender === sender);
       const kind = (sender.track && sender.track.kind) || (t && t.receiver.track && t.receiver.track.kind);
       if (!kind) continue;
-      const want = muted[kind] && pause ? null : this.stream.getTracks().find((x) => x.kind === kind) || null;
+      const want = muted[kind] && pause[kind] ? null : this.stream.getTracks().find((x) => x.kind === kind) || null;
       if (sender.track !== want) await sender.replaceTrack(want);
     }
   }

@@ -55,6 +55,12 @@ pub enum Error {
     Timeout { what: &'static str, after: Duration },
     #[error("the connection failed before media flowed")]
     ConnectionFailed,
+    /// The node answered a signal message with an error.
+    #[error("signal error {code}: {message}")]
+    Signal { code: String, message: String, fatal: bool },
+    /// The signal channel could not be opened or broke.
+    #[error("signal channel: {0}")]
+    Channel(String),
 }
 
 fn describe(problem: &Option<Box<Problem>>, body: &str) -> String {
@@ -76,6 +82,14 @@ impl Error {
     pub fn status(&self) -> Option<u16> {
         match self {
             Error::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The code of a signal error reply (`not_joined`, `forbidden`, …), if this is one.
+    pub fn signal_code(&self) -> Option<&str> {
+        match self {
+            Error::Signal { code, .. } => Some(code),
             _ => None,
         }
     }

@@ -1,5 +1,5 @@
 //! What publishing and playing share: building a loopback-capable peer connection, its event
-//! handler, non-trickle negotiation over WHIP/WHEP, and closing.
+//! handler, non-trickle negotiation over WHIP/WHEP or a signal channel, and closing.
 
 use crate::error::Error;
 use crate::signal;
@@ -125,16 +125,37 @@ pub(crate) async fn build_peer(
     Ok(Arc::new(pc))
 }
 
-/// Offers, waits for every candidate (no trickle), POSTs, applies the answer. Returns the
-/// session URL. Closes the connection on failure.
+/// Where an offer goes: WHIP/WHEP over HTTP, or a signal channel.
+pub(crate) enum Signaling {
+    Http { http: Client, url: Url, token: String },
+    Channel(crate::channel::OfferSink),
+}
+
+/// How a negotiated session is ended on the server.
+pub(crate) enum Teardown {
+    /// DELETE the session resource.
+    Http { http: Client, location: Url, token: String },
+    /// The signal channel ends it (on leave, or when the channel closes).
+    Channel,
+}
+
+impl Teardown {
+    pub async fn run(&self, timeout: Duration) -> Result<(), Error> {
+        match self {
+            Teardown::Http { http, location, token } => signal::delete(http, location, token, timeout).await,
+            Teardown::Channel => Ok(()),
+        }
+    }
+}
+
+/// Offers, waits for every candidate (no trickle), sends the offer, applies the answer. Closes
+/// the connection on failure.
 pub(crate) async fn negotiate(
     pc: &Arc<dyn PeerConnection>,
     watch: &mut PeerWatch,
-    http: &Client,
-    url: &Url,
-    token: &str,
+    signaling: &Signaling,
     options: &ConnectOptions,
-) -> Result<Url, Error> {
+) -> Result<Teardown, Error> {
     let result = async {
         let offer = pc.create_offer(None).await?;
         pc.set_local_description(offer).await?;
@@ -156,14 +177,25 @@ pub(crate) async fn negotiate(
             .local_description()
             .await
             .ok_or_else(|| Error::WebRtc("no local description after gathering".into()))?;
-        let created = signal::post_offer(http, url, token, local.sdp, options.http_timeout).await?;
-        let answer = RTCSessionDescription::answer(created.answer_sdp).map_err(|e| Error::BadAnswer(e.to_string()))?;
+        let (answer_sdp, teardown) = match signaling {
+            Signaling::Http { http, url, token } => {
+                let created = signal::post_offer(http, url, token, local.sdp, options.http_timeout).await?;
+                let teardown = Teardown::Http {
+                    http: http.clone(),
+                    location: created.location,
+                    token: token.clone(),
+                };
+                (created.answer_sdp, teardown)
+            }
+            Signaling::Channel(sink) => (sink.exchange(local.sdp).await?, Teardown::Channel),
+        };
+        let answer = RTCSessionDescription::answer(answer_sdp).map_err(|e| Error::BadAnswer(e.to_string()))?;
         if let Err(error) = pc.set_remote_description(answer).await {
             // The server holds a session we cannot use: end it.
-            let _ = signal::delete(http, &created.location, token, options.http_timeout).await;
+            let _ = teardown.run(options.http_timeout).await;
             return Err(Error::BadAnswer(error.to_string()));
         }
-        Ok(created.location)
+        Ok(teardown)
     }
     .await;
     if result.is_err() {
@@ -202,9 +234,7 @@ pub(crate) async fn wait_connected(
 /// without waiting, `close` does it in order and ends the server's session.
 pub(crate) struct SessionCore {
     pub pc: Arc<dyn PeerConnection>,
-    pub location: Url,
-    pub token: String,
-    pub http: Client,
+    pub teardown: Teardown,
     pub http_timeout: Duration,
     pub state: watch::Receiver<RTCPeerConnectionState>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -212,25 +242,29 @@ pub(crate) struct SessionCore {
 }
 
 impl SessionCore {
-    /// The session of a negotiated connection at `location`; `tasks` end with it.
+    /// The session of a negotiated connection; `tasks` end with it.
     pub fn new(
         pc: Arc<dyn PeerConnection>,
-        location: Url,
-        token: &str,
-        http: Client,
+        teardown: Teardown,
         options: &ConnectOptions,
         watch: &PeerWatch,
         tasks: Vec<tokio::task::JoinHandle<()>>,
     ) -> Self {
         SessionCore {
             pc,
-            location,
-            token: token.to_string(),
-            http,
+            teardown,
             http_timeout: options.http_timeout,
             state: watch.state.clone(),
             tasks,
             closed: false,
+        }
+    }
+
+    /// The WHIP/WHEP session resource; empty for a session made over a signal channel.
+    pub fn location(&self) -> &str {
+        match &self.teardown {
+            Teardown::Http { location, .. } => location.as_str(),
+            Teardown::Channel => "",
         }
     }
 
@@ -246,9 +280,9 @@ impl SessionCore {
         for task in self.tasks.drain(..) {
             task.abort();
         }
-        let deleted = signal::delete(&self.http, &self.location, &self.token, self.http_timeout).await;
+        let ended = self.teardown.run(self.http_timeout).await;
         let closed = self.pc.close().await;
-        deleted?;
+        ended?;
         closed.map_err(Error::from)
     }
 }
@@ -265,12 +299,10 @@ impl Drop for SessionCore {
         // ends the session when ICE consent expires.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let pc = Arc::clone(&self.pc);
-            let http = self.http.clone();
-            let location = self.location.clone();
-            let token = std::mem::take(&mut self.token);
+            let teardown = std::mem::replace(&mut self.teardown, Teardown::Channel);
             let timeout = self.http_timeout;
             handle.spawn(async move {
-                let _ = signal::delete(&http, &location, &token, timeout).await;
+                let _ = teardown.run(timeout).await;
                 let _ = pc.close().await;
             });
         }

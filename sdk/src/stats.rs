@@ -138,6 +138,9 @@ struct CurrentFrame {
 pub struct ReceiveStats {
     video: bool,
     sequence: SequenceTracker,
+    /// Expected and received packets of earlier connections (see [`ReceiveStats::restart`]).
+    carried_expected: u64,
+    carried_received: u64,
     stats: TrackStats,
     frame: Option<CurrentFrame>,
     last_frame_start: Option<Instant>,
@@ -159,6 +162,8 @@ impl ReceiveStats {
         Self {
             video,
             sequence: SequenceTracker::default(),
+            carried_expected: 0,
+            carried_received: 0,
             stats: TrackStats::default(),
             frame: None,
             last_frame_start: None,
@@ -169,13 +174,25 @@ impl ReceiveStats {
         self.stats
     }
 
+    /// A new connection starts a new sequence-number space: the counts so far are kept, the
+    /// sequence tracking and the frame in progress start over. The largest gap between frames
+    /// spans the reconnect, as the viewer saw it.
+    pub fn restart(&mut self) {
+        self.carried_expected += self.sequence.expected();
+        self.carried_received += self.sequence.received();
+        self.sequence = SequenceTracker::default();
+        self.frame = None;
+    }
+
     pub fn on_packet(&mut self, packet: PacketInfo, now: Instant) {
         self.sequence.on_packet(packet.sequence_number);
         let stats = &mut self.stats;
         stats.packets += 1;
         stats.bytes += packet.payload_bytes as u64;
-        stats.packets_expected = self.sequence.expected();
-        stats.packets_lost = self.sequence.lost();
+        stats.packets_expected = self.carried_expected + self.sequence.expected();
+        stats.packets_lost = stats
+            .packets_expected
+            .saturating_sub(self.carried_received + self.sequence.received());
         stats.first_packet_at.get_or_insert(now);
 
         let new_frame = match &self.frame {

@@ -4,7 +4,7 @@
 use crate::codecs;
 use crate::error::Error;
 use crate::media::vp8_keyframe_start;
-use crate::peer::{self, ConnectOptions, PeerEvents, SessionCore};
+use crate::peer::{self, ConnectOptions, PeerEvents, SessionCore, Signaling};
 use crate::signal;
 use crate::stats::{PacketInfo, ReceiveStats, TrackStats};
 use parking_lot::Mutex;
@@ -91,7 +91,7 @@ pub struct PlaySession {
 
 impl PlaySession {
     pub fn location(&self) -> &str {
-        self.core.location.as_str()
+        self.core.location()
     }
 
     pub fn state(&self) -> RTCPeerConnectionState {
@@ -99,15 +99,7 @@ impl PlaySession {
     }
 
     pub fn stats(&self) -> PlayStats {
-        let video = self.shared.video.lock().snapshot();
-        let audio = self.shared.audio.lock().snapshot();
-        let since_start = |at: Option<Instant>| at.map(|at| at.saturating_duration_since(self.shared.started));
-        PlayStats {
-            video,
-            audio,
-            connect_latency: since_start(*self.shared.connected_at.lock()),
-            first_frame_latency: since_start(video.first_keyframe_at),
-        }
+        self.shared.stats()
     }
 
     /// Waits until a whole video keyframe has arrived.
@@ -145,12 +137,68 @@ pub async fn play(url: &str, token: &str, options: PlayOptions) -> Result<PlaySe
     if !options.video && !options.audio {
         return Err(Error::WebRtc("nothing to play: video and audio are both off".into()));
     }
-    let started = Instant::now();
     let mut url = signal::parse_url(url)?;
     if let Some(layer) = options.layer {
         url.query_pairs_mut().append_pair("layer", layer.as_str());
     }
     let http = options.connect.http.clone().unwrap_or_else(signal::default_http_client);
+    let signaling = Signaling::Http {
+        http,
+        url,
+        token: token.to_string(),
+    };
+    play_over(signaling, options, PlayShared::new()).await
+}
+
+/// Statistics that outlive one connection: a viewer that reconnects keeps counting into them.
+#[derive(Clone)]
+pub struct PlayShared(Arc<Shared>);
+
+impl PlayShared {
+    pub fn new() -> Self {
+        PlayShared(Arc::new(Shared {
+            started: Instant::now(),
+            connected_at: Mutex::new(None),
+            video: Mutex::new(ReceiveStats::new(true)),
+            audio: Mutex::new(ReceiveStats::new(false)),
+        }))
+    }
+
+    pub fn stats(&self) -> PlayStats {
+        self.0.stats()
+    }
+}
+
+impl Default for PlayShared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shared {
+    fn stats(&self) -> PlayStats {
+        let video = self.video.lock().snapshot();
+        let audio = self.audio.lock().snapshot();
+        let since_start = |at: Option<Instant>| at.map(|at| at.saturating_duration_since(self.started));
+        PlayStats {
+            video,
+            audio,
+            connect_latency: since_start(*self.connected_at.lock()),
+            first_frame_latency: since_start(video.first_keyframe_at),
+        }
+    }
+}
+
+/// Plays with the offer sent through `signaling`, counting into `shared`.
+pub(crate) async fn play_over(
+    signaling: Signaling,
+    options: PlayOptions,
+    shared: PlayShared,
+) -> Result<PlaySession, Error> {
+    // A new connection numbers its packets afresh.
+    shared.0.video.lock().restart();
+    shared.0.audio.lock().restart();
+    let shared = shared.0;
 
     let mut media_engine = codecs::media_engine(options.nack)?;
     let mut registry = Registry::new();
@@ -175,12 +223,6 @@ pub async fn play(url: &str, token: &str, options: PlayOptions) -> Result<PlaySe
         pc.add_transceiver_from_kind(RtpCodecKind::Audio, receive_only())
             .await?;
     }
-    let shared = Arc::new(Shared {
-        started,
-        connected_at: Mutex::new(None),
-        video: Mutex::new(ReceiveStats::new(true)),
-        audio: Mutex::new(ReceiveStats::new(false)),
-    });
     // Tracks may open before the connected state is reported: start reading right away.
     let reader = {
         let shared = Arc::clone(&shared);
@@ -194,17 +236,17 @@ pub async fn play(url: &str, token: &str, options: PlayOptions) -> Result<PlaySe
             drop(readers);
         })
     };
-    let location = match peer::negotiate(&pc, &mut watch, &http, &url, token, &options.connect).await {
-        Ok(location) => location,
+    let teardown = match peer::negotiate(&pc, &mut watch, &signaling, &options.connect).await {
+        Ok(teardown) => teardown,
         Err(error) => {
             reader.abort();
             return Err(error);
         }
     };
-    let core = SessionCore::new(pc, location, token, http, &options.connect, &watch, vec![reader]);
+    let core = SessionCore::new(pc, teardown, &options.connect, &watch, vec![reader]);
     // On failure `core` is dropped, which ends the server's session too.
     peer::wait_connected(&mut watch.state, options.connect.connect_timeout).await?;
-    *shared.connected_at.lock() = Some(Instant::now());
+    shared.connected_at.lock().get_or_insert_with(Instant::now);
     Ok(PlaySession { core, shared })
 }
 

@@ -4,7 +4,7 @@
 use crate::codecs::{self, KeyframeRequestTap};
 use crate::error::Error;
 use crate::media::{FrameSizes, OPUS_CLOCK_RATE, OPUS_PACKET_DURATION_MS, VP8_CLOCK_RATE, Vp8Packetizer, opus_packet};
-use crate::peer::{self, ConnectOptions, PeerEvents, SessionCore};
+use crate::peer::{self, ConnectOptions, PeerEvents, SessionCore, Signaling};
 use crate::signal;
 use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
@@ -98,7 +98,7 @@ pub struct PublishSession {
 impl PublishSession {
     /// Absolute URL of the session resource on the server.
     pub fn location(&self) -> &str {
-        self.core.location.as_str()
+        self.core.location()
     }
 
     pub fn state(&self) -> RTCPeerConnectionState {
@@ -106,7 +106,17 @@ impl PublishSession {
     }
 
     pub fn stats(&self) -> PublishStats {
-        let c = &self.counters;
+        snapshot(&self.counters)
+    }
+
+    /// Stops the media, DELETEs the session and closes the connection.
+    pub async fn close(mut self) -> Result<(), Error> {
+        self.core.close().await
+    }
+}
+
+pub(crate) fn snapshot(c: &PublishCounters) -> PublishStats {
+    {
         PublishStats {
             video_packets: c.video_packets.load(Ordering::Relaxed),
             video_bytes: c.video_bytes.load(Ordering::Relaxed),
@@ -117,11 +127,6 @@ impl PublishSession {
             keyframe_requests: c.keyframe_requests.load(Ordering::Relaxed),
             write_errors: c.write_errors.load(Ordering::Relaxed),
         }
-    }
-
-    /// Stops the media, DELETEs the session and closes the connection.
-    pub async fn close(mut self) -> Result<(), Error> {
-        self.core.close().await
     }
 }
 
@@ -138,7 +143,21 @@ pub async fn publish(url: &str, token: &str, options: PublishOptions) -> Result<
     }
     let url = signal::parse_url(url)?;
     let http = options.connect.http.clone().unwrap_or_else(signal::default_http_client);
-    let counters = Arc::new(PublishCounters::default());
+    let signaling = Signaling::Http {
+        http,
+        url,
+        token: token.to_string(),
+    };
+    publish_over(signaling, options, Arc::new(PublishCounters::default())).await
+}
+
+/// Publishes with the offer sent through `signaling`; `counters` may be shared with an earlier
+/// session of the same publisher (a reconnect).
+pub(crate) async fn publish_over(
+    signaling: Signaling,
+    options: PublishOptions,
+    counters: Arc<PublishCounters>,
+) -> Result<PublishSession, Error> {
     let keyframe_requests = Arc::new(AtomicU64::new(0));
 
     let mut media_engine = codecs::media_engine(true)?;
@@ -164,8 +183,8 @@ pub async fn publish(url: &str, token: &str, options: PublishOptions) -> Result<
             add_send_track(&pc, RtpCodecKind::Audio, codecs::opus_codec()).await?,
         ));
     }
-    let location = peer::negotiate(&pc, &mut watch, &http, &url, token, &options.connect).await?;
-    let mut core = SessionCore::new(pc, location, token, http, &options.connect, &watch, Vec::new());
+    let teardown = peer::negotiate(&pc, &mut watch, &signaling, &options.connect).await?;
+    let mut core = SessionCore::new(pc, teardown, &options.connect, &watch, Vec::new());
     peer::wait_connected(&mut watch.state, options.connect.connect_timeout).await?;
 
     for (kind, (track, ssrc, payload_type)) in tracks {

@@ -50,6 +50,10 @@ impl Signal for SignalService {
         tokio::spawn(async move {
             loop {
                 let item = match frames.next().await {
+                    Some(Ok(ClientMessage { id, body: None })) => Inbound::Unknown {
+                        id,
+                        kind: String::new(),
+                    },
                     Some(Ok(message)) => Inbound::Message(message),
                     Some(Err(status)) => {
                         // tonic ends the stream after a frame it cannot decode.
@@ -59,7 +63,10 @@ impl Signal for SignalService {
                         {
                             Inbound::TooLarge
                         } else {
-                            Inbound::Malformed(format!("undecodable frame: {}", status.message()))
+                            Inbound::Malformed {
+                                id: 0,
+                                reason: format!("undecodable frame: {}", status.message()),
+                            }
                         };
                         let _ = in_tx.send(item).await;
                         break;

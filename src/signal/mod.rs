@@ -31,9 +31,16 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 pub enum Inbound {
     Message(ClientMessage),
     /// Not a message: bad JSON or protobuf, a field of the wrong type, a binary WebSocket frame.
-    Malformed(String),
+    /// `id` is the message's id when it could be read, else 0.
+    Malformed {
+        id: u64,
+        reason: String,
+    },
     /// A well-formed message of a type this node does not know.
-    Unknown(String),
+    Unknown {
+        id: u64,
+        kind: String,
+    },
     /// A frame over [`FRAME_BYTES_MAX`]; the transport cannot go on after it.
     TooLarge,
     /// Proof of life without a message (a WebSocket pong).
@@ -105,7 +112,10 @@ impl SignalContext {
     /// Forgets a live session unless another one has taken its viewer id since.
     fn unregister(&self, viewer: &str, registration: &Registration) {
         let mut live = self.live.lock();
-        if live.get(viewer).is_some_and(|r| r.generation == registration.generation) {
+        if live
+            .get(viewer)
+            .is_some_and(|r| r.generation == registration.generation)
+        {
             live.remove(viewer);
         }
     }

@@ -51,7 +51,9 @@ impl ResumeKeys {
         }
         let (payload, signature) = token.split_once('.').ok_or("malformed resume token")?;
         let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| "malformed resume token")?;
-        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| "malformed resume token")?;
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| "malformed resume token")?;
         self.mac(&payload)
             .verify_slice(&signature)
             .map_err(|_| "resume token not signed by this cluster")?;

@@ -67,7 +67,11 @@ impl From<RoomError> for Refusal {
 
 impl From<AuthError> for Refusal {
     fn from(error: AuthError) -> Self {
-        let code = if error.is_forbidden() { "forbidden" } else { "unauthorized" };
+        let code = if error.is_forbidden() {
+            "forbidden"
+        } else {
+            "unauthorized"
+        };
         Refusal::new(code, error.to_string()).fatal()
     }
 }
@@ -125,12 +129,16 @@ fn parse_layer(text: &str) -> Result<Option<u8>, Refusal> {
     if text.is_empty() || text == "auto" {
         return Ok(None);
     }
-    LAYERS.iter().position(|l| *l == text).map(|i| Some(i as u8)).ok_or_else(|| {
-        Refusal::new(
-            "bad_request",
-            format!("layer must be low, mid, high or auto, not {text:.20?}"),
-        )
-    })
+    LAYERS
+        .iter()
+        .position(|l| *l == text)
+        .map(|i| Some(i as u8))
+        .ok_or_else(|| {
+            Refusal::new(
+                "bad_request",
+                format!("layer must be low, mid, high or auto, not {text:.20?}"),
+            )
+        })
 }
 
 fn parse_kind(text: &str) -> Result<MediaKind, Refusal> {
@@ -315,13 +323,13 @@ impl Session {
     async fn on_inbound(&mut self, item: Inbound) -> Flow {
         let (id, result) = match item {
             Inbound::Heartbeat => return Flow::Continue,
-            Inbound::Malformed(reason) => (0, Err(Refusal::new("bad_request", reason))),
-            Inbound::Unknown(kind) => (
-                0,
+            Inbound::Malformed { id, reason } => (id, Err(Refusal::new("bad_request", reason))),
+            Inbound::Unknown { id, kind } => (
+                id,
                 Err(Refusal::new(
                     "unknown_message",
                     if kind.is_empty() {
-                        "a message needs a type".to_string()
+                        "no message type this node knows".to_string()
                     } else {
                         format!("unknown message type {kind:.40?}")
                     },
@@ -338,7 +346,10 @@ impl Session {
             Inbound::Message(message) => {
                 let id = message.id;
                 match message.body {
-                    None => (id, Err(Refusal::new("unknown_message", "a message needs a type"))),
+                    None => (
+                        id,
+                        Err(Refusal::new("unknown_message", "no message type this node knows")),
+                    ),
                     Some(In::Leave(_)) => return Flow::Leave,
                     Some(body) => (id, self.on_message(body).await),
                 }
@@ -375,10 +386,7 @@ impl Session {
                 self.joined()?;
                 Err(Refusal::new(
                     "out_of_order",
-                    format!(
-                        "answer for {:.20?} without an offer from the node",
-                        answer.target
-                    ),
+                    format!("answer for {:.20?} without an offer from the node", answer.target),
                 ))
             }
             In::Trickle(trickle) => self.trickle(trickle).await,
@@ -552,7 +560,10 @@ impl Session {
             "signal session joined"
         );
         let subscriptions = joined.selection.clone().unwrap_or_default();
-        let layer = joined.layer.map(|l| LAYERS[usize::from(l)].to_string()).unwrap_or_default();
+        let layer = joined
+            .layer
+            .map(|l| LAYERS[usize::from(l)].to_string())
+            .unwrap_or_default();
         let position_ms = joined.position_ms;
         self.joined = Some(joined);
         self.persist();
@@ -830,7 +841,10 @@ fn require(allowed: bool, what: &str) -> Result<(), Refusal> {
     if allowed {
         Ok(())
     } else {
-        Err(Refusal::new("forbidden", format!("{what} is not allowed by this session's role")))
+        Err(Refusal::new(
+            "forbidden",
+            format!("{what} is not allowed by this session's role"),
+        ))
     }
 }
 

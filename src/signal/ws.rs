@@ -77,11 +77,11 @@ pub async fn connect(
                     let item = match frame {
                         Some(Ok(AggregatedMessage::Text(text))) => Some(match json::decode_client(&text) {
                             Ok(message) => Inbound::Message(message),
-                            Err(json::DecodeError::Unknown(kind)) => Inbound::Unknown(kind),
-                            Err(error) => Inbound::Malformed(error.to_string()),
+                            Err(json::DecodeError::Unknown(kind)) => Inbound::Unknown { id: json::peek_id(&text), kind },
+                            Err(error) => Inbound::Malformed { id: json::peek_id(&text), reason: error.to_string() },
                         }),
                         Some(Ok(AggregatedMessage::Binary(_))) => {
-                            Some(Inbound::Malformed("binary frames are not used: send JSON text frames".into()))
+                            Some(Inbound::Malformed { id: 0, reason: "binary frames are not used: send JSON text frames".into() })
                         }
                         Some(Ok(AggregatedMessage::Ping(payload))) => {
                             let _ = ws.pong(&payload).await;

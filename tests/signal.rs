@@ -1,0 +1,189 @@
+//! The signal channel as the Rust SDK uses it, against a real node process: publish and play
+//! over WebSocket and gRPC in both pairings, mute, resume within and after the window.
+
+mod common;
+
+use common::TestNode;
+use mediamesh_sdk::{Client, ClientOptions, PlayOptions, PublishOptions, Role, Transport};
+use std::time::Duration;
+
+/// The node helper waits with blocking HTTP: off the async threads.
+async fn start_node(extra: &'static [&'static str]) -> TestNode {
+    tokio::task::spawn_blocking(move || TestNode::start(extra))
+        .await
+        .expect("node started")
+}
+
+fn options(room: &str, role: Role, transport: Transport) -> ClientOptions {
+    ClientOptions {
+        transport,
+        room: room.to_string(),
+        role,
+        display_name: "김민수".into(),
+        position_interval: Some(Duration::from_millis(300)),
+        backoff_initial: Duration::from_millis(100),
+        ..Default::default()
+    }
+}
+
+fn publish_options() -> PublishOptions {
+    PublishOptions {
+        video_bitrate_bps: 300_000,
+        keyframe_interval_frames: 30,
+        ..Default::default()
+    }
+}
+
+async fn video_frames(client: &Client) -> u64 {
+    client.play_stats().await.video.frames
+}
+
+/// Frames arriving at the viewer over `window`.
+async fn frames_during(client: &Client, window: Duration) -> u64 {
+    let before = video_frames(client).await;
+    tokio::time::sleep(window).await;
+    video_frames(client).await - before
+}
+
+async fn publish_and_play(node: &TestNode, room: &str, publisher: Transport, viewer: Transport) {
+    let source = Client::connect(
+        &node.base,
+        &node.publish_token(room),
+        options(room, Role::Publisher, publisher),
+    )
+    .await
+    .expect("publisher joins");
+    source.publish(publish_options()).await.expect("publishes");
+    let sink = Client::connect(
+        &node.base,
+        &node.subscribe_token(room),
+        options(room, Role::Subscriber, viewer),
+    )
+    .await
+    .expect("viewer joins");
+    assert!(!sink.session().is_empty() && !sink.resume_token().is_empty());
+    sink.play(PlayOptions::default()).await.expect("plays");
+    let latency = sink
+        .wait_first_frame(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{publisher:?} → {viewer:?}: no first frame: {e}"));
+    let flowing = frames_during(&sink, Duration::from_secs(1)).await;
+    assert!(
+        flowing >= 20,
+        "{publisher:?} → {viewer:?}: {flowing} frames in 1 s (30 fps sent)"
+    );
+    // The viewer knows the tracks: from `joined` or from `track_published`.
+    let tracks = sink.tracks();
+    assert!(
+        tracks.iter().any(|t| t.kind == "video" && t.codec == "video/VP8"),
+        "{tracks:?}"
+    );
+
+    // Mute stops the frames, unmute brings them back.
+    source.mute("video", true).await.expect("mute");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let muted = frames_during(&sink, Duration::from_secs(1)).await;
+    assert!(muted <= 1, "{muted} frames arrived while muted");
+    source.mute("video", false).await.expect("unmute");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let unmuted = frames_during(&sink, Duration::from_secs(1)).await;
+    assert!(unmuted >= 20, "{unmuted} frames after unmute");
+    let stats = sink.play_stats().await;
+    println!(
+        "{publisher:?} → {viewer:?}: first frame {latency:?}, {} frames, loss {:.4}, largest gap {:?}",
+        stats.video.frames,
+        stats.video.loss_fraction(),
+        stats.video.frame_gap_max
+    );
+    assert!(stats.video.loss_fraction() < 0.01, "{stats:?}");
+    sink.close().await;
+    source.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_over_one_transport_play_over_the_other() {
+    let node = start_node(&[]).await;
+    publish_and_play(&node, "sig-ws-grpc", Transport::WebSocket, Transport::Grpc).await;
+    publish_and_play(&node, "sig-grpc-ws", Transport::Grpc, Transport::WebSocket).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_viewer_resumes_within_the_window_and_starts_over_after_it() {
+    let node = start_node(&["--resume-window-ms", "3000"]).await;
+    let room = "sig-resume";
+    let source = Client::connect(
+        &node.base,
+        &node.publish_token(room),
+        options(room, Role::Publisher, Transport::WebSocket),
+    )
+    .await
+    .expect("publisher joins");
+    source.publish(publish_options()).await.expect("publishes");
+    let sink = Client::connect(
+        &node.base,
+        &node.subscribe_token(room),
+        options(room, Role::Subscriber, Transport::Grpc),
+    )
+    .await
+    .expect("viewer joins");
+    let track = sink
+        .tracks()
+        .into_iter()
+        .find(|t| t.kind == "video")
+        .expect("the publisher's video track is listed at join");
+    sink.subscribe(vec![track.id.clone()]).await.expect("subscribe");
+    sink.play(PlayOptions::default()).await.expect("plays");
+    sink.wait_first_frame(Duration::from_secs(10))
+        .await
+        .expect("first frame");
+    let session = sink.session();
+    let mut events = sink.events();
+
+    // Cut within the window: same session and subscriptions, frames again.
+    sink.cut(Duration::from_millis(500)).await.expect("cut");
+    let reconnected = wait_reconnected(&mut events).await;
+    assert_eq!(reconnected, (true, session.clone()), "resumed with the same session");
+    assert!(sink.resumed());
+    let viewer = viewer_state(&node, &session).await;
+    assert_eq!(viewer["subscriptions"], serde_json::json!([track.id]), "{viewer}");
+    let before = video_frames(&sink).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while video_frames(&sink).await < before + 30 {
+        assert!(tokio::time::Instant::now() < deadline, "no frames after the resume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Cut past the window: a new session.
+    sink.cut(Duration::from_millis(4_500)).await.expect("cut");
+    let (resumed, new_session) = wait_reconnected(&mut events).await;
+    assert!(!resumed, "no resume after the window");
+    assert_ne!(new_session, session);
+    assert_eq!((sink.reconnects(), sink.resumes()), (2, 1));
+    sink.close().await;
+    source.close().await;
+}
+
+async fn wait_reconnected(events: &mut tokio::sync::broadcast::Receiver<mediamesh_sdk::Event>) -> (bool, String) {
+    let wait = async {
+        loop {
+            if let Ok(mediamesh_sdk::Event::Reconnected { resumed, session }) = events.recv().await {
+                return (resumed, session);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .expect("reconnected within 20 s")
+}
+
+async fn viewer_state(node: &TestNode, viewer: &str) -> serde_json::Value {
+    let url = format!("{}/admin/v1/viewers/{viewer}", node.base);
+    let response = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(node.admin_token())
+        .send()
+        .await
+        .expect("admin API answers");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("viewer state JSON")
+}
