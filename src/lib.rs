@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod directory;
 pub mod http;
+pub mod loadtest;
 pub mod metrics;
 pub mod node;
 pub mod signal;

@@ -1,4 +1,4 @@
-//! `mediamesh`: run a node, mint tokens.
+//! `mediamesh`: run a node, mint tokens, load-test a node.
 
 use clap::{Parser, Subcommand};
 use mediamesh::auth::{Grants, TokenKeys, parse_ttl};
@@ -21,6 +21,8 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Many synthetic publishers and subscribers from this process; a table of results at the end.
+    Loadtest(mediamesh::loadtest::LoadtestArgs),
 }
 
 #[derive(Subcommand)]
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Node(args) => run_node(args),
+        Command::Loadtest(args) => run_loadtest(args),
         Command::Token {
             command:
                 TokenCommand::Create {
@@ -86,6 +89,39 @@ fn main() -> ExitCode {
             };
             println!("{}", TokenKeys::new(&secret).create(&identity, &room, grants, ttl));
             ExitCode::SUCCESS
+        }
+    }
+}
+
+fn run_loadtest(args: mediamesh::loadtest::LoadtestArgs) -> ExitCode {
+    let secret = match (&args.api_secret, &args.token) {
+        (Some(secret), _) => Some(secret.clone()),
+        (None, Some(_)) => None,
+        (None, None) => secret_in_data_dir(std::path::Path::new("./mediamesh-data"), "api-secret").ok(),
+    };
+    let json = args.json;
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: no runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(mediamesh::loadtest::run(args, secret)) {
+        Ok(summary) => {
+            print!("{}", mediamesh::loadtest::table(&summary));
+            if json {
+                println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+            }
+            if summary.subscribers_connected < summary.subscribers {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
         }
     }
 }
