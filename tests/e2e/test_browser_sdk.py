@@ -140,7 +140,8 @@ def test_sdk_viewer_watches_mutes_and_resumes(node, sdk_browser):
     room = "sdk-watch"
     t0 = time.monotonic()
     viewer_token = node.token(room, "sdk-viewer", subscribe=True)
-    viewer = b.call("connect", viewer_token, {"room": room, "role": "subscriber", "reportPositionMs": 1000})
+    viewer = b.call("connect", viewer_token, {"room": room, "role": "subscriber",
+                                              "reportPositionMs": 1000, "pingIntervalMs": 1000})
     ids = [viewer["id"]]
     try:
         assert viewer["joined"]["idle_timeout_ms"] > 0 and viewer["joined"]["resume_token"], viewer
@@ -165,6 +166,7 @@ def test_sdk_viewer_watches_mutes_and_resumes(node, sdk_browser):
 
         # mute: viewers are told, and the node stops forwarding (the publisher keeps sending here,
         # so this checks the node, not the browser)
+        sent0 = _video(b.call("stats", pub), "publisher").get("framesSent") or 0
         b.call("mute", pub, "video", True, {"pauseSending": False})
         wait_until(lambda: [m for m in _events(b, viewer["id"], "track_muted")
                             if m["track_id"] == video_track["id"] and m["muted"]], 5, 0.2, "track_muted true")
@@ -174,8 +176,8 @@ def test_sdk_viewer_watches_mutes_and_resumes(node, sdk_browser):
         f2 = _frames(b, viewer["id"])
         assert f2 <= f1 + 2, f"frames kept coming while muted: {f1} -> {f2}"
 
-        sent = _video(b.call("stats", pub), "publisher").get("framesSent") or 0
-        assert sent > 0, "the muted publisher should still be sending (pauseSending: false)"
+        sent1 = _video(b.call("stats", pub), "publisher").get("framesSent") or 0
+        assert sent1 > sent0 + 20, f"the publisher stopped sending ({sent0} -> {sent1}): pauseSending: false"
 
         # unmute: frames again
         b.call("mute", pub, "video", False, {"pauseSending": False})
@@ -208,6 +210,7 @@ def test_sdk_viewer_watches_mutes_and_resumes(node, sdk_browser):
         video = _video(stats, "subscriber")
         print(f"[sdk] viewer: {video}; reconnects={stats['reconnects']} resumes={stats['resumes']}")
         assert stats["resumes"] == 1, stats
+        assert stats["rttMs"] is not None and stats["state"] == "joined", stats  # pings got pongs
         assert video["loss"] <= 0.05, video
         # the mute (3.5 s) is the largest gap; the resume must not be much worse
         assert 3000 <= video["largestFrameGapMs"] < 10000, video
