@@ -547,6 +547,7 @@ export class Client extends Emitter {
     this._ready = deferred();    // resolves while joined; replaced while reconnecting
     this._lastFatal = null;
     this._lastReceived = now();
+    this._pingSentAt = null;     // the oldest ping not answered yet
   }
 
   // ---- public API -------------------------------------------------------------------------------
@@ -780,6 +781,7 @@ export class Client extends Emitter {
       }
       this._ws = ws;
       this._lastFatal = null;
+      this._pingSentAt = null;
       let settled = false;
       const fail = (e) => { if (!settled) { settled = true; reject(e); } };
       ws.addEventListener('open', () => {
@@ -901,11 +903,14 @@ export class Client extends Emitter {
   _keepalive(periodMs) {
     const ws = this._ws;
     if (this.state !== 'joined' || !ws || ws.readyState !== WebSocket.OPEN) return;
-    // no pong (or anything) for 2.5 periods: the socket is dead without knowing it
-    if (now() - this._lastReceived > periodMs * 2.5) {
+    // a ping unanswered (nothing at all received since) for 2 periods: the socket is dead
+    // without knowing it. Counted from the ping, so throttled timers (background tabs) are fine.
+    const t = now();
+    if (this._pingSentAt !== null && this._lastReceived < this._pingSentAt && t - this._pingSentAt > periodMs * 2) {
       this._dropSocket(ws, 'no reply to pings');
       return;
     }
+    if (this._pingSentAt === null || this._lastReceived >= this._pingSentAt) this._pingSentAt = t;
     try { this._send(ws, { ping: { timestamp_ms: Date.now() } }); } catch { /* close follows */ }
   }
 

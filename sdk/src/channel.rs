@@ -427,7 +427,7 @@ enum Link {
     Ws(Box<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>>),
     Grpc {
         outgoing: mpsc::Sender<pb::ClientMessage>,
-        incoming: tonic::Streaming<pb::ServerMessage>,
+        incoming: Box<tonic::Streaming<pb::ServerMessage>>,
     },
 }
 
@@ -576,7 +576,10 @@ impl Inner {
                         fatal: true,
                     })?
                     .into_inner();
-                Ok(Link::Grpc { outgoing, incoming })
+                Ok(Link::Grpc {
+                    outgoing,
+                    incoming: Box::new(incoming),
+                })
             }
         }
     }

@@ -638,36 +638,22 @@ impl Session {
     async fn room_request(&mut self, request: RoomRequest) -> Result<RoomReply, Refusal> {
         let room = self.joined()?.room.clone();
         let rewatch = self.joined.as_ref().is_some_and(|j| j.notices.is_none()) && !is_watch(&request);
-        let mut request = Some(request);
-        for _ in 0..2 {
-            let addr = self.ctx.rooms.get_or_create(&room).await?;
-            let Some(message) = request.take() else { break };
-            match addr.send(message).await {
-                Ok(reply) => {
-                    let reply = reply?;
-                    if rewatch {
-                        let (tx, rx) = mpsc::channel(mediamesh_actors::room::WATCH_QUEUE_MAX);
-                        let viewer = SessionId(self.joined()?.viewer.clone());
-                        if addr
-                            .send(RoomRequest::Watch {
-                                watcher: viewer,
-                                notices: tx,
-                            })
-                            .await
-                            .is_ok()
-                        {
-                            self.joined()?.notices = Some(rx);
-                        }
-                    }
-                    return Ok(reply);
-                }
-                // The room stopped before it took the request; the mailbox gives it back.
-                Err(actix::MailboxError::Closed) | Err(actix::MailboxError::Timeout) => {
-                    return Err(RoomError::Closing.into());
-                }
+        let addr = self.ctx.rooms.get_or_create(&room).await?;
+        // A room that stopped between the lookup and the send refuses the message: the client
+        // retries (the next lookup makes a fresh room).
+        let reply = addr.send(request).await.map_err(|_| RoomError::Closing)??;
+        if rewatch {
+            let (tx, rx) = mpsc::channel(mediamesh_actors::room::WATCH_QUEUE_MAX);
+            let viewer = SessionId(self.joined()?.viewer.clone());
+            let watch = RoomRequest::Watch {
+                watcher: viewer,
+                notices: tx,
+            };
+            if addr.send(watch).await.is_ok() {
+                self.joined()?.notices = Some(rx);
             }
         }
-        Err(RoomError::Closing.into())
+        Ok(reply)
     }
 
     async fn offer(&mut self, offer: pb::SessionDescription) -> Result<Out, Refusal> {
@@ -870,10 +856,10 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// The sizes a transport gives its two queues.
-pub fn channels() -> (
-    (mpsc::Sender<Inbound>, mpsc::Receiver<Inbound>),
-    (mpsc::Sender<pb::ServerMessage>, mpsc::Receiver<pb::ServerMessage>),
-) {
+type InboundQueue = (mpsc::Sender<Inbound>, mpsc::Receiver<Inbound>);
+type OutboundQueue = (mpsc::Sender<pb::ServerMessage>, mpsc::Receiver<pb::ServerMessage>);
+
+/// The two bounded queues between a transport and its session.
+pub fn channels() -> (InboundQueue, OutboundQueue) {
     (mpsc::channel(QUEUE_MAX), mpsc::channel(QUEUE_MAX))
 }
