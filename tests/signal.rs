@@ -163,6 +163,74 @@ async fn a_cut_viewer_resumes_within_the_window_and_starts_over_after_it() {
     source.close().await;
 }
 
+/// Waits until the viewer's latest keyframe has `width`; returns how long that took.
+async fn wait_keyframe_width(client: &Client, width: u16, within: Duration) -> Duration {
+    let started = tokio::time::Instant::now();
+    loop {
+        let video = client.play_stats().await.video;
+        if video.keyframe_width == width {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "keyframes still {}x{} after {within:?}, waiting for width {width}",
+            video.keyframe_width,
+            video.keyframe_height
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_switch_takes_effect() {
+    let node = start_node(&[]).await;
+    let room = "sig-layers";
+    let source = Client::connect(
+        &node.base,
+        &node.publish_token(room),
+        options(room, Role::Publisher, Transport::WebSocket),
+    )
+    .await
+    .expect("publisher joins");
+    let simulcast = PublishOptions {
+        simulcast: true,
+        video_bitrate_bps: 700_000,
+        keyframe_interval_frames: 30,
+        ..Default::default()
+    };
+    source.publish(simulcast).await.expect("publishes three layers");
+    let sink = Client::connect(
+        &node.base,
+        &node.subscribe_token(room),
+        options(room, Role::Subscriber, Transport::Grpc),
+    )
+    .await
+    .expect("viewer joins");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let layers = loop {
+        let video = sink.tracks().into_iter().find(|t| t.kind == "video");
+        if let Some(video) = video.filter(|t| !t.layers.is_empty()) {
+            break video.layers;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no simulcast track listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(layers, ["q", "h", "f"]);
+    sink.play(PlayOptions::default()).await.expect("plays");
+    sink.wait_first_frame(Duration::from_secs(10))
+        .await
+        .expect("first frame");
+    sink.set_layer("low").await.expect("set_layer low");
+    let to_low = wait_keyframe_width(&sink, 160, Duration::from_secs(10)).await;
+    sink.set_layer("high").await.expect("set_layer high");
+    let to_high = wait_keyframe_width(&sink, 640, Duration::from_secs(10)).await;
+    println!("layer switch: to low in {to_low:?}, to high in {to_high:?}");
+    let stats = sink.play_stats().await;
+    assert!(stats.video.loss_fraction() < 0.01, "{stats:?}");
+    sink.close().await;
+    source.close().await;
+}
+
 async fn wait_reconnected(events: &mut tokio::sync::broadcast::Receiver<mediamesh_sdk::Event>) -> (bool, String) {
     let wait = async {
         loop {

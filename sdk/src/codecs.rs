@@ -5,7 +5,9 @@ use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
-use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
+};
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error as RtcError;
 use std::collections::VecDeque;
@@ -68,8 +70,19 @@ pub(crate) fn media_engine(nack: bool) -> Result<MediaEngine, RtcError> {
         },
         RtpCodecKind::Audio,
     )?;
+    // Simulcast layers are told apart by these (RFC 8852, RFC 8843).
+    for uri in [SDES_MID_URI, SDES_RTP_STREAM_ID_URI] {
+        engine.register_header_extension(
+            RTCRtpHeaderExtensionCapability { uri: uri.to_string() },
+            RtpCodecKind::Video,
+            None,
+        )?;
+    }
     Ok(engine)
 }
+
+pub(crate) const SDES_MID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
+pub(crate) const SDES_RTP_STREAM_ID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
 
 /// Counts PLI and FIR packets the remote sends; the video generator polls the counter. Runs
 /// inside the connection's sans-IO core, so it only touches an atomic, and passes every packet

@@ -96,23 +96,34 @@ impl Vp8Packetizer {
 /// Whether an RTP payload starts a VP8 keyframe: the payload descriptor has S set and PID 0
 /// (RFC 7741 §4.2), and the VP8 payload header after it has the P bit clear (§4.3).
 pub fn vp8_keyframe_start(payload: &[u8]) -> bool {
-    let Some(&first) = payload.first() else {
-        return false;
-    };
+    vp8_frame_offset(payload).is_some_and(|offset| payload.get(offset).is_some_and(|header| header & 0x01 == 0))
+}
+
+/// The picture size a VP8 keyframe's first payload announces (RFC 6386 §9.1): how a receiver
+/// that does not decode tells which simulcast layer it gets.
+pub fn vp8_keyframe_size(payload: &[u8]) -> Option<(u16, u16)> {
+    let frame = payload.get(vp8_frame_offset(payload)?..)?;
+    if frame.len() < VP8_KEYFRAME_HEADER_BYTES || frame[0] & 0x01 != 0 || frame[3..6] != VP8_START_CODE {
+        return None;
+    }
+    let width = u16::from_le_bytes([frame[6], frame[7]]) & 0x3FFF;
+    let height = u16::from_le_bytes([frame[8], frame[9]]) & 0x3FFF;
+    Some((width, height))
+}
+
+/// Where the VP8 frame data starts in a payload that begins a frame (S set, PID 0).
+fn vp8_frame_offset(payload: &[u8]) -> Option<usize> {
+    let &first = payload.first()?;
     if first & VP8_DESCRIPTOR_S == 0 || first & 0x07 != 0 {
-        return false;
+        return None;
     }
     let mut offset = 1;
     if first & 0x80 != 0 {
-        let Some(&extension) = payload.get(offset) else {
-            return false;
-        };
+        let &extension = payload.get(offset)?;
         offset += 1;
         if extension & 0x80 != 0 {
             // PictureID: two bytes when its M bit is set.
-            let Some(&picture_id) = payload.get(offset) else {
-                return false;
-            };
+            let &picture_id = payload.get(offset)?;
             offset += if picture_id & 0x80 != 0 { 2 } else { 1 };
         }
         if extension & 0x40 != 0 {
@@ -122,7 +133,7 @@ pub fn vp8_keyframe_start(payload: &[u8]) -> bool {
             offset += 1; // TID/Y/KEYIDX
         }
     }
-    payload.get(offset).is_some_and(|header| header & 0x01 == 0)
+    Some(offset)
 }
 
 /// One synthetic Opus packet of `payload_bytes` bytes (at least 3): TOC, a silence frame, zeros.
@@ -179,6 +190,8 @@ mod tests {
         assert_eq!(payloads.len(), 5_000usize.div_ceil(1_199));
         assert!(payloads.iter().all(|p| p.len() <= 1_200));
         assert!(vp8_keyframe_start(&payloads[0]));
+        assert_eq!(vp8_keyframe_size(&payloads[0]), Some((640, 480)));
+        assert_eq!(vp8_keyframe_size(&payloads[1]), None);
         assert!(
             payloads[1..].iter().all(|p| !vp8_keyframe_start(p)),
             "S bit only on the first"

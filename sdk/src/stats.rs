@@ -109,6 +109,10 @@ pub struct TrackStats {
     pub first_packet_at: Option<Instant>,
     /// When the first keyframe was received complete and without a gap.
     pub first_keyframe_at: Option<Instant>,
+    /// The picture size of the latest keyframe (VP8), 0×0 before one: tells which simulcast
+    /// layer is arriving.
+    pub keyframe_width: u16,
+    pub keyframe_height: u16,
 }
 
 impl TrackStats {
@@ -154,6 +158,8 @@ pub struct PacketInfo {
     pub marker: bool,
     /// The payload starts a keyframe (see [`crate::media::vp8_keyframe_start`]).
     pub keyframe_start: bool,
+    /// The picture size it announces, when it does (see [`crate::media::vp8_keyframe_size`]).
+    pub keyframe_size: Option<(u16, u16)>,
     pub payload_bytes: usize,
 }
 
@@ -212,6 +218,9 @@ impl ReceiveStats {
             let keyframe = self.video && packet.keyframe_start;
             if keyframe {
                 stats.keyframes += 1;
+                if let Some((width, height)) = packet.keyframe_size {
+                    (stats.keyframe_width, stats.keyframe_height) = (width, height);
+                }
             }
             self.frame = Some(CurrentFrame {
                 timestamp: packet.timestamp,
@@ -305,8 +314,36 @@ mod tests {
             timestamp,
             marker,
             keyframe_start,
+            keyframe_size: keyframe_start.then_some((320, 240)),
             payload_bytes: 1_000,
         }
+    }
+
+    #[test]
+    fn restart_keeps_counts_and_forgets_the_old_sequence() {
+        let now = Instant::now();
+        let mut stats = ReceiveStats::new(true);
+        for sequence in [10, 11, 13] {
+            stats.on_packet(packet(sequence, u32::from(sequence), true, sequence == 10), now);
+        }
+        assert_eq!(
+            (stats.snapshot().packets_expected, stats.snapshot().packets_lost),
+            (4, 1)
+        );
+        assert_eq!(
+            (stats.snapshot().keyframe_width, stats.snapshot().keyframe_height),
+            (320, 240)
+        );
+        // A new connection starts at an unrelated, lower sequence number: no loss, no reorder.
+        stats.restart();
+        for sequence in [40_000, 40_001] {
+            stats.on_packet(packet(sequence, u32::from(sequence), true, false), now);
+        }
+        let snapshot = stats.snapshot();
+        assert_eq!(
+            (snapshot.packets, snapshot.packets_expected, snapshot.packets_lost),
+            (5, 6, 1)
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::codecs;
 use crate::error::Error;
-use crate::media::vp8_keyframe_start;
+use crate::media::{vp8_keyframe_size, vp8_keyframe_start};
 use crate::peer::{self, ConnectOptions, PeerEvents, SessionCore, Signaling};
 use crate::signal;
 use crate::stats::{PacketInfo, ReceiveStats, TrackStats};
@@ -275,11 +275,13 @@ async fn read_track(track: Arc<dyn TrackRemote>, shared: Arc<Shared>) {
                     TrackRemoteEvent::OnRtpPacket(packet) => {
                         let now = Instant::now();
                         let header = &packet.header;
+                        let keyframe_start = video && vp8_keyframe_start(&packet.payload);
                         let info = PacketInfo {
                             sequence_number: header.sequence_number,
                             timestamp: header.timestamp,
                             marker: header.marker,
-                            keyframe_start: video && vp8_keyframe_start(&packet.payload),
+                            keyframe_start,
+                            keyframe_size: keyframe_start.then(|| vp8_keyframe_size(&packet.payload)).flatten(),
                             payload_bytes: packet.payload.len(),
                         };
                         let mut guard = stats.lock();

@@ -6,6 +6,7 @@ use crate::error::Error;
 use crate::media::{FrameSizes, OPUS_CLOCK_RATE, OPUS_PACKET_DURATION_MS, VP8_CLOCK_RATE, Vp8Packetizer, opus_packet};
 use crate::peer::{self, ConnectOptions, PeerEvents, SessionCore, Signaling};
 use crate::signal;
+use bytes::Bytes;
 use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::{configure_nack, configure_rtcp_reports};
@@ -41,6 +42,9 @@ pub struct PublishOptions {
     pub rtp_payload_bytes_max: usize,
     /// Size of each 20 ms Opus packet.
     pub audio_payload_bytes: usize,
+    /// Send three simulcast layers (rids `q`, `h`, `f`: a quarter, half and the full size, the
+    /// bitrate split 1:2:4) instead of one stream.
+    pub simulcast: bool,
     pub connect: ConnectOptions,
 }
 
@@ -56,6 +60,7 @@ impl Default for PublishOptions {
             height: 480,
             rtp_payload_bytes_max: 1_200,
             audio_payload_bytes: 60,
+            simulcast: false,
             connect: ConnectOptions::default(),
         }
     }
@@ -172,67 +177,102 @@ pub(crate) async fn publish_over(
 
     let mut tracks = Vec::new();
     if options.video {
+        let rids: &[&str] = if options.simulcast { &SIMULCAST_RIDS } else { &[] };
         tracks.push((
             RtpCodecKind::Video,
-            add_send_track(&pc, RtpCodecKind::Video, codecs::vp8_codec(true)).await?,
+            add_send_track(&pc, RtpCodecKind::Video, codecs::vp8_codec(true), rids).await?,
         ));
     }
     if options.audio {
         tracks.push((
             RtpCodecKind::Audio,
-            add_send_track(&pc, RtpCodecKind::Audio, codecs::opus_codec()).await?,
+            add_send_track(&pc, RtpCodecKind::Audio, codecs::opus_codec(), &[]).await?,
         ));
     }
     let teardown = peer::negotiate(&pc, &mut watch, &signaling, &options.connect).await?;
     let mut core = SessionCore::new(pc, teardown, &options.connect, &watch, Vec::new());
     peer::wait_connected(&mut watch.state, options.connect.connect_timeout).await?;
 
-    for (kind, (track, ssrc, payload_type)) in tracks {
-        let counters = Arc::clone(&counters);
-        let task = match kind {
-            RtpCodecKind::Video => tokio::spawn(send_video(
-                track,
-                ssrc,
-                payload_type,
-                options.clone(),
-                Arc::clone(&keyframe_requests),
-                counters,
-            )),
-            _ => tokio::spawn(send_audio(
-                track,
-                ssrc,
-                payload_type,
-                options.audio_payload_bytes,
-                counters,
-            )),
-        };
-        core.tasks.push(task);
+    let mid = match core.pc.local_description().await {
+        Some(local) => video_mid(&local.sdp),
+        None => None,
+    };
+    for (kind, (track, streams, payload_type)) in tracks {
+        for (index, (rid, ssrc)) in streams.into_iter().enumerate() {
+            let counters = Arc::clone(&counters);
+            let task = match kind {
+                RtpCodecKind::Video => {
+                    let mut layer_options = options.clone();
+                    let stamp = match rid {
+                        Some(rid) => {
+                            // Layer `index` of three: 1/4, 1/2, 1 of the size; 1/7, 2/7, 4/7 of the bitrate.
+                            let shift = (SIMULCAST_RIDS.len() - 1 - index) as u32;
+                            layer_options.width = (options.width >> shift).max(16);
+                            layer_options.height = (options.height >> shift).max(16);
+                            layer_options.video_bitrate_bps = options.video_bitrate_bps * (1 << index) / 7;
+                            payload_type.rid_stamp(mid.clone(), rid).await
+                        }
+                        None => None,
+                    };
+                    tokio::spawn(send_video(
+                        Arc::clone(&track),
+                        ssrc,
+                        payload_type.clone(),
+                        stamp,
+                        layer_options,
+                        Arc::clone(&keyframe_requests),
+                        counters,
+                    ))
+                }
+                _ => tokio::spawn(send_audio(
+                    Arc::clone(&track),
+                    ssrc,
+                    payload_type.clone(),
+                    options.audio_payload_bytes,
+                    counters,
+                )),
+            };
+            core.tasks.push(task);
+        }
     }
     Ok(PublishSession { core, counters })
 }
 
-/// Adds a send-only track; returns it with its SSRC and the payload type to stamp (resolved
-/// again after negotiation in case the answer renumbered it).
+/// Rids of the simulcast layers, lowest first.
+const SIMULCAST_RIDS: [&str; 3] = ["q", "h", "f"];
+
+/// Adds a send-only track with one stream, or one per rid (simulcast); returns it with each
+/// stream's rid and SSRC, and the sender whose negotiated payload type the packets must carry.
 async fn add_send_track(
     pc: &Arc<dyn PeerConnection>,
     kind: RtpCodecKind,
     codec: RTCRtpCodec,
-) -> Result<(Arc<TrackLocalStaticRTP>, u32, SenderPayloadType), Error> {
-    let ssrc: u32 = rand::random();
+    rids: &[&str],
+) -> Result<(Arc<TrackLocalStaticRTP>, Vec<(Option<String>, u32)>, SenderPayloadType), Error> {
+    let streams: Vec<(Option<String>, u32)> = if rids.is_empty() {
+        vec![(None, rand::random())]
+    } else {
+        rids.iter().map(|rid| (Some(rid.to_string()), rand::random())).collect()
+    };
     let label = if kind == RtpCodecKind::Video { "video" } else { "audio" };
-    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-        "mediamesh-sdk".to_string(),
-        format!("{label}-{ssrc:08x}"),
-        label.to_string(),
-        kind,
-        vec![RTCRtpEncodingParameters {
+    let encodings = streams
+        .iter()
+        .map(|(rid, ssrc)| RTCRtpEncodingParameters {
             rtp_coding_parameters: RTCRtpCodingParameters {
-                ssrc: Some(ssrc),
+                rid: rid.clone().unwrap_or_default(),
+                ssrc: Some(*ssrc),
                 ..Default::default()
             },
             codec: codec.clone(),
             ..Default::default()
-        }],
+        })
+        .collect();
+    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        "mediamesh-sdk".to_string(),
+        format!("{label}-{:08x}", streams[0].1),
+        label.to_string(),
+        kind,
+        encodings,
     )));
     let transceiver = pc
         .add_transceiver_from_track(
@@ -249,7 +289,7 @@ async fn add_send_track(
         .ok_or_else(|| Error::WebRtc("a send-only transceiver without a sender".into()))?;
     Ok((
         track,
-        ssrc,
+        streams,
         SenderPayloadType {
             sender,
             mime_type: codec.mime_type,
@@ -257,7 +297,29 @@ async fn add_send_track(
     ))
 }
 
+/// The `a=mid` of the first video section of a local description.
+fn video_mid(sdp: &str) -> Option<String> {
+    let mut in_video = false;
+    for line in sdp.lines() {
+        if line.starts_with("m=") {
+            in_video = line.starts_with("m=video");
+        } else if in_video && let Some(mid) = line.strip_prefix("a=mid:") {
+            return Some(mid.trim().to_string());
+        }
+    }
+    None
+}
+
+/// The header extensions a simulcast layer's packets carry so the receiver can tell the layers
+/// apart: the negotiated ids, and the values.
+#[derive(Debug, Clone)]
+struct RidStamp {
+    mid: Option<(u8, Bytes)>,
+    rid: (u8, Bytes),
+}
+
 /// The sender and codec whose negotiated payload type a track must stamp on its packets.
+#[derive(Clone)]
 struct SenderPayloadType {
     sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
     mime_type: String,
@@ -273,12 +335,34 @@ impl SenderPayloadType {
             .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&self.mime_type))
             .map(|c| c.payload_type)
     }
+
+    /// The extensions for simulcast layer `rid`, if the answer negotiated the rid extension.
+    async fn rid_stamp(&self, mid: Option<String>, rid: String) -> Option<RidStamp> {
+        let parameters = self.sender.get_parameters().await.ok()?;
+        let id_of = |uri: &str| {
+            parameters
+                .rtp_parameters
+                .header_extensions
+                .iter()
+                .find(|e| e.uri == uri)
+                .map(|e| e.id as u8)
+        };
+        let rid_id = id_of(codecs::SDES_RTP_STREAM_ID_URI)?;
+        let mid = mid
+            .zip(id_of(codecs::SDES_MID_URI))
+            .map(|(mid, id)| (id, Bytes::from(mid)));
+        Some(RidStamp {
+            mid,
+            rid: (rid_id, Bytes::from(rid)),
+        })
+    }
 }
 
 async fn send_video(
     track: Arc<TrackLocalStaticRTP>,
     ssrc: u32,
     payload_type: SenderPayloadType,
+    stamp: Option<RidStamp>,
     options: PublishOptions,
     keyframe_requests: Arc<AtomicU64>,
     counters: Arc<PublishCounters>,
@@ -333,18 +417,22 @@ async fn send_video(
         let last = payloads.len() - 1;
         for (index, payload) in payloads.into_iter().enumerate() {
             let bytes = payload.len() as u64;
-            let packet = rtp::Packet {
-                header: rtp::header::Header {
-                    version: 2,
-                    marker: index == last,
-                    payload_type,
-                    sequence_number,
-                    timestamp,
-                    ssrc,
-                    ..Default::default()
-                },
-                payload,
+            let mut header = rtp::header::Header {
+                version: 2,
+                marker: index == last,
+                payload_type,
+                sequence_number,
+                timestamp,
+                ssrc,
+                ..Default::default()
             };
+            if let Some(stamp) = &stamp {
+                for (id, value) in stamp.mid.iter().chain(std::iter::once(&stamp.rid)) {
+                    // Ids come from the negotiation (1..=14) and values are short: cannot fail.
+                    let _ = header.set_extension(*id, value.clone());
+                }
+            }
+            let packet = rtp::Packet { header, payload };
             sequence_number = sequence_number.wrapping_add(1);
             if track.write_rtp(packet).await.is_ok() {
                 counters.video_packets.fetch_add(1, Ordering::Relaxed);
