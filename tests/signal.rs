@@ -231,6 +231,92 @@ async fn a_layer_switch_takes_effect() {
     source.close().await;
 }
 
+/// Publishes `publish` over WebSocket, plays over gRPC; returns the viewer's stats after 1.5 s.
+async fn play_what_is_published(node: &TestNode, room: &str, publish: PublishOptions) -> mediamesh_sdk::PlayStats {
+    let source = Client::connect(
+        &node.base,
+        &node.publish_token(room),
+        options(room, Role::Publisher, Transport::WebSocket),
+    )
+    .await
+    .expect("publisher joins");
+    source.publish(publish).await.expect("publishes");
+    let sink = Client::connect(
+        &node.base,
+        &node.subscribe_token(room),
+        options(room, Role::Subscriber, Transport::Grpc),
+    )
+    .await
+    .expect("viewer joins");
+    sink.play(PlayOptions::default()).await.expect("plays");
+    sink.wait_first_frame(Duration::from_secs(10))
+        .await
+        .expect("first frame");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let stats = sink.play_stats().await;
+    sink.close().await;
+    source.close().await;
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h264_frames_and_ivf_ogg_files_are_published() {
+    let node = start_node(&[]).await;
+    let h264 = PublishOptions {
+        video_codec: mediamesh_sdk::VideoCodec::H264,
+        video_bitrate_bps: 300_000,
+        keyframe_interval_frames: 30,
+        ..Default::default()
+    };
+    let stats = play_what_is_published(&node, "sig-h264", h264).await;
+    assert!(stats.video.frames >= 40 && stats.video.keyframes >= 1, "{stats:?}");
+    assert!(stats.video.loss_fraction() < 0.01, "{stats:?}");
+
+    // A 25 fps IVF file (48 frames, a keyframe every 12) and an Ogg Opus file of distinct packets.
+    let dir = std::env::temp_dir().join(format!("mediamesh-files-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let packetizer = mediamesh_sdk::media::Vp8Packetizer::new(352, 288, 1_200);
+    let frames: Vec<_> = (0..48).map(|i| packetizer.frame_data(i % 12 == 0, 1_500)).collect();
+    let ivf = dir.join("clip.ivf");
+    std::fs::write(&ivf, mediamesh_sdk::files::write_ivf(352, 288, 25, &frames)).expect("write ivf");
+    let packets: Vec<bytes::Bytes> = (0..50u8).map(|i| vec![0xF8, 0xFF, 0xFE, i].into()).collect();
+    let ogg = dir.join("clip.ogg");
+    std::fs::write(&ogg, mediamesh_sdk::files::write_ogg_opus(&packets)).expect("write ogg");
+    let from_files = PublishOptions {
+        video_file: Some(ivf),
+        audio_file: Some(ogg),
+        ..Default::default()
+    };
+    let stats = play_what_is_published(&node, "sig-files", from_files).await;
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(
+        (stats.video.keyframe_width, stats.video.keyframe_height),
+        (352, 288),
+        "{stats:?}"
+    );
+    assert!(stats.video.frames >= 30, "25 fps for 1.5 s and more: {stats:?}");
+    assert!(
+        stats.audio.packets >= 50 && stats.audio.bytes == stats.audio.packets * 4,
+        "{stats:?}"
+    );
+
+    // A file that is not IVF: a clear error before anything is negotiated.
+    let client = Client::connect(
+        &node.base,
+        &node.publish_token("sig-files"),
+        options("sig-files", Role::Publisher, Transport::WebSocket),
+    )
+    .await
+    .expect("joins");
+    let bad = PublishOptions {
+        video_file: Some("Cargo.toml".into()),
+        ..Default::default()
+    };
+    let error = client.publish(bad).await.expect_err("not an IVF file");
+    assert!(error.to_string().contains("not an IVF file"), "{error}");
+    client.close().await;
+}
+
 async fn wait_reconnected(events: &mut tokio::sync::broadcast::Receiver<mediamesh_sdk::Event>) -> (bool, String) {
     let wait = async {
         loop {

@@ -1,8 +1,8 @@
-//! The codecs the SDK negotiates (VP8 and Opus only), and an interceptor that notices keyframe
+//! The codecs the SDK negotiates (VP8, H.264 and Opus), and an interceptor that notices keyframe
 //! requests (PLI, FIR) about the media we send.
 
 use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine};
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -16,6 +16,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub(crate) const VP8_PAYLOAD_TYPE: u8 = 96;
 pub(crate) const OPUS_PAYLOAD_TYPE: u8 = 111;
+pub(crate) const H264_PAYLOAD_TYPE: u8 = 102;
+
+pub(crate) fn h264_codec(nack: bool) -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_H264.into(),
+        sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".into(),
+        ..vp8_codec(nack)
+    }
+}
 
 pub(crate) fn vp8_codec(nack: bool) -> RTCRtpCodec {
     let mut rtcp_feedback = vec![
@@ -53,13 +62,20 @@ pub(crate) fn opus_codec() -> RTCRtpCodec {
     }
 }
 
-/// A media engine with VP8 and Opus only.
+/// A media engine with VP8 (preferred), H.264 and Opus.
 pub(crate) fn media_engine(nack: bool) -> Result<MediaEngine, RtcError> {
     let mut engine = MediaEngine::default();
     engine.register_codec(
         RTCRtpCodecParameters {
             rtp_codec: vp8_codec(nack),
             payload_type: VP8_PAYLOAD_TYPE,
+        },
+        RtpCodecKind::Video,
+    )?;
+    engine.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: h264_codec(nack),
+            payload_type: H264_PAYLOAD_TYPE,
         },
         RtpCodecKind::Video,
     )?;

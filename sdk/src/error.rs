@@ -58,6 +58,9 @@ pub enum Error {
     /// The node answered a signal message with an error.
     #[error("signal error {code}: {message}")]
     Signal { code: String, message: String, fatal: bool },
+    /// A media file could not be used.
+    #[error("media source: {0}")]
+    Media(String),
     /// The signal channel could not be opened or broke.
     #[error("signal channel: {0}")]
     Channel(String),

@@ -20,6 +20,7 @@
 pub mod channel;
 mod codecs;
 pub mod error;
+pub mod files;
 pub mod media;
 mod peer;
 mod signal;
@@ -33,4 +34,4 @@ pub use peer::ConnectOptions;
 pub use signal::default_http_client;
 pub use stats::TrackStats;
 pub use whep::{Layer, PlayOptions, PlaySession, PlayShared, PlayStats, play};
-pub use whip::{PublishOptions, PublishSession, PublishStats, publish};
+pub use whip::{PublishOptions, PublishSession, PublishStats, VideoCodec, publish};

@@ -30,6 +30,103 @@ const VP8_START_CODE: [u8; 3] = [0x9D, 0x01, 0x2A];
 /// `first_part_size` is a 19-bit field of the frame tag.
 const VP8_FIRST_PART_SIZE_MAX: usize = (1 << 19) - 1;
 
+/// Synthetic H.264 for packetization mode 1 (RFC 6184): a keyframe is an SPS, a PPS and an IDR
+/// slice, any other frame one non-IDR slice, each slice padded to the size the bitrate asks for.
+/// A NAL unit that does not fit one payload goes out in FU-A fragments.
+#[derive(Debug, Clone)]
+pub struct H264Packetizer {
+    /// Largest RTP payload.
+    pub payload_bytes_max: usize,
+}
+
+/// Constrained Baseline 3.1 (`profile-level-id=42e01f`) parameter sets.
+const H264_SPS: [u8; 13] = [
+    0x67, 0x42, 0xE0, 0x1F, 0xDA, 0x01, 0x40, 0x16, 0xE8, 0x06, 0xD0, 0xA1, 0x35,
+];
+const H264_PPS: [u8; 4] = [0x68, 0xCE, 0x06, 0xE2];
+/// NAL unit headers: nal_ref_idc 3 with type 5 (IDR slice), nal_ref_idc 2 with type 1.
+const H264_IDR_SLICE: u8 = 0x65;
+const H264_SLICE: u8 = 0x41;
+const H264_FU_A: u8 = 28;
+const H264_STAP_A: u8 = 24;
+
+impl H264Packetizer {
+    pub fn new(payload_bytes_max: usize) -> Self {
+        assert!(
+            payload_bytes_max >= 3,
+            "an FU-A payload holds two header bytes and data"
+        );
+        Self { payload_bytes_max }
+    }
+
+    /// The NAL units of one synthetic frame of about `frame_bytes` bytes.
+    pub fn frame_nals(&self, keyframe: bool, frame_bytes: usize) -> Vec<Bytes> {
+        let mut nals = Vec::with_capacity(3);
+        if keyframe {
+            nals.push(Bytes::from_static(&H264_SPS));
+            nals.push(Bytes::from_static(&H264_PPS));
+        }
+        let mut slice = BytesMut::with_capacity(frame_bytes.max(2));
+        slice.put_u8(if keyframe { H264_IDR_SLICE } else { H264_SLICE });
+        // first_mb_in_slice = 0 (ue(v) "1"), then filler.
+        slice.put_u8(0x88);
+        slice.resize(frame_bytes.max(2), 0);
+        nals.push(slice.freeze());
+        nals
+    }
+
+    /// RTP payloads of one frame, in order; the last one is sent with the marker bit.
+    pub fn packetize(&self, nals: &[Bytes]) -> Vec<Bytes> {
+        let mut payloads = Vec::new();
+        for nal in nals {
+            if nal.len() <= self.payload_bytes_max {
+                payloads.push(nal.clone());
+                continue;
+            }
+            let indicator = (nal[0] & 0xE0) | H264_FU_A;
+            let nal_type = nal[0] & 0x1F;
+            let chunks: Vec<&[u8]> = nal[1..].chunks(self.payload_bytes_max - 2).collect();
+            let last = chunks.len() - 1;
+            for (index, chunk) in chunks.into_iter().enumerate() {
+                let mut payload = BytesMut::with_capacity(chunk.len() + 2);
+                let start = if index == 0 { 0x80 } else { 0 };
+                let end = if index == last { 0x40 } else { 0 };
+                payload.put_u8(indicator);
+                payload.put_u8(start | end | nal_type);
+                payload.put_slice(chunk);
+                payloads.push(payload.freeze());
+            }
+        }
+        payloads
+    }
+}
+
+/// Whether an H.264 payload starts a keyframe: an IDR slice or an SPS, alone, in a STAP-A, or as
+/// the first FU-A fragment of an IDR slice (RFC 6184).
+pub fn h264_keyframe_start(payload: &[u8]) -> bool {
+    const IDR: u8 = 5;
+    const SPS: u8 = 7;
+    let Some(&first) = payload.first() else {
+        return false;
+    };
+    match first & 0x1F {
+        IDR | SPS => true,
+        H264_STAP_A => {
+            let mut offset = 1;
+            while offset + 2 < payload.len() {
+                let size = usize::from(u16::from_be_bytes([payload[offset], payload[offset + 1]]));
+                if matches!(payload[offset + 2] & 0x1F, IDR | SPS) {
+                    return true;
+                }
+                offset += 2 + size;
+            }
+            false
+        }
+        H264_FU_A => payload.get(1).is_some_and(|&fu| fu & 0x80 != 0 && fu & 0x1F == IDR),
+        _ => false,
+    }
+}
+
 /// Splits synthetic VP8 frames into RTP payloads of at most `payload_bytes_max` bytes each.
 #[derive(Debug, Clone)]
 pub struct Vp8Packetizer {
@@ -172,6 +269,29 @@ impl FrameSizes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn h264_frames_fragment_and_keyframes_are_detected() {
+        let packetizer = H264Packetizer::new(1_200);
+        let keyframe = packetizer.packetize(&packetizer.frame_nals(true, 3_000));
+        // SPS and PPS alone, then the IDR slice in three FU-A fragments.
+        assert_eq!(keyframe.len(), 2 + 2_999usize.div_ceil(1_198));
+        assert!(keyframe.iter().all(|p| p.len() <= 1_200));
+        assert!(h264_keyframe_start(&keyframe[0]), "SPS");
+        assert!(h264_keyframe_start(&keyframe[2]), "first IDR fragment");
+        assert!(!h264_keyframe_start(&keyframe[3]), "later fragment");
+        assert_eq!(keyframe[2][1] & 0xC0, 0x80, "S bit");
+        assert_eq!(keyframe.last().map(|p| p[1] & 0xC0), Some(0x40), "E bit");
+        let fragments: usize = keyframe[2..].iter().map(|p| p.len() - 2).sum();
+        assert_eq!(fragments, 2_999);
+        let interframe = packetizer.packetize(&packetizer.frame_nals(false, 500));
+        assert_eq!(interframe.len(), 1);
+        assert!(!h264_keyframe_start(&interframe[0]));
+        assert!(
+            h264_keyframe_start(&[0x78, 0x00, 0x02, 0x67, 0x42]),
+            "STAP-A with an SPS"
+        );
+    }
 
     #[test]
     fn keyframe_has_valid_header_and_is_detected() {

@@ -3,7 +3,7 @@
 
 use crate::codecs;
 use crate::error::Error;
-use crate::media::{vp8_keyframe_size, vp8_keyframe_start};
+use crate::media::{h264_keyframe_start, vp8_keyframe_size, vp8_keyframe_start};
 use crate::peer::{self, ConnectOptions, PeerEvents, SessionCore, Signaling};
 use crate::signal;
 use crate::stats::{PacketInfo, ReceiveStats, TrackStats};
@@ -267,21 +267,31 @@ async fn read_track(track: Arc<dyn TrackRemote>, shared: Arc<Shared>) {
     let (pli_due_tx, mut pli_due) = mpsc::channel::<()>(1);
     let mut pli_timer: Option<tokio::task::JoinHandle<()>> = None;
     let mut have_keyframe = false;
+    let mut h264 = false;
     loop {
         tokio::select! {
             event = track.poll() => {
                 let Some(event) = event else { break };
                 match event {
+                    TrackRemoteEvent::OnOpen(init) => {
+                        let mime = track.codec(init.ssrc).await.map(|c| c.mime_type).unwrap_or_default();
+                        h264 = mime.eq_ignore_ascii_case("video/H264");
+                    }
                     TrackRemoteEvent::OnRtpPacket(packet) => {
                         let now = Instant::now();
                         let header = &packet.header;
-                        let keyframe_start = video && vp8_keyframe_start(&packet.payload);
+                        let keyframe_start = video
+                            && if h264 {
+                                h264_keyframe_start(&packet.payload)
+                            } else {
+                                vp8_keyframe_start(&packet.payload)
+                            };
                         let info = PacketInfo {
                             sequence_number: header.sequence_number,
                             timestamp: header.timestamp,
                             marker: header.marker,
                             keyframe_start,
-                            keyframe_size: keyframe_start.then(|| vp8_keyframe_size(&packet.payload)).flatten(),
+                            keyframe_size: (keyframe_start && !h264).then(|| vp8_keyframe_size(&packet.payload)).flatten(),
                             payload_bytes: packet.payload.len(),
                         };
                         let mut guard = stats.lock();

@@ -3,7 +3,10 @@
 
 use crate::codecs::{self, KeyframeRequestTap};
 use crate::error::Error;
-use crate::media::{FrameSizes, OPUS_CLOCK_RATE, OPUS_PACKET_DURATION_MS, VP8_CLOCK_RATE, Vp8Packetizer, opus_packet};
+use crate::files;
+use crate::media::{
+    FrameSizes, H264Packetizer, OPUS_CLOCK_RATE, OPUS_PACKET_DURATION_MS, VP8_CLOCK_RATE, Vp8Packetizer, opus_packet,
+};
 use crate::peer::{self, ConnectOptions, PeerEvents, SessionCore, Signaling};
 use crate::signal;
 use bytes::Bytes;
@@ -13,6 +16,7 @@ use rtc::peer_connection::configuration::interceptor_registry::{configure_nack, 
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -42,6 +46,13 @@ pub struct PublishOptions {
     pub rtp_payload_bytes_max: usize,
     /// Size of each 20 ms Opus packet.
     pub audio_payload_bytes: usize,
+    /// Codec of the synthetic video (a `video_file` is always VP8).
+    pub video_codec: VideoCodec,
+    /// Send the VP8 frames of this IVF file (looped) instead of synthetic ones; its frame rate
+    /// replaces `frame_rate`, and keyframes come where the file has them.
+    pub video_file: Option<PathBuf>,
+    /// Send the Opus packets of this Ogg file (looped, 20 ms each) instead of silence.
+    pub audio_file: Option<PathBuf>,
     /// Send three simulcast layers (rids `q`, `h`, `f`: a quarter, half and the full size, the
     /// bitrate split 1:2:4) instead of one stream.
     pub simulcast: bool,
@@ -60,10 +71,19 @@ impl Default for PublishOptions {
             height: 480,
             rtp_payload_bytes_max: 1_200,
             audio_payload_bytes: 60,
+            video_codec: VideoCodec::Vp8,
+            video_file: None,
+            audio_file: None,
             simulcast: false,
             connect: ConnectOptions::default(),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VideoCodec {
+    Vp8,
+    H264,
 }
 
 /// Counters of a publishing session.
@@ -160,9 +180,31 @@ pub async fn publish(url: &str, token: &str, options: PublishOptions) -> Result<
 /// session of the same publisher (a reconnect).
 pub(crate) async fn publish_over(
     signaling: Signaling,
-    options: PublishOptions,
+    mut options: PublishOptions,
     counters: Arc<PublishCounters>,
 ) -> Result<PublishSession, Error> {
+    let video_file = match &options.video_file {
+        Some(path) => {
+            if options.simulcast {
+                return Err(Error::Media(
+                    "simulcast is synthetic only: not with a video file".into(),
+                ));
+            }
+            let video = files::load_ivf(path).map_err(Error::Media)?;
+            options.frame_rate = video.frame_rate;
+            (options.width, options.height) = (video.width, video.height);
+            Some(Arc::new(video.frames))
+        }
+        None => None,
+    };
+    let audio_file = match &options.audio_file {
+        Some(path) => Some(Arc::new(files::load_ogg_opus(path).map_err(Error::Media)?.packets)),
+        None => None,
+    };
+    let video_codec = match (&video_file, options.video_codec) {
+        (None, VideoCodec::H264) => codecs::h264_codec(true),
+        _ => codecs::vp8_codec(true),
+    };
     let keyframe_requests = Arc::new(AtomicU64::new(0));
 
     let mut media_engine = codecs::media_engine(true)?;
@@ -180,7 +222,7 @@ pub(crate) async fn publish_over(
         let rids: &[&str] = if options.simulcast { &SIMULCAST_RIDS } else { &[] };
         tracks.push((
             RtpCodecKind::Video,
-            add_send_track(&pc, RtpCodecKind::Video, codecs::vp8_codec(true), rids).await?,
+            add_send_track(&pc, RtpCodecKind::Video, video_codec, rids).await?,
         ));
     }
     if options.audio {
@@ -214,23 +256,34 @@ pub(crate) async fn publish_over(
                         }
                         None => None,
                     };
+                    let frames = VideoFrames::new(&layer_options, video_file.clone());
                     tokio::spawn(send_video(
                         Arc::clone(&track),
                         ssrc,
                         payload_type.clone(),
                         stamp,
+                        frames,
                         layer_options,
                         Arc::clone(&keyframe_requests),
                         counters,
                     ))
                 }
-                _ => tokio::spawn(send_audio(
-                    Arc::clone(&track),
-                    ssrc,
-                    payload_type.clone(),
-                    options.audio_payload_bytes,
-                    counters,
-                )),
+                _ => {
+                    let packets = match &audio_file {
+                        Some(packets) => AudioPackets::File {
+                            packets: Arc::clone(packets),
+                            next: 0,
+                        },
+                        None => AudioPackets::Silence(opus_packet(options.audio_payload_bytes)),
+                    };
+                    tokio::spawn(send_audio(
+                        Arc::clone(&track),
+                        ssrc,
+                        payload_type.clone(),
+                        packets,
+                        counters,
+                    ))
+                }
             };
             core.tasks.push(task);
         }
@@ -358,11 +411,109 @@ impl SenderPayloadType {
     }
 }
 
+/// Where a video stream's frames come from.
+enum VideoFrames {
+    Vp8 {
+        packetizer: Vp8Packetizer,
+        sizes: FrameSizes,
+    },
+    H264 {
+        packetizer: H264Packetizer,
+        sizes: FrameSizes,
+    },
+    Ivf {
+        packetizer: Vp8Packetizer,
+        frames: Arc<Vec<(bool, Bytes)>>,
+        next: usize,
+    },
+}
+
+impl VideoFrames {
+    fn new(options: &PublishOptions, file: Option<Arc<Vec<(bool, Bytes)>>>) -> Self {
+        let sizes = FrameSizes::for_bitrate(
+            options.video_bitrate_bps,
+            options.frame_rate,
+            options.keyframe_interval_frames,
+        );
+        match (file, options.video_codec) {
+            (Some(frames), _) => VideoFrames::Ivf {
+                packetizer: Vp8Packetizer::new(options.width, options.height, options.rtp_payload_bytes_max),
+                frames,
+                next: 0,
+            },
+            (None, VideoCodec::H264) => VideoFrames::H264 {
+                packetizer: H264Packetizer::new(options.rtp_payload_bytes_max),
+                sizes,
+            },
+            (None, VideoCodec::Vp8) => VideoFrames::Vp8 {
+                packetizer: Vp8Packetizer::new(options.width, options.height, options.rtp_payload_bytes_max),
+                sizes,
+            },
+        }
+    }
+
+    /// Whether a file decides where keyframes are (requests cannot make one).
+    fn is_file(&self) -> bool {
+        matches!(self, VideoFrames::Ivf { .. })
+    }
+
+    /// The payloads of the next frame and whether it is a keyframe.
+    fn next(&mut self, keyframe: bool) -> (bool, Vec<Bytes>) {
+        let size = |sizes: &FrameSizes| {
+            if keyframe {
+                sizes.keyframe_bytes
+            } else {
+                sizes.interframe_bytes
+            }
+        };
+        match self {
+            VideoFrames::Vp8 { packetizer, sizes } => (
+                keyframe,
+                packetizer.packetize(&packetizer.frame_data(keyframe, size(sizes))),
+            ),
+            VideoFrames::H264 { packetizer, sizes } => (
+                keyframe,
+                packetizer.packetize(&packetizer.frame_nals(keyframe, size(sizes))),
+            ),
+            VideoFrames::Ivf {
+                packetizer,
+                frames,
+                next,
+            } => {
+                let (keyframe, frame) = &frames[*next % frames.len()];
+                *next = (*next + 1) % frames.len();
+                (*keyframe, packetizer.packetize(frame))
+            }
+        }
+    }
+}
+
+/// Where an audio stream's packets come from.
+enum AudioPackets {
+    Silence(Bytes),
+    File { packets: Arc<Vec<Bytes>>, next: usize },
+}
+
+impl AudioPackets {
+    fn next(&mut self) -> Bytes {
+        match self {
+            AudioPackets::Silence(payload) => payload.clone(),
+            AudioPackets::File { packets, next } => {
+                let packet = packets[*next % packets.len()].clone();
+                *next = (*next + 1) % packets.len();
+                packet
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn send_video(
     track: Arc<TrackLocalStaticRTP>,
     ssrc: u32,
     payload_type: SenderPayloadType,
     stamp: Option<RidStamp>,
+    mut frames: VideoFrames,
     options: PublishOptions,
     keyframe_requests: Arc<AtomicU64>,
     counters: Arc<PublishCounters>,
@@ -371,12 +522,6 @@ async fn send_video(
         tracing::warn!("the answer did not accept VP8; no video is sent");
         return;
     };
-    let packetizer = Vp8Packetizer::new(options.width, options.height, options.rtp_payload_bytes_max);
-    let sizes = FrameSizes::for_bitrate(
-        options.video_bitrate_bps,
-        options.frame_rate,
-        options.keyframe_interval_frames,
-    );
     let frame_period = Duration::from_secs(1) / options.frame_rate;
     let ticks_per_frame = VP8_CLOCK_RATE / options.frame_rate;
     let mut sequence_number: u16 = rand::random();
@@ -399,21 +544,18 @@ async fn send_video(
         if requests != seen_requests {
             counters.keyframe_requests.store(requests, Ordering::Relaxed);
         }
-        let keyframe =
+        let wanted =
             last_keyframe.is_none() || requested || frames_since_keyframe + 1 >= options.keyframe_interval_frames;
-        if keyframe {
+        let (keyframe, payloads) = frames.next(wanted);
+        if keyframe || (wanted && frames.is_file()) {
             seen_requests = requests;
+        }
+        if keyframe {
             last_keyframe = Some(now);
             frames_since_keyframe = 0;
         } else {
             frames_since_keyframe += 1;
         }
-        let frame_bytes = if keyframe {
-            sizes.keyframe_bytes
-        } else {
-            sizes.interframe_bytes
-        };
-        let payloads = packetizer.packetize(&packetizer.frame_data(keyframe, frame_bytes));
         let last = payloads.len() - 1;
         for (index, payload) in payloads.into_iter().enumerate() {
             let bytes = payload.len() as u64;
@@ -452,14 +594,13 @@ async fn send_audio(
     track: Arc<TrackLocalStaticRTP>,
     ssrc: u32,
     payload_type: SenderPayloadType,
-    payload_bytes: usize,
+    mut packets: AudioPackets,
     counters: Arc<PublishCounters>,
 ) {
     let Some(payload_type) = payload_type.resolve().await else {
         tracing::warn!("the answer did not accept Opus; no audio is sent");
         return;
     };
-    let payload = opus_packet(payload_bytes);
     let period = Duration::from_millis(u64::from(OPUS_PACKET_DURATION_MS));
     let ticks_per_packet = OPUS_CLOCK_RATE / 1_000 * OPUS_PACKET_DURATION_MS;
     let mut sequence_number: u16 = rand::random();
@@ -471,6 +612,8 @@ async fn send_audio(
     loop {
         tick.tick().await;
         let index = (started.elapsed().as_millis() / u128::from(OPUS_PACKET_DURATION_MS)) as u32;
+        let payload = packets.next();
+        let bytes = payload.len() as u64;
         let packet = rtp::Packet {
             header: rtp::header::Header {
                 version: 2,
@@ -482,13 +625,13 @@ async fn send_audio(
                 ssrc,
                 ..Default::default()
             },
-            payload: payload.clone(),
+            payload,
         };
         first = false;
         sequence_number = sequence_number.wrapping_add(1);
         if track.write_rtp(packet).await.is_ok() {
             counters.audio_packets.fetch_add(1, Ordering::Relaxed);
-            counters.audio_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+            counters.audio_bytes.fetch_add(bytes, Ordering::Relaxed);
         } else {
             counters.write_errors.fetch_add(1, Ordering::Relaxed);
         }
