@@ -2,9 +2,10 @@
 //! scrape time, so the per-packet path only touches atomics. Labels are low-cardinality: never a
 //! room, viewer or session id.
 
+use crate::signal::{ERROR_CODES, SignalStats};
 use mediamesh_actors::media::track::MediaCounters;
 use mediamesh_actors::registry::NodeStats;
-use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -27,6 +28,10 @@ pub struct Metrics {
     resident_memory: IntGauge,
     cpu_seconds: prometheus::Counter,
     ports: Arc<mediamesh_actors::media::engine::PortPool>,
+    signal: Arc<SignalStats>,
+    signal_sessions: IntGaugeVec,
+    signal_resumes: IntCounter,
+    signal_errors: IntCounterVec,
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
@@ -50,8 +55,28 @@ impl Metrics {
         stats: Arc<NodeStats>,
         counters: Arc<MediaCounters>,
         ports: Arc<mediamesh_actors::media::engine::PortPool>,
+        signal: Arc<SignalStats>,
     ) -> Self {
         let registry = Registry::new();
+        let signal_sessions = IntGaugeVec::new(
+            Opts::new("mediamesh_signal_sessions", "Open signal sessions by transport"),
+            &["transport"],
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(signal_sessions.clone()))
+            .expect("registered once");
+        let signal_errors = IntCounterVec::new(
+            Opts::new(
+                "mediamesh_signal_errors_total",
+                "Error replies sent on signal sessions, by code",
+            ),
+            &["code"],
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(signal_errors.clone()))
+            .expect("registered once");
         let participants = IntGaugeVec::new(
             Opts::new("mediamesh_participants", "Sessions on this node by role"),
             &["role"],
@@ -127,6 +152,14 @@ impl Metrics {
                 "Resident memory size in bytes",
             ),
             cpu_seconds,
+            signal_resumes: counter(
+                &registry,
+                "mediamesh_signal_resumes_total",
+                "Viewer sessions given back by a resume token",
+            ),
+            signal,
+            signal_sessions,
+            signal_errors,
             registry,
             stats,
             counters,
@@ -166,6 +199,20 @@ impl Metrics {
         Self::sync_counter(&self.packets_lost, c.packets_lost.load(Ordering::Relaxed));
         Self::sync_counter(&self.keyframe_requests, c.keyframe_requests.load(Ordering::Relaxed));
         self.media_ports_in_use.set(self.ports.in_use() as i64);
+        let signal = &self.signal;
+        self.signal_sessions
+            .with_label_values(&["websocket"])
+            .set(signal.websocket_sessions.load(Ordering::Relaxed));
+        self.signal_sessions
+            .with_label_values(&["grpc"])
+            .set(signal.grpc_sessions.load(Ordering::Relaxed));
+        Self::sync_counter(&self.signal_resumes, signal.resumes.load(Ordering::Relaxed));
+        for (code, count) in ERROR_CODES.iter().zip(&signal.errors) {
+            Self::sync_counter(
+                &self.signal_errors.with_label_values(&[code]),
+                count.load(Ordering::Relaxed),
+            );
+        }
         self.resident_memory.set(process_resident_bytes() as i64);
         let cpu = process_cpu_seconds();
         let counted = self.cpu_seconds.get();

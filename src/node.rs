@@ -142,7 +142,12 @@ pub async fn run(
         region: config.region.clone(),
         keys: keys.clone(),
         rooms: Arc::clone(&registry),
-        metrics: Arc::new(Metrics::new(Arc::clone(&stats), counters, ports)),
+        metrics: Arc::new(Metrics::new(
+            Arc::clone(&stats),
+            counters,
+            ports,
+            Arc::clone(&signal.stats),
+        )),
         body_bytes_max: config.body_bytes_max,
         store: store.clone(),
     });

@@ -158,9 +158,33 @@ async fn websocket_bad_input_gets_error_replies() {
     .await;
     assert!(next(&mut ws).await.expect("joined")["joined"].is_object());
 
-    // The node still serves.
+    // The node still serves, and counted what it refused.
     let health = reqwest::get(format!("{}/healthz", node.base)).await.expect("healthz");
     assert_eq!(health.status(), 200);
+    let metrics = reqwest::get(format!("{}/metrics", node.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for (code, at_least) in [
+        ("not_joined", 1),
+        ("bad_request", 6),
+        ("out_of_order", 2),
+        ("too_large", 1),
+    ] {
+        let line = format!("mediamesh_signal_errors_total{{code=\"{code}\"}} ");
+        let count: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in the metrics"));
+        assert!(count >= at_least, "{line}{count}");
+    }
+    assert!(
+        metrics.contains("mediamesh_signal_sessions{transport=\"websocket\"} 1"),
+        "the joined session is open"
+    );
 }
 
 /// Sends raw bytes as gRPC frames and decodes replies as `ServerMessage`.

@@ -2,7 +2,7 @@
 //! `authorization` metadata carries `Bearer <token>` (or `join.token` does).
 
 use super::session;
-use super::{FRAME_BYTES_MAX, Inbound, SignalContext};
+use super::{FRAME_BYTES_MAX, Inbound, SignalContext, Transport};
 use crate::auth;
 use futures::StreamExt;
 use mediamesh_proto::signal::v1::signal_server::{Signal, SignalServer};
@@ -46,7 +46,13 @@ impl Signal for SignalService {
         };
         let mut frames = request.into_inner();
         let ((in_tx, in_rx), (out_tx, out_rx)) = session::channels();
-        tokio::spawn(session::run(Arc::clone(&self.context), claims, in_rx, out_tx));
+        tokio::spawn(session::run(
+            Arc::clone(&self.context),
+            Transport::Grpc,
+            claims,
+            in_rx,
+            out_tx,
+        ));
         tokio::spawn(async move {
             loop {
                 let item = match frames.next().await {

@@ -13,7 +13,7 @@ use mediamesh_proto::signal::v1::ClientMessage;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +47,55 @@ pub enum Inbound {
     Heartbeat,
 }
 
+/// Which transport a session came in on (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    Grpc,
+}
+
+/// Every error code a session sends (see `signal.proto`); metrics count them by code.
+pub const ERROR_CODES: [&str; 14] = [
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_joined",
+    "already_joined",
+    "out_of_order",
+    "unknown_message",
+    "too_large",
+    "not_found",
+    "room_full",
+    "node_full",
+    "idle_timeout",
+    "replaced",
+    "internal",
+];
+
+/// Counters of the signal sessions, read by the metrics at scrape time.
+#[derive(Debug, Default)]
+pub struct SignalStats {
+    pub websocket_sessions: AtomicI64,
+    pub grpc_sessions: AtomicI64,
+    pub resumes: AtomicU64,
+    pub errors: [AtomicU64; ERROR_CODES.len()],
+}
+
+impl SignalStats {
+    fn sessions(&self, transport: Transport) -> &AtomicI64 {
+        match transport {
+            Transport::WebSocket => &self.websocket_sessions,
+            Transport::Grpc => &self.grpc_sessions,
+        }
+    }
+
+    fn error(&self, code: &str) {
+        if let Some(index) = ERROR_CODES.iter().position(|c| *c == code) {
+            self.errors[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Everything a session needs from the node.
 pub struct SignalContext {
     pub node_id: String,
@@ -61,6 +110,7 @@ pub struct SignalContext {
     /// Live sessions by viewer session id; a resume elsewhere on this node cancels the old one.
     live: Mutex<HashMap<String, Registration>>,
     generation: AtomicU64,
+    pub stats: Arc<SignalStats>,
 }
 
 /// A live session's entry: cancelled when a resume takes the viewer id over.
@@ -93,6 +143,7 @@ impl SignalContext {
             grpc_url,
             live: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
+            stats: Arc::default(),
         })
     }
 

@@ -251,10 +251,13 @@ struct Session {
 /// resume elsewhere takes it over. `claims` come from a token the transport already verified.
 pub async fn run(
     ctx: Arc<SignalContext>,
+    transport: super::Transport,
     claims: Option<Claims>,
     mut inbound: mpsc::Receiver<Inbound>,
     out: mpsc::Sender<pb::ServerMessage>,
 ) {
+    let sessions = ctx.stats.sessions(transport);
+    sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut session = Session {
         ctx: Arc::clone(&ctx),
         out,
@@ -295,6 +298,7 @@ pub async fn run(
         }
     };
     session.end(flow == Flow::Leave).await;
+    sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 async fn next_notice(joined: &mut Option<Joined>) -> Option<RoomNotice> {
@@ -312,6 +316,7 @@ impl Session {
 
     async fn send_error(&self, id: u64, refusal: Refusal) {
         tracing::debug!(code = refusal.code, message = %refusal.message, "signal error reply");
+        self.ctx.stats.error(refusal.code);
         let error = pb::Error {
             code: refusal.code.to_string(),
             message: refusal.message,
@@ -515,7 +520,13 @@ impl Session {
             }
         }
         let viewer = match &resumed {
-            Some(state) => state.viewer.as_str().to_string(),
+            Some(state) => {
+                self.ctx
+                    .stats
+                    .resumes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                state.viewer.as_str().to_string()
+            }
             None => SessionId::generate().to_string(),
         };
         let resume_token = self.ctx.resume.sign(&ResumeClaims {

@@ -2,7 +2,7 @@
 //! client that asks (`x-signal-mode: grpc`, no upgrade) where the gRPC transport listens.
 
 use super::session;
-use super::{FRAME_BYTES_MAX, HEARTBEAT_INTERVAL, Inbound, SignalContext};
+use super::{FRAME_BYTES_MAX, HEARTBEAT_INTERVAL, Inbound, SignalContext, Transport};
 use crate::auth;
 use crate::http::problem::ApiError;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -57,7 +57,13 @@ pub async fn connect(
         .aggregate_continuations()
         .max_continuation_size(FRAME_BYTES_MAX);
     let ((in_tx, in_rx), (out_tx, mut out_rx)) = session::channels();
-    tokio::spawn(session::run(Arc::clone(context.get_ref()), claims, in_rx, out_tx));
+    tokio::spawn(session::run(
+        Arc::clone(context.get_ref()),
+        Transport::WebSocket,
+        claims,
+        in_rx,
+        out_tx,
+    ));
     // The socket halves are not `Send`: they stay on this worker's thread.
     actix_web::rt::spawn(async move {
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
