@@ -341,3 +341,92 @@ async fn viewer_state(node: &TestNode, viewer: &str) -> serde_json::Value {
     assert_eq!(response.status(), 200);
     response.json().await.expect("viewer state JSON")
 }
+
+/// A scripted signal server that joins the client, then tells it to move to `to`.
+async fn moving_server(to: String) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("the client connects");
+        let mut ws = tokio_tungstenite::accept_async(stream).await.expect("handshake");
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        while let Some(Ok(message)) = ws.next().await {
+            let Message::Text(text) = message else { continue };
+            if text.contains("\"join\"") {
+                let joined = r#"{"id":1,"joined":{"session":"scripted","resume_token":"","node":"scripted"}}"#;
+                ws.send(Message::text(joined)).await.expect("joined");
+                let moved = serde_json::json!({"moved": {"url": to, "resume_token": ""}}).to_string();
+                ws.send(Message::text(moved)).await.expect("moved");
+            }
+        }
+    });
+    format!("http://{address}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_follows_moved_to_another_node() {
+    let node = start_node(&[]).await;
+    let room = "sig-moved";
+    let scripted = moving_server(node.base.clone()).await;
+    let client = Client::connect(
+        &scripted,
+        &node.subscribe_token(room),
+        options(room, Role::Subscriber, Transport::WebSocket),
+    )
+    .await
+    .expect("joins the scripted node");
+    let mut events = client.events();
+    let (_, session) = wait_reconnected(&mut events).await;
+    assert_eq!(client.node(), "test-1", "now on the node it was moved to");
+    assert_eq!(client.session(), session);
+    assert_ne!(session, "scripted");
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_end_on_both_transports() {
+    let node = start_node(&["--signal-idle-timeout-ms", "800"]).await;
+    for transport in [Transport::WebSocket, Transport::Grpc] {
+        let silent = ClientOptions {
+            ping_interval: Duration::from_secs(3600),
+            position_interval: None,
+            reconnect: false,
+            ..options("sig-idle", Role::Subscriber, transport)
+        };
+        let client = Client::connect(&node.base, &node.subscribe_token("sig-idle"), silent)
+            .await
+            .expect("joins");
+        let mut events = client.events();
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut idle_error = false;
+            loop {
+                match events.recv().await {
+                    Ok(mediamesh_sdk::Event::Error { code, .. }) if code == "idle_timeout" => idle_error = true,
+                    Ok(mediamesh_sdk::Event::Disconnected) => return idle_error,
+                    Ok(_) => {}
+                    Err(_) => return idle_error,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{transport:?}: a silent session was not ended"));
+        assert!(ended, "{transport:?}: idle_timeout error before the close");
+        // A client that pings stays.
+        let pinging = ClientOptions {
+            ping_interval: Duration::from_millis(200),
+            ..options("sig-idle", Role::Subscriber, transport)
+        };
+        let client = Client::connect(&node.base, &node.subscribe_token("sig-idle"), pinging)
+            .await
+            .expect("joins");
+        let mut events = client.events();
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        assert!(
+            !matches!(events.try_recv(), Ok(mediamesh_sdk::Event::Disconnected)),
+            "{transport:?}: a pinging session was ended"
+        );
+        assert_eq!(client.reconnects(), 0);
+        client.close().await;
+    }
+}
