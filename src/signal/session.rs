@@ -237,6 +237,8 @@ enum Flow {
     Leave,
     /// A fatal error was sent: end, keeping the viewer state for a resume.
     Stop,
+    /// A resume took the viewer over: end without writing its state, the new session owns it.
+    Replaced,
 }
 
 struct Session {
@@ -293,11 +295,11 @@ pub async fn run(
             _ = cancelled.cancelled() => {
                 let refusal = Refusal::new("replaced", "this session was resumed on another connection").fatal();
                 session.send_error(0, refusal).await;
-                break Flow::Stop;
+                break Flow::Replaced;
             }
         }
     };
-    session.end(flow == Flow::Leave).await;
+    session.end(flow).await;
     sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
@@ -578,7 +580,8 @@ impl Session {
         let position_ms = joined.position_ms;
         self.joined = Some(joined);
         self.persist();
-        let tracks = self.watch(notice_tx, notice_rx).await?;
+        // Joined without a room to watch is no session: the client should try elsewhere.
+        let tracks = self.watch(notice_tx, notice_rx).await.map_err(Refusal::fatal)?;
         Ok(Out::Joined(pb::Joined {
             session: viewer,
             resume_token,
@@ -793,7 +796,8 @@ impl Session {
 
     /// Ends the media sessions and the watch; keeps the viewer state for a resume unless the
     /// client left.
-    async fn end(mut self, left: bool) {
+    async fn end(mut self, flow: Flow) {
+        let left = flow == Flow::Leave;
         let Some(mut joined) = self.joined.take() else { return };
         if let Some(addr) = self.ctx.rooms.get(&joined.room) {
             let sessions = [
@@ -816,7 +820,7 @@ impl Session {
         let persister = joined.persister.take();
         let viewer_id = mediamesh_cluster::ViewerId::new(joined.viewer.clone());
         if let (Some(persist), Some(persister)) = (persist, persister) {
-            if !left {
+            if !left && flow != Flow::Replaced {
                 // The window counts from the drop: write the state once more, now.
                 persist.send_replace(Some(joined.viewer_state(&self.ctx.node_id)));
             }
