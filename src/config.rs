@@ -75,6 +75,9 @@ pub struct NodeArgs {
     /// A signal session that sends nothing for this many milliseconds is ended [default: 30000]
     #[arg(long, env = "MEDIAMESH_SIGNAL_IDLE_TIMEOUT_MS")]
     pub signal_idle_timeout_ms: Option<u64>,
+    /// Signal sessions (WebSocket and gRPC) this node holds at most [default: 2 × sessions per node]
+    #[arg(long, env = "MEDIAMESH_SIGNAL_SESSIONS_MAX")]
+    pub signal_sessions_max: Option<usize>,
 }
 
 /// The same settings as read from a TOML file.
@@ -102,6 +105,7 @@ struct FileConfig {
     viewer_ttl_ms: Option<u64>,
     resume_window_ms: Option<u64>,
     signal_idle_timeout_ms: Option<u64>,
+    signal_sessions_max: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +139,7 @@ pub struct NodeConfig {
     pub viewer_ttl_ms: u64,
     pub resume_window_ms: u64,
     pub signal_idle_timeout_ms: u64,
+    pub signal_sessions_max: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +292,12 @@ impl NodeArgs {
                     .or(file.signal_idle_timeout_ms)
                     .unwrap_or(30_000) as usize,
             )? as u64,
+            signal_sessions_max: positive(
+                "signal_sessions_max",
+                self.signal_sessions_max
+                    .or(file.signal_sessions_max)
+                    .unwrap_or(sessions_per_node_max.saturating_mul(2)),
+            )?,
             data_dir,
         })
     }

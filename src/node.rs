@@ -125,6 +125,7 @@ pub async fn run(
         Duration::from_millis(config.signal_idle_timeout_ms),
         Duration::from_millis(config.resume_window_ms),
         format!("http://{}:{}", config.advertise, grpc_addr.port()),
+        config.signal_sessions_max,
     );
     let grpc_shutdown = tokio_util::sync::CancellationToken::new();
     let grpc_server = tokio::spawn(

@@ -15,7 +15,11 @@ use tokio_tungstenite::tungstenite::{self, Message};
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn start_node() -> TestNode {
-    tokio::task::spawn_blocking(|| TestNode::start(&[]))
+    start_node_with(&[]).await
+}
+
+async fn start_node_with(extra: &'static [&'static str]) -> TestNode {
+    tokio::task::spawn_blocking(move || TestNode::start(extra))
         .await
         .expect("node started")
 }
@@ -364,4 +368,32 @@ async fn grpc_bad_input_gets_error_replies() {
     .expect("a good session after the bad ones");
     assert!(!client.session().is_empty());
     client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_sessions_beyond_the_limit_are_refused() {
+    let node = start_node_with(&["--signal-sessions-max", "2"]).await;
+    let token = node.subscribe_token("limit");
+    let first = open(&node, &token).await;
+    let mut second = open(&node, &token).await;
+    match tokio_tungstenite::connect_async(ws_url(&node, &token)).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("a third session was not refused: {:?}", other.map(|_| ())),
+    }
+    let refused = raw_session(&grpc_address(&node).await, &token, vec![]).await;
+    assert_eq!(
+        refused.map(|_| ()).map_err(|s| s.code()),
+        Err(tonic::Code::ResourceExhausted)
+    );
+    // A closed session gives its place back.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio_tungstenite::connect_async(ws_url(&node, &token)).await {
+            Ok(_) => break,
+            Err(error) => assert!(tokio::time::Instant::now() < deadline, "no place freed: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    still_alive(&mut second).await;
 }

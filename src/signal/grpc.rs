@@ -44,10 +44,17 @@ impl Signal for SignalService {
             }
             None => None,
         };
+        let admission = self.context.admit().ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "this node holds its limit of {} signal sessions; try another node",
+                self.context.sessions_max
+            ))
+        })?;
         let mut frames = request.into_inner();
         let ((in_tx, in_rx), (out_tx, out_rx)) = session::channels();
         tokio::spawn(session::run(
             Arc::clone(&self.context),
+            admission,
             Transport::Grpc,
             claims,
             in_rx,

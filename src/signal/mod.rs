@@ -13,7 +13,7 @@ use mediamesh_proto::signal::v1::ClientMessage;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -111,6 +111,20 @@ pub struct SignalContext {
     live: Mutex<HashMap<String, Registration>>,
     generation: AtomicU64,
     pub stats: Arc<SignalStats>,
+    /// Open sessions, both transports, and their limit.
+    open: Arc<AtomicUsize>,
+    pub sessions_max: usize,
+}
+
+/// A place among the node's signal sessions; given back on drop.
+pub struct Admission {
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A live session's entry: cancelled when a resume takes the viewer id over.
@@ -131,6 +145,7 @@ impl SignalContext {
         idle_timeout: Duration,
         resume_window: Duration,
         grpc_url: String,
+        sessions_max: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
@@ -144,7 +159,21 @@ impl SignalContext {
             live: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             stats: Arc::default(),
+            open: Arc::default(),
+            sessions_max,
         })
+    }
+
+    /// Takes a place for a new session, or `None` at the limit (the transport refuses it).
+    pub fn admit(&self) -> Option<Admission> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.sessions_max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Admission {
+                open: Arc::clone(&self.open),
+            })
     }
 
     /// Registers a live session, cancelling one that held the same viewer id.

@@ -253,6 +253,7 @@ struct Session {
 /// resume elsewhere takes it over. `claims` come from a token the transport already verified.
 pub async fn run(
     ctx: Arc<SignalContext>,
+    _admission: super::Admission,
     transport: super::Transport,
     claims: Option<Claims>,
     mut inbound: mpsc::Receiver<Inbound>,

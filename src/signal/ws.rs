@@ -50,6 +50,12 @@ pub async fn connect(
         _ => None,
     };
     let claims = token.map(|t| context.keys.verify(&t)).transpose()?;
+    let admission = context.admit().ok_or_else(|| {
+        ApiError::Unavailable(format!(
+            "this node holds its limit of {} signal sessions; try another node",
+            context.sessions_max
+        ))
+    })?;
     let (response, mut ws, stream) = actix_ws::handle(&request, body)
         .map_err(|e| ApiError::BadRequest(format!("WebSocket handshake failed: {e}")))?;
     let mut stream = stream
@@ -59,6 +65,7 @@ pub async fn connect(
     let ((in_tx, in_rx), (out_tx, mut out_rx)) = session::channels();
     tokio::spawn(session::run(
         Arc::clone(context.get_ref()),
+        admission,
         Transport::WebSocket,
         claims,
         in_rx,
