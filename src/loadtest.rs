@@ -65,6 +65,8 @@ pub struct Summary {
     pub packets_expected: u64,
     pub packets_lost: u64,
     pub loss: f64,
+    pub connect_p50_ms: Option<f64>,
+    pub connect_p99_ms: Option<f64>,
     pub first_frame_p50_ms: Option<f64>,
     pub first_frame_p99_ms: Option<f64>,
     pub largest_frame_gap_ms: f64,
@@ -244,6 +246,8 @@ pub async fn run(args: LoadtestArgs, secret: Option<String>) -> anyhow::Result<S
         packets_expected: 0,
         packets_lost: 0,
         loss: 0.0,
+        connect_p50_ms: None,
+        connect_p99_ms: None,
         first_frame_p50_ms: None,
         first_frame_p99_ms: None,
         largest_frame_gap_ms: 0.0,
@@ -251,6 +255,7 @@ pub async fn run(args: LoadtestArgs, secret: Option<String>) -> anyhow::Result<S
         resumes: 0,
     };
     let mut latencies = Vec::new();
+    let mut connects = Vec::new();
     let mut bitrate_sum = 0.0;
     for viewer in &viewers {
         let stats = viewer.stats().await;
@@ -266,6 +271,9 @@ pub async fn run(args: LoadtestArgs, secret: Option<String>) -> anyhow::Result<S
             .max(stats.video.frame_gap_max.as_secs_f64() * 1e3);
         if let Some(latency) = stats.first_frame_latency {
             latencies.push(latency.as_secs_f64() * 1e3);
+        }
+        if let Some(latency) = stats.connect_latency {
+            connects.push(latency.as_secs_f64() * 1e3);
         }
         if let Some(first) = stats.video.first_packet_at {
             let receiving = first.elapsed().as_secs_f64().max(1e-3);
@@ -284,6 +292,9 @@ pub async fn run(args: LoadtestArgs, secret: Option<String>) -> anyhow::Result<S
     latencies.sort_by(f64::total_cmp);
     summary.first_frame_p50_ms = percentile(&latencies, 0.50);
     summary.first_frame_p99_ms = percentile(&latencies, 0.99);
+    connects.sort_by(f64::total_cmp);
+    summary.connect_p50_ms = percentile(&connects, 0.50);
+    summary.connect_p99_ms = percentile(&connects, 0.99);
 
     for viewer in viewers {
         viewer.close().await;
@@ -358,6 +369,8 @@ pub fn table(summary: &Summary) -> String {
                 summary.packets_expected
             ),
         ),
+        ("connected p50", millis(summary.connect_p50_ms)),
+        ("connected p99", millis(summary.connect_p99_ms)),
         ("first frame p50", millis(summary.first_frame_p50_ms)),
         ("first frame p99", millis(summary.first_frame_p99_ms)),
         ("largest frame gap", format!("{:.0} ms", summary.largest_frame_gap_ms)),

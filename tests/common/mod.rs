@@ -25,10 +25,14 @@ pub fn free_tcp_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// A block of `count` UDP ports below the ephemeral range that are free now.
+/// A block of `count` UDP ports below the ephemeral range that are free now. Tests of one
+/// process run in parallel and their nodes bind lazily, so each call starts past the blocks
+/// earlier calls handed out (probing alone would give two nodes the same block).
 pub fn free_udp_range(count: u16) -> (u16, u16) {
-    let seed = (std::process::id() as u16 % 200) * 40;
-    for start in (20_000 + seed..29_000).step_by(usize::from(count)) {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let seed = (std::process::id() as u16 % 100) * 40;
+    let offset = NEXT.fetch_add(count, std::sync::atomic::Ordering::Relaxed) % 4_000;
+    for start in (20_000 + (seed + offset) % 8_000..29_000).step_by(usize::from(count)) {
         if (start..start + count).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
             return (start, start + count - 1);
         }

@@ -123,6 +123,14 @@ impl PortPool {
     }
 }
 
+/// Ports tried for one connection before giving up.
+const BIND_ATTEMPTS_MAX: usize = 3;
+
+/// webrtc's error when none of the given addresses could be bound.
+fn is_bind_failure(error: &MediaError) -> bool {
+    error.to_string().contains("no udp_sockets")
+}
+
 /// Which side of the SFU a connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerRole {
@@ -165,6 +173,39 @@ impl PeerFactory {
         handler: Arc<dyn PeerConnectionEventHandler>,
         feedback: Arc<FeedbackState>,
     ) -> Result<(Arc<dyn PeerConnection>, PortLease), MediaError> {
+        // The lease probed its port, but another process may take it before the connection binds
+        // it: then try the next one.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let lease = self.ports.lease()?;
+            match self
+                .build_on(
+                    role,
+                    offer_sdp,
+                    Arc::clone(&handler),
+                    Arc::clone(&feedback),
+                    lease.port(),
+                )
+                .await
+            {
+                Ok(peer) => return Ok((peer, lease)),
+                Err(error) if attempt < BIND_ATTEMPTS_MAX && is_bind_failure(&error) => {
+                    tracing::debug!(port = lease.port(), %error, "media port taken meanwhile; trying another");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn build_on(
+        &self,
+        role: PeerRole,
+        offer_sdp: &str,
+        handler: Arc<dyn PeerConnectionEventHandler>,
+        feedback: Arc<FeedbackState>,
+        port: u16,
+    ) -> Result<Arc<dyn PeerConnection>, MediaError> {
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
         let mut registry = configure_nack(Registry::new(), &mut media_engine);
@@ -185,8 +226,6 @@ impl PeerFactory {
         if self.config.ip.is_loopback() {
             settings = settings.with_include_loopback_candidate(true);
         }
-        let lease = self.ports.lease()?;
-        let bind = SocketAddr::new(self.config.ip, lease.port());
         let peer = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media_engine)
@@ -194,10 +233,10 @@ impl PeerFactory {
             .with_interceptor_registry(registry)
             .with_handler(handler)
             .with_runtime(Arc::clone(&self.runtime))
-            .with_udp_addrs(vec![bind])
+            .with_udp_addrs(vec![SocketAddr::new(self.config.ip, port)])
             .build()
             .await?;
-        Ok((Arc::new(peer), lease))
+        Ok(Arc::new(peer))
     }
 }
 
