@@ -61,7 +61,7 @@ pub fn parse_ivf(data: &[u8]) -> Result<IvfVideo, String> {
     let u32_at = |at: usize| u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
     let header_bytes = usize::from(u16_at(6)).max(32);
     let (rate, scale) = (u32_at(16), u32_at(20));
-    let frame_rate = if scale == 0 { 30 } else { (rate / scale).clamp(1, 240) };
+    let frame_rate = rate.checked_div(scale).map_or(30, |fps| fps.clamp(1, 240));
     let mut frames = Vec::new();
     let mut at = header_bytes;
     while at + 12 <= data.len() {
