@@ -30,6 +30,8 @@ use webrtc::rtp_transceiver::RtpSender;
 const SLOT_CONTROL_QUEUE_MAX: usize = 32;
 /// How often a slot re-evaluates its bandwidth estimate and layer.
 const SLOT_TICK: Duration = Duration::from_millis(250);
+/// Wait after the viewer's connection is up before the keyframe cache is replayed to it.
+const REPLAY_GRACE: Duration = Duration::from_millis(50);
 
 /// Tells a forwarding slot what to forward.
 #[derive(Debug)]
@@ -293,6 +295,10 @@ impl ForwardSlot {
                 },
             }
         }
+        // "Connected" comes a moment before the sender's SRTP path is ready: packets written at
+        // once are accepted and then lost, the replayed keyframe with them, and the viewer waits
+        // for the next keyframe (measured: one viewer in four at 1.1-1.5 s instead of 0.2 s).
+        tokio::time::sleep(REPLAY_GRACE).await;
         let mut binding: Option<Binding> = match pending {
             Some(track) => Some(self.bind(track).await),
             None => None,
