@@ -126,11 +126,18 @@ async fn a_cut_viewer_resumes_within_the_window_and_starts_over_after_it() {
     )
     .await
     .expect("viewer joins");
-    let track = sink
-        .tracks()
-        .into_iter()
-        .find(|t| t.kind == "video")
-        .expect("the publisher's video track is listed at join");
+    // Listed in `joined`, or announced by `track_published` once its first packet arrived.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let track = loop {
+        if let Some(track) = sink.tracks().into_iter().find(|t| t.kind == "video") {
+            break track;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the publisher's video track is never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     sink.subscribe(vec![track.id.clone()]).await.expect("subscribe");
     sink.play(PlayOptions::default()).await.expect("plays");
     sink.wait_first_frame(Duration::from_secs(10))
