@@ -2,7 +2,7 @@
 //! scrape time, so the per-packet path only touches atomics. Labels are low-cardinality: never a
 //! room, viewer or session id.
 
-use crate::signal::{ERROR_CODES, SignalStats};
+use crate::signal::{ErrorCode, SignalStats};
 use mediamesh_actors::media::track::MediaCounters;
 use mediamesh_actors::registry::NodeStats;
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -207,9 +207,9 @@ impl Metrics {
             .with_label_values(&["grpc"])
             .set(signal.grpc_sessions.load(Ordering::Relaxed));
         Self::sync_counter(&self.signal_resumes, signal.resumes.load(Ordering::Relaxed));
-        for (code, count) in ERROR_CODES.iter().zip(&signal.errors) {
+        for (code, count) in ErrorCode::ALL.iter().zip(&signal.errors) {
             Self::sync_counter(
-                &self.signal_errors.with_label_values(&[code]),
+                &self.signal_errors.with_label_values(&[code.as_str()]),
                 count.load(Ordering::Relaxed),
             );
         }

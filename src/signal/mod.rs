@@ -55,22 +55,62 @@ pub enum Transport {
 }
 
 /// Every error code a session sends (see `signal.proto`); metrics count them by code.
-pub const ERROR_CODES: [&str; 14] = [
-    "bad_request",
-    "unauthorized",
-    "forbidden",
-    "not_joined",
-    "already_joined",
-    "out_of_order",
-    "unknown_message",
-    "too_large",
-    "not_found",
-    "room_full",
-    "node_full",
-    "idle_timeout",
-    "replaced",
-    "internal",
-];
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotJoined,
+    AlreadyJoined,
+    OutOfOrder,
+    UnknownMessage,
+    TooLarge,
+    NotFound,
+    RoomFull,
+    NodeFull,
+    IdleTimeout,
+    Replaced,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotJoined,
+        ErrorCode::AlreadyJoined,
+        ErrorCode::OutOfOrder,
+        ErrorCode::UnknownMessage,
+        ErrorCode::TooLarge,
+        ErrorCode::NotFound,
+        ErrorCode::RoomFull,
+        ErrorCode::NodeFull,
+        ErrorCode::IdleTimeout,
+        ErrorCode::Replaced,
+        ErrorCode::Internal,
+    ];
+
+    /// The code as clients see it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::AlreadyJoined => "already_joined",
+            ErrorCode::OutOfOrder => "out_of_order",
+            ErrorCode::UnknownMessage => "unknown_message",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::RoomFull => "room_full",
+            ErrorCode::NodeFull => "node_full",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::Replaced => "replaced",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
 
 /// Counters of the signal sessions, read by the metrics at scrape time.
 #[derive(Debug, Default)]
@@ -78,7 +118,8 @@ pub struct SignalStats {
     pub websocket_sessions: AtomicI64,
     pub grpc_sessions: AtomicI64,
     pub resumes: AtomicU64,
-    pub errors: [AtomicU64; ERROR_CODES.len()],
+    /// Error replies, indexed by `ErrorCode as usize`.
+    pub errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
 impl SignalStats {
@@ -89,10 +130,8 @@ impl SignalStats {
         }
     }
 
-    fn error(&self, code: &str) {
-        if let Some(index) = ERROR_CODES.iter().position(|c| *c == code) {
-            self.errors[index].fetch_add(1, Ordering::Relaxed);
-        }
+    fn error(&self, code: ErrorCode) {
+        self.errors[code as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -199,8 +238,20 @@ impl SignalContext {
             live.remove(viewer);
         }
     }
+}
 
-    pub fn live_sessions(&self) -> usize {
-        self.live.lock().len()
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn error_codes_index_their_counters_and_are_distinct() {
+        for (index, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, index, "{code:?}");
+        }
+        let mut names: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
     }
 }

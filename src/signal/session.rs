@@ -4,7 +4,7 @@
 //! closes its connection).
 
 use super::resume::ResumeClaims;
-use super::{Inbound, QUEUE_MAX, SignalContext};
+use super::{ErrorCode as Code, Inbound, QUEUE_MAX, SignalContext};
 use crate::auth::{AuthError, Claims, Grant};
 use mediamesh_actors::media::track::MediaKind;
 use mediamesh_actors::pii::Pii;
@@ -31,13 +31,13 @@ const FINAL_PERSIST_TIMEOUT: Duration = Duration::from_secs(2);
 /// An error reply: a stable code, a message, and whether the session ends after it.
 #[derive(Debug)]
 struct Refusal {
-    code: &'static str,
+    code: Code,
     message: String,
     fatal: bool,
 }
 
 impl Refusal {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: Code, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -54,12 +54,12 @@ impl Refusal {
 impl From<RoomError> for Refusal {
     fn from(error: RoomError) -> Self {
         let code = match &error {
-            RoomError::NodeFull(..) => "node_full",
-            RoomError::RoomFull(..) => "room_full",
-            RoomError::BadOffer(_) | RoomError::BadFragment(_) => "bad_request",
-            RoomError::UnknownSession => "not_found",
-            RoomError::PreconditionFailed => "out_of_order",
-            RoomError::Closing | RoomError::Directory(_) | RoomError::Media(_) => "internal",
+            RoomError::NodeFull(..) => Code::NodeFull,
+            RoomError::RoomFull(..) => Code::RoomFull,
+            RoomError::BadOffer(_) | RoomError::BadFragment(_) => Code::BadRequest,
+            RoomError::UnknownSession => Code::NotFound,
+            RoomError::PreconditionFailed => Code::OutOfOrder,
+            RoomError::Closing | RoomError::Directory(_) | RoomError::Media(_) => Code::Internal,
         };
         Refusal::new(code, error.to_string())
     }
@@ -68,9 +68,9 @@ impl From<RoomError> for Refusal {
 impl From<AuthError> for Refusal {
     fn from(error: AuthError) -> Self {
         let code = if error.is_forbidden() {
-            "forbidden"
+            Code::Forbidden
         } else {
-            "unauthorized"
+            Code::Unauthorized
         };
         Refusal::new(code, error.to_string()).fatal()
     }
@@ -98,7 +98,7 @@ impl Role {
                 subscribe: true,
             }),
             other => Err(Refusal::new(
-                "bad_request",
+                Code::BadRequest,
                 format!("role must be publisher, subscriber or both, not {other:.20?}"),
             )),
         }
@@ -110,7 +110,7 @@ fn parse_target(target: &str) -> Result<SessionKind, Refusal> {
         "publisher" => Ok(SessionKind::Publisher),
         "subscriber" => Ok(SessionKind::Subscriber),
         other => Err(Refusal::new(
-            "bad_request",
+            Code::BadRequest,
             format!("target must be publisher or subscriber, not {other:.20?}"),
         )),
     }
@@ -135,7 +135,7 @@ fn parse_layer(text: &str) -> Result<Option<u8>, Refusal> {
         .map(|i| Some(i as u8))
         .ok_or_else(|| {
             Refusal::new(
-                "bad_request",
+                Code::BadRequest,
                 format!("layer must be low, mid, high or auto, not {text:.20?}"),
             )
         })
@@ -146,7 +146,7 @@ fn parse_kind(text: &str) -> Result<MediaKind, Refusal> {
         "audio" => Ok(MediaKind::Audio),
         "video" => Ok(MediaKind::Video),
         other => Err(Refusal::new(
-            "bad_request",
+            Code::BadRequest,
             format!("kind must be audio or video, not {other:.20?}"),
         )),
     }
@@ -155,13 +155,13 @@ fn parse_kind(text: &str) -> Result<MediaKind, Refusal> {
 fn check_track_ids(ids: &[String]) -> Result<(), Refusal> {
     if ids.is_empty() || ids.len() > TRACK_IDS_MAX {
         return Err(Refusal::new(
-            "bad_request",
+            Code::BadRequest,
             format!("name 1 to {TRACK_IDS_MAX} track ids"),
         ));
     }
     if let Some(id) = ids.iter().find(|id| id.is_empty() || id.len() > TRACK_ID_BYTES_MAX) {
         return Err(Refusal::new(
-            "bad_request",
+            Code::BadRequest,
             format!("track id {id:.40?} is empty or longer than {TRACK_ID_BYTES_MAX} bytes"),
         ));
     }
@@ -289,12 +289,12 @@ pub async fn run(
             _ = idle_check.tick() => {
                 if last_heard.elapsed() >= ctx.idle_timeout {
                     let message = format!("nothing received for {} ms", ctx.idle_timeout.as_millis());
-                    session.send_error(0, Refusal::new("idle_timeout", message).fatal()).await;
+                    session.send_error(0, Refusal::new(Code::IdleTimeout, message).fatal()).await;
                     break Flow::Stop;
                 }
             }
             _ = cancelled.cancelled() => {
-                let refusal = Refusal::new("replaced", "this session was resumed on another connection").fatal();
+                let refusal = Refusal::new(Code::Replaced, "this session was resumed on another connection").fatal();
                 session.send_error(0, refusal).await;
                 break Flow::Replaced;
             }
@@ -318,10 +318,10 @@ impl Session {
     }
 
     async fn send_error(&self, id: u64, refusal: Refusal) {
-        tracing::debug!(code = refusal.code, message = %refusal.message, "signal error reply");
+        tracing::debug!(code = refusal.code.as_str(), message = %refusal.message, "signal error reply");
         self.ctx.stats.error(refusal.code);
         let error = pb::Error {
-            code: refusal.code.to_string(),
+            code: refusal.code.as_str().to_string(),
             message: refusal.message,
             fatal: refusal.fatal,
         };
@@ -331,11 +331,11 @@ impl Session {
     async fn on_inbound(&mut self, item: Inbound) -> Flow {
         let (id, result) = match item {
             Inbound::Heartbeat => return Flow::Continue,
-            Inbound::Malformed { id, reason } => (id, Err(Refusal::new("bad_request", reason))),
+            Inbound::Malformed { id, reason } => (id, Err(Refusal::new(Code::BadRequest, reason))),
             Inbound::Unknown { id, kind } => (
                 id,
                 Err(Refusal::new(
-                    "unknown_message",
+                    Code::UnknownMessage,
                     if kind.is_empty() {
                         "no message type this node knows".to_string()
                     } else {
@@ -346,7 +346,7 @@ impl Session {
             Inbound::TooLarge => (
                 0,
                 Err(Refusal::new(
-                    "too_large",
+                    Code::TooLarge,
                     format!("a frame is at most {} bytes", super::FRAME_BYTES_MAX),
                 )
                 .fatal()),
@@ -356,7 +356,7 @@ impl Session {
                 match message.body {
                     None => (
                         id,
-                        Err(Refusal::new("unknown_message", "no message type this node knows")),
+                        Err(Refusal::new(Code::UnknownMessage, "no message type this node knows")),
                     ),
                     Some(In::Leave(_)) => return Flow::Leave,
                     Some(body) => (id, self.on_message(body).await),
@@ -380,7 +380,7 @@ impl Session {
     fn joined(&mut self) -> Result<&mut Joined, Refusal> {
         self.joined
             .as_mut()
-            .ok_or_else(|| Refusal::new("not_joined", "send join first"))
+            .ok_or_else(|| Refusal::new(Code::NotJoined, "send join first"))
     }
 
     async fn on_message(&mut self, body: In) -> Result<Option<Out>, Refusal> {
@@ -393,7 +393,7 @@ impl Session {
             In::Answer(answer) => {
                 self.joined()?;
                 Err(Refusal::new(
-                    "out_of_order",
+                    Code::OutOfOrder,
                     format!("answer for {:.20?} without an offer from the node", answer.target),
                 ))
             }
@@ -410,7 +410,7 @@ impl Session {
                 }
                 if selection.len() > TRACK_IDS_MAX {
                     return Err(Refusal::new(
-                        "bad_request",
+                        Code::BadRequest,
                         format!("a viewer holds at most {TRACK_IDS_MAX} subscriptions"),
                     ));
                 }
@@ -471,11 +471,11 @@ impl Session {
 
     async fn join(&mut self, join: pb::Join) -> Result<Out, Refusal> {
         if self.joined.is_some() {
-            return Err(Refusal::new("already_joined", "this session already joined a room"));
+            return Err(Refusal::new(Code::AlreadyJoined, "this session already joined a room"));
         }
         let room = RoomId::parse(&join.room).ok_or_else(|| {
             Refusal::new(
-                "bad_request",
+                Code::BadRequest,
                 format!(
                     "invalid room name: 1 to {} characters of A-Z a-z 0-9 _ . -",
                     mediamesh_actors::ids::ROOM_NAME_BYTES_MAX
@@ -485,7 +485,7 @@ impl Session {
         let role = Role::parse(&join.role)?;
         if !matches!(join.region.as_str(), "" | "seoul" | "busan") {
             return Err(Refusal::new(
-                "bad_request",
+                Code::BadRequest,
                 format!("region must be seoul or busan, not {:.20?}", join.region),
             ));
         }
@@ -515,11 +515,11 @@ impl Session {
                 }
                 Ok(_) => {
                     return Err(Refusal::new(
-                        "forbidden",
+                        Code::Forbidden,
                         "the resume token is for another room or identity",
                     ));
                 }
-                Err(reason) => return Err(Refusal::new("bad_request", reason)),
+                Err(reason) => return Err(Refusal::new(Code::BadRequest, reason)),
             }
         }
         let viewer = match &resumed {
@@ -681,14 +681,14 @@ impl Session {
         require(allowed, &format!("offer for {}", target_name(kind)))?;
         if existing {
             return Err(Refusal::new(
-                "out_of_order",
+                Code::OutOfOrder,
                 format!(
                     "the {} connection is already negotiated; trickle or ICE-restart it, or leave and join again",
                     target_name(kind)
                 ),
             ));
         }
-        mediamesh_actors::sdp::validate_offer(&offer.sdp).map_err(|e| Refusal::new("bad_request", e))?;
+        mediamesh_actors::sdp::validate_offer(&offer.sdp).map_err(|e| Refusal::new(Code::BadRequest, e))?;
         let identity = joined.identity.clone();
         let request = match kind {
             SessionKind::Publisher => RoomRequest::Publish {
@@ -703,7 +703,7 @@ impl Session {
             },
         };
         let RoomReply::Answer(answer) = self.room_request(request).await? else {
-            return Err(Refusal::new("internal", "the room gave no answer"));
+            return Err(Refusal::new(Code::Internal, "the room gave no answer"));
         };
         let joined = self.joined()?;
         match kind {
@@ -738,7 +738,7 @@ impl Session {
         }
         .ok_or_else(|| {
             Refusal::new(
-                "out_of_order",
+                Code::OutOfOrder,
                 format!("trickle for {} before its offer", target_name(kind)),
             )
         })?;
@@ -844,7 +844,7 @@ fn require(allowed: bool, what: &str) -> Result<(), Refusal> {
         Ok(())
     } else {
         Err(Refusal::new(
-            "forbidden",
+            Code::Forbidden,
             format!("{what} is not allowed by this session's role"),
         ))
     }
