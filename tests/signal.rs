@@ -96,6 +96,22 @@ async fn publish_and_play(node: &TestNode, room: &str, publisher: Transport, vie
         stats.video.frame_gap_max
     );
     assert!(stats.video.loss_fraction() < 0.01, "{stats:?}");
+
+    // Unsubscribing from the defaults stops the video; subscribing again brings it back.
+    let video = tracks
+        .iter()
+        .find(|t| t.kind == "video")
+        .expect("video track")
+        .id
+        .clone();
+    sink.unsubscribe(vec![video.clone()]).await.expect("unsubscribe");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let unsubscribed = frames_during(&sink, Duration::from_secs(1)).await;
+    assert!(unsubscribed <= 1, "{unsubscribed} frames after unsubscribing");
+    sink.subscribe(vec![video]).await.expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resubscribed = frames_during(&sink, Duration::from_secs(1)).await;
+    assert!(resubscribed >= 20, "{resubscribed} frames after subscribing again");
     sink.close().await;
     source.close().await;
 }

@@ -132,6 +132,8 @@ pub enum RoomRequest {
     Unwatch {
         watcher: SessionId,
     },
+    /// The room's tracks now.
+    Tracks,
     Patch {
         kind: SessionKind,
         session: SessionId,
@@ -179,7 +181,7 @@ struct PublisherEntry {
     /// The video codec its answer chose, known before its first packet.
     answered_video: Option<(Codec, String)>,
     tracks: Vec<Arc<PublishedTrack>>,
-    /// Muted kinds, indexed by [`kind_index`].
+    /// Muted kinds, indexed by [`MediaKind::index`].
     muted: [bool; 2],
 }
 
@@ -191,13 +193,6 @@ struct SubscriberEntry {
     slots: Vec<SlotHandle>,
     /// Track ids chosen by the viewer; `None` for the room's default tracks.
     selection: Option<Vec<String>>,
-}
-
-fn kind_index(kind: MediaKind) -> usize {
-    match kind {
-        MediaKind::Audio => 0,
-        MediaKind::Video => 1,
-    }
 }
 
 fn kind_name(kind: MediaKind) -> &'static str {
@@ -266,7 +261,7 @@ impl Room {
             publisher
                 .tracks
                 .iter()
-                .filter(|t| !publisher.muted[kind_index(t.kind)])
+                .filter(|t| !publisher.muted[t.kind.index()])
                 .map(move |t| (track_id(session, t), t))
         })
     }
@@ -329,9 +324,21 @@ impl Room {
 
     /// Re-binds the slots of `kind` of every viewer after the tracks changed.
     fn rebind(&mut self, kind: MediaKind) {
-        let sessions: Vec<SessionId> = self.subscribers.keys().cloned().collect();
-        for session in sessions {
-            self.rebind_subscriber(&session, kind);
+        // Viewers without a choice, most of them, share one source: found once.
+        let default = self.source(kind);
+        let sources: Vec<(SessionId, Option<Arc<PublishedTrack>>)> = self
+            .subscribers
+            .iter()
+            .map(|(session, s)| {
+                let source = match s.selection.as_deref() {
+                    None => default.clone(),
+                    Some(selection) => self.source_for(kind, Some(selection)),
+                };
+                (session.clone(), source)
+            })
+            .collect();
+        for (session, source) in sources {
+            self.bind_subscriber(&session, kind, source);
         }
     }
 
@@ -340,6 +347,10 @@ impl Room {
             return;
         };
         let source = self.source_for(kind, selection.as_deref());
+        self.bind_subscriber(session, kind, source);
+    }
+
+    fn bind_subscriber(&mut self, session: &SessionId, kind: MediaKind, source: Option<Arc<PublishedTrack>>) {
         if let Some(subscriber) = self.subscribers.get_mut(session) {
             for slot in subscriber.slots.iter_mut().filter(|s| s.kind == kind) {
                 Self::bind_slot(slot, source.clone());
@@ -360,7 +371,7 @@ impl Room {
             kind: kind_name(track.kind),
             codec: track.codec.mime_type(),
             layers: track.rids.clone(),
-            muted: publisher.muted[kind_index(track.kind)],
+            muted: publisher.muted[track.kind.index()],
             publisher: session.to_string(),
         }
     }
@@ -641,8 +652,8 @@ impl Handler<RoomRequest> for Room {
                 let Some(publisher) = self.publishers.get_mut(&session) else {
                     return ActorResponse::reply(Err(RoomError::UnknownSession));
                 };
-                if publisher.muted[kind_index(kind)] != muted {
-                    publisher.muted[kind_index(kind)] = muted;
+                if publisher.muted[kind.index()] != muted {
+                    publisher.muted[kind.index()] = muted;
                     let ids: Vec<String> = publisher
                         .tracks
                         .iter()
@@ -660,6 +671,7 @@ impl Handler<RoomRequest> for Room {
                 self.watchers.insert(watcher, notices);
                 ActorResponse::reply(Ok(RoomReply::Tracks(self.track_infos())))
             }
+            RoomRequest::Tracks => ActorResponse::reply(Ok(RoomReply::Tracks(self.track_infos()))),
             RoomRequest::Unwatch { watcher } => {
                 self.watchers.remove(&watcher);
                 self.stop_if_empty(ctx);

@@ -198,6 +198,7 @@ struct Joined {
     /// Chosen track ids; `None` for the room's defaults.
     selection: Option<Vec<String>>,
     layer: Option<u8>,
+    /// Muted kinds, indexed by `MediaKind::index`.
     muted: [bool; 2],
     position_ms: u64,
     /// Track notices of the room; `None` after the room closed (re-watched on the next request).
@@ -447,7 +448,7 @@ impl Session {
                 let kind = parse_kind(&mute.kind)?;
                 let joined = self.joined()?;
                 require(joined.role.publish, "mute")?;
-                joined.muted[usize::from(kind == MediaKind::Video)] = mute.muted;
+                joined.muted[kind.index()] = mute.muted;
                 if let Some(session) = joined.publisher.clone() {
                     self.room_request(RoomRequest::Mute {
                         session,
@@ -644,8 +645,10 @@ impl Session {
     }
 
     async fn room_tracks(&mut self) -> Result<Vec<TrackInfo>, Refusal> {
-        let (tx, rx) = mpsc::channel(mediamesh_actors::room::WATCH_QUEUE_MAX);
-        self.watch(tx, rx).await
+        match self.room_request(RoomRequest::Tracks).await? {
+            RoomReply::Tracks(tracks) => Ok(tracks),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Sends a request to the room, creating it (or a fresh one, if it was closing) as needed,
@@ -710,8 +713,8 @@ impl Session {
             SessionKind::Publisher => {
                 joined.publisher = Some(answer.session.clone());
                 let muted = joined.muted;
-                for (index, kind) in [MediaKind::Audio, MediaKind::Video].into_iter().enumerate() {
-                    if muted[index] {
+                for kind in [MediaKind::Audio, MediaKind::Video] {
+                    if muted[kind.index()] {
                         self.room_request(RoomRequest::Mute {
                             session: answer.session.clone(),
                             kind,

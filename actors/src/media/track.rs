@@ -25,6 +25,16 @@ pub enum MediaKind {
     Video,
 }
 
+impl MediaKind {
+    /// Audio 0, video 1: for per-kind arrays.
+    pub fn index(self) -> usize {
+        match self {
+            MediaKind::Audio => 0,
+            MediaKind::Video => 1,
+        }
+    }
+}
+
 /// One packet on its way to one subscriber.
 #[derive(Debug, Clone)]
 pub struct ForwardPacket {
