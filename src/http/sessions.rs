@@ -6,6 +6,7 @@ use super::{AppState, read_body, require_content_type};
 use crate::auth::{self, Grant};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
+use mediamesh_actors::media::layer::layer_named;
 use mediamesh_actors::room::{RoomReply, RoomRequest};
 use mediamesh_actors::{Identity, RoomError, RoomId, SessionId, SessionKind};
 use serde::Deserialize;
@@ -49,15 +50,12 @@ fn authorize(state: &AppState, request: &HttpRequest, kind: SessionKind, room: &
 }
 
 fn parse_layer(query: &PlayQuery) -> Result<Option<u8>, ApiError> {
-    match query.layer.as_deref() {
-        None => Ok(None),
-        Some("low") => Ok(Some(0)),
-        Some("mid") => Ok(Some(1)),
-        Some("high") => Ok(Some(2)),
-        Some(other) => Err(ApiError::BadRequest(format!(
-            "layer must be low, mid or high, not {other:.20?}"
-        ))),
-    }
+    let Some(name) = query.layer.as_deref() else {
+        return Ok(None);
+    };
+    layer_named(name)
+        .map(Some)
+        .ok_or_else(|| ApiError::BadRequest(format!("layer must be low, mid or high, not {name:.20?}")))
 }
 
 /// `POST /whip/{room}` and `POST /whep/{room}`.

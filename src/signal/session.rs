@@ -6,6 +6,7 @@
 use super::resume::ResumeClaims;
 use super::{ErrorCode as Code, Inbound, QUEUE_MAX, SignalContext};
 use crate::auth::{AuthError, Claims, Grant};
+use mediamesh_actors::media::layer::{LAYER_NAMES, layer_named};
 use mediamesh_actors::media::track::MediaKind;
 use mediamesh_actors::pii::Pii;
 use mediamesh_actors::room::{RoomReply, RoomRequest};
@@ -123,22 +124,16 @@ fn target_name(kind: SessionKind) -> &'static str {
     }
 }
 
-const LAYERS: [&str; 3] = ["low", "mid", "high"];
-
 fn parse_layer(text: &str) -> Result<Option<u8>, Refusal> {
     if text.is_empty() || text == "auto" {
         return Ok(None);
     }
-    LAYERS
-        .iter()
-        .position(|l| *l == text)
-        .map(|i| Some(i as u8))
-        .ok_or_else(|| {
-            Refusal::new(
-                Code::BadRequest,
-                format!("layer must be low, mid, high or auto, not {text:.20?}"),
-            )
-        })
+    layer_named(text).map(Some).ok_or_else(|| {
+        Refusal::new(
+            Code::BadRequest,
+            format!("layer must be low, mid, high or auto, not {text:.20?}"),
+        )
+    })
 }
 
 fn parse_kind(text: &str) -> Result<MediaKind, Refusal> {
@@ -213,7 +208,7 @@ impl Joined {
     fn viewer_state(&self, node: &str) -> ViewerState {
         let mut layers = BTreeMap::new();
         if let Some(layer) = self.layer {
-            layers.insert("video".to_string(), LAYERS[usize::from(layer)].to_string());
+            layers.insert("video".to_string(), LAYER_NAMES[usize::from(layer)].to_string());
         }
         ViewerState {
             viewer: mediamesh_cluster::ViewerId::new(self.viewer.clone()),
@@ -577,7 +572,7 @@ impl Session {
         let subscriptions = joined.selection.clone().unwrap_or_default();
         let layer = joined
             .layer
-            .map(|l| LAYERS[usize::from(l)].to_string())
+            .map(|l| LAYER_NAMES[usize::from(l)].to_string())
             .unwrap_or_default();
         let position_ms = joined.position_ms;
         self.joined = Some(joined);

@@ -8,6 +8,14 @@ use std::time::{Duration, Instant};
 /// Layers are numbered from 0 (lowest resolution) upwards.
 pub const LAYERS_MAX: usize = 3;
 
+/// The names clients give the layers (WHEP `?layer=`, signal `set_layer`), lowest first.
+pub const LAYER_NAMES: [&str; LAYERS_MAX] = ["low", "mid", "high"];
+
+/// The layer index of a name from [`LAYER_NAMES`].
+pub fn layer_named(name: &str) -> Option<u8> {
+    LAYER_NAMES.iter().position(|n| *n == name).map(|i| i as u8)
+}
+
 /// Headroom: a layer is chosen only if the estimate exceeds its bitrate by this factor.
 const UPGRADE_HEADROOM: f64 = 1.15;
 /// The target changes at most this often, so a noisy estimate does not flap between layers.
