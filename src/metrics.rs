@@ -34,20 +34,24 @@ pub struct Metrics {
     signal_errors: IntCounterVec,
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let gauge = IntGauge::new(name, help).expect("metric names are static and valid");
+/// Registers a metric built from static names; both steps fail only on a programming error.
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: Result<M, prometheus::Error>,
+) -> M {
+    let metric = metric.expect("metric names are static and valid");
     registry
-        .register(Box::new(gauge.clone()))
+        .register(Box::new(metric.clone()))
         .expect("each metric is registered once");
-    gauge
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::new(name, help))
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let counter = IntCounter::new(name, help).expect("metric names are static and valid");
-    registry
-        .register(Box::new(counter.clone()))
-        .expect("each metric is registered once");
-    counter
+    register(registry, IntCounter::new(name, help))
 }
 
 impl Metrics {
@@ -58,41 +62,37 @@ impl Metrics {
         signal: Arc<SignalStats>,
     ) -> Self {
         let registry = Registry::new();
-        let signal_sessions = IntGaugeVec::new(
-            Opts::new("mediamesh_signal_sessions", "Open signal sessions by transport"),
-            &["transport"],
-        )
-        .expect("static metric");
-        registry
-            .register(Box::new(signal_sessions.clone()))
-            .expect("registered once");
-        let signal_errors = IntCounterVec::new(
-            Opts::new(
-                "mediamesh_signal_errors_total",
-                "Error replies sent on signal sessions, by code",
+        let signal_sessions = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("mediamesh_signal_sessions", "Open signal sessions by transport"),
+                &["transport"],
             ),
-            &["code"],
-        )
-        .expect("static metric");
-        registry
-            .register(Box::new(signal_errors.clone()))
-            .expect("registered once");
-        let participants = IntGaugeVec::new(
-            Opts::new("mediamesh_participants", "Sessions on this node by role"),
-            &["role"],
-        )
-        .expect("static metric");
-        registry
-            .register(Box::new(participants.clone()))
-            .expect("registered once");
-        let cpu_seconds = prometheus::Counter::new(
-            "process_cpu_seconds_total",
-            "Total user and system CPU time spent in seconds",
-        )
-        .expect("static metric");
-        registry
-            .register(Box::new(cpu_seconds.clone()))
-            .expect("registered once");
+        );
+        let signal_errors = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "mediamesh_signal_errors_total",
+                    "Error replies sent on signal sessions, by code",
+                ),
+                &["code"],
+            ),
+        );
+        let participants = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("mediamesh_participants", "Sessions on this node by role"),
+                &["role"],
+            ),
+        );
+        let cpu_seconds = register(
+            &registry,
+            prometheus::Counter::new(
+                "process_cpu_seconds_total",
+                "Total user and system CPU time spent in seconds",
+            ),
+        );
         Self {
             rooms: gauge(&registry, "mediamesh_rooms", "Rooms hosted by this node"),
             participants,
