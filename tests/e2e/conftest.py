@@ -352,6 +352,8 @@ def page_server():
 class Browser:
     """A headless Chromium with the client page loaded; call window.mm.* with ``call``."""
 
+    NAMESPACE = "mm"
+
     def __init__(self, driver, page_url: str):
         self.driver = driver
         self.page_url = page_url
@@ -367,16 +369,18 @@ class Browser:
         return self.driver.current_window_handle
 
     def call(self, fn: str, *args, timeout: float = 30.0):
-        """``await mm.<fn>(...args)`` in the page; raises RuntimeError with the JS error."""
+        """``await window[NAMESPACE].<fn>(...args)`` in the page; raises RuntimeError with the JS
+        error (its ``code`` too, when the page's error has one)."""
         self.driver.set_script_timeout(timeout)
         res = self.driver.execute_async_script(
             "const done = arguments[arguments.length - 1];"
-            "const [fn, args] = [arguments[0], arguments[1]];"
-            "Promise.resolve().then(() => window.mm[fn](...args))"
-            "  .then((v) => done({ok: v}), (e) => done({err: String(e && e.stack || e)}));",
-            fn, list(args))
+            "const [ns, fn, args] = [arguments[0], arguments[1], arguments[2]];"
+            "Promise.resolve().then(() => window[ns][fn](...args))"
+            "  .then((v) => done({ok: v === undefined ? null : v}),"
+            "        (e) => done({err: String(e && e.stack || e), code: (e && e.code) || null}));",
+            self.NAMESPACE, fn, list(args))
         if res is None or "err" in res:
-            raise RuntimeError(f"mm.{fn} failed in Chromium: {res and res['err']}\n"
+            raise RuntimeError(f"{self.NAMESPACE}.{fn} failed in Chromium: {res and res['err']}\n"
                                f"--- browser console ---\n{self.console()}")
         return res["ok"]
 

@@ -30,6 +30,8 @@ pytestmark = pytest.mark.timeout(120)
 class SdkBrowser(Browser):
     """Chromium with pages/sdk.html loaded; ``call`` runs ``await window.sdkmm.<fn>(...args)``."""
 
+    NAMESPACE = "sdkmm"
+
     def open_page(self):
         self.driver.get(self.page_url)
         state = wait_until(
@@ -38,20 +40,6 @@ class SdkBrowser(Browser):
             15, what="sdk.html to import the SDK from the node")
         if state != "ready":
             raise RuntimeError(f"sdk.html could not load the SDK: {state}\n--- console ---\n{self.console()}")
-
-    def call(self, fn: str, *args, timeout: float = 30.0):
-        self.driver.set_script_timeout(timeout)
-        res = self.driver.execute_async_script(
-            "const done = arguments[arguments.length - 1];"
-            "const [fn, args] = [arguments[0], arguments[1]];"
-            "Promise.resolve().then(() => window.sdkmm[fn](...args))"
-            "  .then((v) => done({ok: v === undefined ? null : v}),"
-            "        (e) => done({err: String(e && e.stack || e), code: (e && e.code) || null}));",
-            fn, list(args))
-        if res is None or "err" in res:
-            raise RuntimeError(f"sdkmm.{fn} failed in Chromium: {res and res['err']}\n"
-                               f"--- browser console ---\n{self.console()}")
-        return res["ok"]
 
 
 @pytest.fixture(scope="module")
