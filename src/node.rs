@@ -71,7 +71,9 @@ pub async fn run(
     store_config.region = config.region.clone();
     store_config.advertise_cluster = format!("{}:{}", config.advertise, cluster_addr.port());
     store_config.http_url = format!("http://{}:{}", config.advertise, http_addr.port());
-    store_config.grpc_url = format!("http://{}:{}", config.advertise, grpc_addr.port());
+    // Clients are told the same gRPC address as the other nodes.
+    let grpc_url = format!("http://{}:{}", config.advertise, grpc_addr.port());
+    store_config.grpc_url = grpc_url.clone();
     store_config.join = config.join.clone();
     store_config.viewer_ttl_ms = config.viewer_ttl_ms;
     store_config.capacity = u32::try_from(config.sessions_per_node_max).unwrap_or(u32::MAX);
@@ -124,7 +126,7 @@ pub async fn run(
         store.clone(),
         Duration::from_millis(config.signal_idle_timeout_ms),
         Duration::from_millis(config.resume_window_ms),
-        format!("http://{}:{}", config.advertise, grpc_addr.port()),
+        grpc_url,
         config.signal_sessions_max,
     );
     let grpc_shutdown = tokio_util::sync::CancellationToken::new();

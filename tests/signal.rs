@@ -59,9 +59,9 @@ async fn frames_during(client: &Client, window: Duration) -> u64 {
 }
 
 async fn publish_and_play(node: &TestNode, room: &str, publisher: Transport, viewer: Transport) {
-    let source = join(&node, room, Role::Publisher, publisher).await;
+    let source = join(node, room, Role::Publisher, publisher).await;
     source.publish(publish_options()).await.expect("publishes");
-    let sink = join(&node, room, Role::Subscriber, viewer).await;
+    let sink = join(node, room, Role::Subscriber, viewer).await;
     assert!(!sink.session().is_empty() && !sink.resume_token().is_empty());
     sink.play(PlayOptions::default()).await.expect("plays");
     let latency = sink
@@ -233,9 +233,9 @@ async fn a_layer_switch_takes_effect() {
 
 /// Publishes `publish` over WebSocket, plays over gRPC; returns the viewer's stats after 1.5 s.
 async fn play_what_is_published(node: &TestNode, room: &str, publish: PublishOptions) -> mediamesh_sdk::PlayStats {
-    let source = join(&node, room, Role::Publisher, Transport::WebSocket).await;
+    let source = join(node, room, Role::Publisher, Transport::WebSocket).await;
     source.publish(publish).await.expect("publishes");
-    let sink = join(&node, room, Role::Subscriber, Transport::Grpc).await;
+    let sink = join(node, room, Role::Subscriber, Transport::Grpc).await;
     sink.play(PlayOptions::default()).await.expect("plays");
     sink.wait_first_frame(Duration::from_secs(10))
         .await

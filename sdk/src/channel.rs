@@ -313,19 +313,12 @@ impl Client {
 
     /// Waits until the playback has a whole keyframe (see [`PlaySession::wait_first_frame`]).
     pub async fn wait_first_frame(&self, timeout: Duration) -> Result<Duration, Error> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(latency) = self.play_stats().await.first_frame_latency {
-                return Ok(latency);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    what: "the first video frame",
-                    after: timeout,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // The statistics outlive reconnects: wait on them, not on one connection.
+        let shared = match self.inner.playing.lock().await.as_ref() {
+            Some(playing) => playing.shared.clone(),
+            None => PlayShared::new(),
+        };
+        shared.wait_first_frame(timeout, || false).await
     }
 
     /// Forwards only these tracks (ids from [`Client::tracks`]), in addition to earlier ones.

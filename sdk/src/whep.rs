@@ -104,25 +104,15 @@ impl PlaySession {
 
     /// Waits until a whole video keyframe has arrived.
     pub async fn wait_first_frame(&self, timeout: Duration) -> Result<Duration, Error> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(latency) = self.stats().first_frame_latency {
-                return Ok(latency);
-            }
-            if matches!(
+        let failed = || {
+            matches!(
                 self.state(),
                 RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
-            ) {
-                return Err(Error::ConnectionFailed);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    what: "the first video frame",
-                    after: timeout,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            )
+        };
+        PlayShared(Arc::clone(&self.shared))
+            .wait_first_frame(timeout, failed)
+            .await
     }
 
     /// DELETEs the session and closes the connection.
@@ -166,6 +156,30 @@ impl PlayShared {
 
     pub fn stats(&self) -> PlayStats {
         self.0.stats()
+    }
+
+    /// Waits until a whole video keyframe has arrived, or `failed` says it never will.
+    pub(crate) async fn wait_first_frame(
+        &self,
+        timeout: Duration,
+        failed: impl Fn() -> bool,
+    ) -> Result<Duration, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(latency) = self.stats().first_frame_latency {
+                return Ok(latency);
+            }
+            if failed() {
+                return Err(Error::ConnectionFailed);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: "the first video frame",
+                    after: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
