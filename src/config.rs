@@ -78,6 +78,16 @@ pub struct NodeArgs {
     /// Signal sessions (WebSocket and gRPC) this node holds at most [default: 2 × sessions per node]
     #[arg(long, env = "MEDIAMESH_SIGNAL_SESSIONS_MAX")]
     pub signal_sessions_max: Option<usize>,
+    /// OTLP/gRPC collector for traces and metrics, e.g. http://127.0.0.1:4317 [default: none;
+    /// also read from OTEL_EXPORTER_OTLP_ENDPOINT]
+    #[arg(long, env = "MEDIAMESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Lowest share of new traces exported while requests succeed, 0 to 1 [default: 0.05]
+    #[arg(long, env = "MEDIAMESH_TRACE_SAMPLE_FLOOR")]
+    pub trace_sample_floor: Option<f64>,
+    /// Tracing spans (and trace ids in logs): on or off; off only to measure their cost [default: on]
+    #[arg(long, env = "MEDIAMESH_TRACES")]
+    pub traces: Option<String>,
 }
 
 /// The same settings as read from a TOML file.
@@ -106,6 +116,9 @@ struct FileConfig {
     resume_window_ms: Option<u64>,
     signal_idle_timeout_ms: Option<u64>,
     signal_sessions_max: Option<usize>,
+    otlp_endpoint: Option<String>,
+    trace_sample_floor: Option<f64>,
+    traces: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +153,23 @@ pub struct NodeConfig {
     pub resume_window_ms: u64,
     pub signal_idle_timeout_ms: u64,
     pub signal_sessions_max: usize,
+    pub otlp_endpoint: Option<String>,
+    pub trace_sample_floor: f64,
+    pub traces: bool,
+}
+
+impl NodeConfig {
+    /// What the telemetry set-up needs.
+    pub fn telemetry(&self) -> crate::telemetry::TelemetryConfig {
+        crate::telemetry::TelemetryConfig {
+            log_format: self.log_format,
+            traces: self.traces,
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            sample_floor: self.trace_sample_floor,
+            service_instance: self.node_id.clone(),
+            region: self.region.clone(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +228,37 @@ impl NodeArgs {
                 });
             }
         };
+        let traces = match self.traces.clone().or(file.traces).as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "traces",
+                    message: format!("{other:?} is neither on nor off"),
+                });
+            }
+        };
+        let trace_sample_floor = self.trace_sample_floor.or(file.trace_sample_floor).unwrap_or(0.05);
+        if !(0.0..=1.0).contains(&trace_sample_floor) {
+            return Err(ConfigError::Invalid {
+                name: "trace_sample_floor",
+                message: format!("{trace_sample_floor} is not between 0 and 1"),
+            });
+        }
+        let otlp_endpoint = self
+            .otlp_endpoint
+            .clone()
+            .or(file.otlp_endpoint)
+            .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+            .filter(|e| !e.trim().is_empty());
+        if let Some(endpoint) = &otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid {
+                name: "otlp_endpoint",
+                message: format!("{endpoint:?} is not an http:// or https:// URL"),
+            });
+        }
         let api_secret = match self.api_secret.clone().or(file.api_secret) {
             Some(secret) => secret,
             None => secret_in_data_dir(&data_dir, "api-secret")?,
@@ -298,6 +359,9 @@ impl NodeArgs {
                     .or(file.signal_sessions_max)
                     .unwrap_or(sessions_per_node_max.saturating_mul(2)),
             )?,
+            otlp_endpoint,
+            trace_sample_floor,
+            traces,
             data_dir,
         })
     }

@@ -134,7 +134,6 @@ fn run_node(args: NodeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    mediamesh::telemetry::init(config.log_format);
     let system = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -144,6 +143,8 @@ fn run_node(args: NodeArgs) -> ExitCode {
             .expect("tokio runtime")
     });
     let result = system.block_on(async move {
+        // Inside the runtime: the OTLP exporter's channel lives on it.
+        mediamesh::telemetry::init(&config.telemetry());
         let listeners = mediamesh::node::NodeListeners::bind(&config)?;
         mediamesh::node::run(config, listeners, mediamesh::node::shutdown_signal()).await
     });

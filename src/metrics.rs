@@ -2,12 +2,34 @@
 //! scrape time, so the per-packet path only touches atomics. Labels are low-cardinality: never a
 //! room, viewer or session id.
 
-use crate::signal::{ErrorCode, SignalStats};
+use crate::signal::{ErrorCode, ResumeOutcome, SignalStats};
+use crate::telemetry::{LeakDetector, Telemetry};
 use mediamesh_actors::media::track::MediaCounters;
 use mediamesh_actors::registry::NodeStats;
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// Bounds of the HTTP request duration histogram, in seconds.
+const HTTP_BUCKETS: [f64; 12] = [0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// Bounds of the migration duration histogram, in seconds.
+const MIGRATION_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0];
+
+/// Where the node's metrics come from.
+pub struct MetricSources {
+    pub stats: Arc<NodeStats>,
+    pub counters: Arc<MediaCounters>,
+    pub ports: Arc<mediamesh_actors::media::engine::PortPool>,
+    pub signal: Arc<SignalStats>,
+    pub store: mediamesh_cluster::metrics::StoreMetrics,
+    pub telemetry: Arc<Telemetry>,
+    /// The node's tokio runtimes, whose live tasks are counted.
+    pub runtimes: Vec<tokio::runtime::Handle>,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -32,6 +54,17 @@ pub struct Metrics {
     signal_sessions: IntGaugeVec,
     signal_resumes: IntCounter,
     signal_errors: IntCounterVec,
+    viewer_resumes: IntCounterVec,
+    http_duration: HistogramVec,
+    /// Observed when rooms move between nodes.
+    pub migration_seconds: Histogram,
+    tokio_tasks: IntGauge,
+    active_spans: IntGauge,
+    leak_excess: IntGauge,
+    sample_ratio: Gauge,
+    leak: LeakDetector,
+    telemetry: Arc<Telemetry>,
+    runtimes: Vec<tokio::runtime::Handle>,
 }
 
 /// Registers a metric built from static names; both steps fail only on a programming error.
@@ -55,13 +88,60 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
 }
 
 impl Metrics {
-    pub fn new(
-        stats: Arc<NodeStats>,
-        counters: Arc<MediaCounters>,
-        ports: Arc<mediamesh_actors::media::engine::PortPool>,
-        signal: Arc<SignalStats>,
-    ) -> Self {
+    pub fn new(sources: MetricSources) -> Self {
+        let MetricSources {
+            stats,
+            counters,
+            ports,
+            signal,
+            store,
+            telemetry,
+            runtimes,
+        } = sources;
         let registry = Registry::new();
+        register(&registry, Ok(counters.histograms.rtt_seconds.clone()));
+        register(&registry, Ok(counters.histograms.first_frame_seconds.clone()));
+        register(&registry, Ok(store.commit_seconds));
+        register(&registry, Ok(store.leader_changes));
+        register(&registry, Ok(store.is_leader));
+        let viewer_resumes = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "mediamesh_viewer_resumes_total",
+                    "Joins that carried a resume token, by outcome",
+                ),
+                &["outcome"],
+            ),
+        );
+        let http_duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "mediamesh_http_request_duration_seconds",
+                    "HTTP request duration by route pattern, method and status",
+                )
+                .buckets(HTTP_BUCKETS.to_vec()),
+                &["route", "method", "status"],
+            ),
+        );
+        let migration_seconds = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "mediamesh_migration_duration_seconds",
+                    "Duration of room migrations from snapshot to directory flip",
+                )
+                .buckets(MIGRATION_BUCKETS.to_vec()),
+            ),
+        );
+        let sample_ratio = register(
+            &registry,
+            Gauge::new(
+                "mediamesh_trace_sample_ratio",
+                "Share of new traces exported now (adaptive, between the floor and 1)",
+            ),
+        );
         let signal_sessions = register(
             &registry,
             IntGaugeVec::new(
@@ -160,6 +240,24 @@ impl Metrics {
             signal,
             signal_sessions,
             signal_errors,
+            viewer_resumes,
+            http_duration,
+            migration_seconds,
+            tokio_tasks: gauge(
+                &registry,
+                "mediamesh_tokio_alive_tasks",
+                "Live tokio tasks on the node's runtimes",
+            ),
+            active_spans: gauge(&registry, "mediamesh_active_spans", "Tracing spans open now"),
+            leak_excess: gauge(
+                &registry,
+                "mediamesh_task_leak_excess",
+                "Live tokio tasks above the fewest seen at the same number of open spans (grows with a leak)",
+            ),
+            sample_ratio,
+            leak: LeakDetector::default(),
+            telemetry,
+            runtimes,
             registry,
             stats,
             counters,
@@ -174,8 +272,28 @@ impl Metrics {
         }
     }
 
+    /// One finished HTTP request: its duration by route, method and status, and the sampler's
+    /// view of the error rate and latency.
+    pub fn observe_http(&self, route: &str, method: &str, status: u16, started: Instant) {
+        let elapsed = started.elapsed();
+        self.http_duration
+            .with_label_values(&[route, method, &status.to_string()])
+            .observe(elapsed.as_secs_f64());
+        self.telemetry.sampler.observe(Instant::now(), status >= 400, elapsed);
+    }
+
     /// The text exposition, with every mirrored value refreshed.
     pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for families the registry produced.
+        TextEncoder::new()
+            .encode(&self.gather(), &mut out)
+            .expect("text encoding into memory");
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Every family, with mirrored values refreshed (for the exposition and OTLP).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
         let stats = &self.stats;
         self.rooms.set(stats.rooms.load(Ordering::Relaxed));
         self.participants
@@ -219,12 +337,21 @@ impl Metrics {
         if cpu > counted {
             self.cpu_seconds.inc_by(cpu - counted);
         }
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for families the registry produced.
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding into memory");
-        String::from_utf8(out).unwrap_or_default()
+        for (outcome, count) in ResumeOutcome::ALL.iter().zip(&signal.resume_outcomes) {
+            Self::sync_counter(
+                &self.viewer_resumes.with_label_values(&[outcome.as_str()]),
+                count.load(Ordering::Relaxed),
+            );
+        }
+        let tasks: usize = self.runtimes.iter().map(|r| r.metrics().num_alive_tasks()).sum();
+        let tasks = i64::try_from(tasks).unwrap_or(i64::MAX);
+        let spans = self.telemetry.active_spans.load(Ordering::Relaxed);
+        self.tokio_tasks.set(tasks);
+        self.active_spans.set(spans);
+        self.leak_excess.set(self.leak.observe(spans, tasks));
+        self.telemetry.sampler.tick(Instant::now());
+        self.sample_ratio.set(self.telemetry.sampler.rate());
+        self.registry.gather()
     }
 }
 

@@ -5,7 +5,7 @@ use crate::auth::{Grants, TokenKeys};
 use crate::config::NodeConfig;
 use crate::directory::StoreDirectory;
 use crate::http::{self, AppState};
-use crate::metrics::Metrics;
+use crate::metrics::{MetricSources, Metrics};
 use crate::signal::SignalContext;
 use actix_web::{App, HttpServer, web};
 use mediamesh_actors::media::bwe::BweConfig;
@@ -140,17 +140,34 @@ pub async fn run(
     );
     let signal_data = web::Data::new(Arc::clone(&signal));
     let heartbeat = tokio::spawn(report_load(store.clone(), Arc::clone(&stats)));
+    let telemetry = crate::telemetry::init(&config.telemetry());
+    let metrics = Arc::new(Metrics::new(MetricSources {
+        stats: Arc::clone(&stats),
+        counters,
+        ports,
+        signal: Arc::clone(&signal.stats),
+        store: store.store_metrics().clone(),
+        telemetry: Arc::clone(&telemetry),
+        runtimes: vec![tokio::runtime::Handle::current(), ingress_runtime.handle().clone()],
+    }));
+    let otlp_metrics = telemetry.otlp_endpoint().map(|endpoint| {
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(crate::telemetry::otlp_metrics::push_forever(
+            endpoint.to_string(),
+            vec![
+                ("service.name".into(), "mediamesh".into()),
+                ("service.instance.id".into(), config.node_id.clone()),
+                ("cloud.region".into(), config.region.clone()),
+            ],
+            move || metrics.gather(),
+        ))
+    });
     let state = web::Data::new(AppState {
         node_id: config.node_id.clone(),
         region: config.region.clone(),
         keys: keys.clone(),
         rooms: Arc::clone(&registry),
-        metrics: Arc::new(Metrics::new(
-            Arc::clone(&stats),
-            counters,
-            ports,
-            Arc::clone(&signal.stats),
-        )),
+        metrics: Arc::clone(&metrics),
         body_bytes_max: config.body_bytes_max,
         store: store.clone(),
     });
@@ -160,6 +177,7 @@ pub async fn run(
             .app_data(signal_data.clone())
             .app_data(web::PayloadConfig::new(config.body_bytes_max))
             .wrap(http::cors_headers())
+            .wrap(actix_web::middleware::from_fn(http::observe::observe))
             .configure(http::routes)
     })
     .workers(HTTP_WORKERS)
@@ -202,6 +220,10 @@ pub async fn run(
         arbiter.stop();
     }
     heartbeat.abort();
+    if let Some(task) = otlp_metrics {
+        task.abort();
+    }
+    telemetry.flush();
     ingress_runtime.shutdown_background();
     store.shutdown();
     store_shutdown.cancel();

@@ -162,36 +162,56 @@ pub fn romanize_syllable(c: char) -> Option<String> {
     Some(first.to_ascii_uppercase().to_string() + chars.as_str())
 }
 
-/// The masked form of a display name: see the module docs.
+/// The masked form of a display name: see the module docs. A name mixing words (a Hangul name
+/// with a Latin nickname, or with a phone number) is masked word by word.
 pub fn mask_name(name: &str) -> String {
-    let name = name.trim();
     let syllables: Vec<char> = name.chars().filter(|c| !c.is_whitespace()).collect();
-    if !syllables.is_empty() && syllables.iter().all(|&c| is_hangul_syllable(c)) {
-        let surname = SURNAMES
-            .iter()
-            .find(|(s, _)| *s == syllables[0])
-            .map(|(_, r)| r.to_string())
-            .or_else(|| romanize_syllable(syllables[0]))
-            .unwrap_or_default();
-        return match syllables.len() {
-            1 => surname,
-            2 => format!("{surname}*"),
-            n => {
-                let last = romanize_syllable(syllables[n - 1]).unwrap_or_default();
-                format!("{surname}{}{last}", "*".repeat(n - 2))
-            }
-        };
+    if let Some(masked) = mask_hangul(&syllables) {
+        return masked;
     }
     name.split_whitespace()
         .map(|word| {
-            let mut chars = word.chars();
-            match chars.next() {
-                Some(first) if first.is_alphanumeric() => first.to_string() + &"*".repeat(chars.count()),
-                _ => "*".repeat(word.chars().count()),
+            let chars: Vec<char> = word.chars().collect();
+            if looks_like_phone(word) {
+                return mask_phone(word);
+            }
+            if let Some(masked) = mask_hangul(&chars) {
+                return masked;
+            }
+            match chars.split_first() {
+                Some((first, rest)) if first.is_alphanumeric() => first.to_string() + &"*".repeat(rest.len()),
+                _ => "*".repeat(chars.len()),
             }
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// A word of digits and separators with at least nine digits.
+fn looks_like_phone(word: &str) -> bool {
+    word.chars().all(|c| c.is_ascii_digit() || "+-(). ".contains(c))
+        && word.chars().filter(char::is_ascii_digit).count() >= 9
+}
+
+/// Romanized surname, masked middle, romanized last syllable; `None` unless all are Hangul.
+fn mask_hangul(syllables: &[char]) -> Option<String> {
+    if syllables.is_empty() || !syllables.iter().all(|&c| is_hangul_syllable(c)) {
+        return None;
+    }
+    let surname = SURNAMES
+        .iter()
+        .find(|(s, _)| *s == syllables[0])
+        .map(|(_, r)| r.to_string())
+        .or_else(|| romanize_syllable(syllables[0]))
+        .unwrap_or_default();
+    Some(match syllables.len() {
+        1 => surname,
+        2 => format!("{surname}*"),
+        n => {
+            let last = romanize_syllable(syllables[n - 1]).unwrap_or_default();
+            format!("{surname}{}{last}", "*".repeat(n - 2))
+        }
+    })
 }
 
 #[cfg(test)]
@@ -208,6 +228,9 @@ mod tests {
         assert_eq!(romanize_syllable('률'), Some("Ryul".into()));
         assert_eq!(mask_name("John Smith"), "J*** S****");
         assert!(!mask_name("김민수").contains('김'));
+        assert_eq!(mask_name("김민수 010-1234-5678"), "Kim*Su 010-****-5678");
+        assert_eq!(mask_name("Minsu 김민수"), "M**** Kim*Su");
+        assert_eq!(mask_name("01012345678"), "010-****-5678");
     }
 
     #[test]

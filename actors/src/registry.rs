@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use tracing::Instrument;
 
 /// Limits that apply per room and per node. Hitting one answers 429/503 at the edge.
 #[derive(Debug, Clone)]
@@ -149,6 +150,7 @@ impl RoomRegistry {
         let epoch = self
             .directory
             .claim(room.clone(), self.context.node.clone())
+            .instrument(tracing::info_span!("room.claim", room = %room))
             .await
             .map_err(RoomError::Directory)?;
         let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();

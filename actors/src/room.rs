@@ -13,6 +13,7 @@ use actix::prelude::*;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// Mailbox bound of a room; requests beyond it wait (`send`) or are refused (`try_send`).
 pub const ROOM_MAILBOX_MAX: usize = 256;
@@ -145,6 +146,40 @@ pub enum RoomRequest {
         session: SessionId,
     },
     Info,
+}
+
+impl RoomRequest {
+    /// The request's name in traces.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RoomRequest::Publish { .. } => "room.publish",
+            RoomRequest::Subscribe { .. } => "room.subscribe",
+            RoomRequest::Select { .. } => "room.select",
+            RoomRequest::SetLayer { .. } => "room.set_layer",
+            RoomRequest::Mute { .. } => "room.mute",
+            RoomRequest::Watch { .. } => "room.watch",
+            RoomRequest::Unwatch { .. } => "room.unwatch",
+            RoomRequest::Tracks => "room.tracks",
+            RoomRequest::Patch { .. } => "room.patch",
+            RoomRequest::End { .. } => "room.end",
+            RoomRequest::Info => "room.info",
+        }
+    }
+}
+
+/// A [`RoomRequest`] with the sender's span: the room's handling, and the negotiation it
+/// spawns, join the sender's trace.
+pub struct Traced(pub RoomRequest, pub tracing::Span);
+
+impl Traced {
+    /// `request` in the current span.
+    pub fn here(request: RoomRequest) -> Self {
+        Self(request, tracing::Span::current())
+    }
+}
+
+impl Message for Traced {
+    type Result = Result<RoomReply, RoomError>;
 }
 
 pub enum RoomReply {
@@ -482,10 +517,9 @@ impl Handler<RoomRequest> for Room {
                     Err(error) => return ActorResponse::reply(Err(error)),
                 };
                 self.pending_publishers += 1;
-                let negotiate =
-                    context
-                        .ingress_runtime
-                        .spawn(Publisher::negotiate(Arc::clone(&context), room, offer, permit));
+                let negotiate = context
+                    .ingress_runtime
+                    .spawn(Publisher::negotiate(Arc::clone(&context), room, offer, permit).in_current_span());
                 ActorResponse::r#async(negotiate.into_actor(self).map(move |joined, room, ctx| {
                     room.pending_publishers -= 1;
                     let result = joined.unwrap_or_else(|e| Err(RoomError::Media(MediaError::WebRtc(e.to_string()))));
@@ -533,10 +567,9 @@ impl Handler<RoomRequest> for Room {
                     layer,
                     video_source,
                 };
-                let negotiate =
-                    context
-                        .media_runtime
-                        .spawn(Subscriber::negotiate(Arc::clone(&context), room, request, permit));
+                let negotiate = context
+                    .media_runtime
+                    .spawn(Subscriber::negotiate(Arc::clone(&context), room, request, permit).in_current_span());
                 ActorResponse::r#async(negotiate.into_actor(self).map(move |joined, room, ctx| {
                     room.pending_subscribers -= 1;
                     let result = joined.unwrap_or_else(|e| Err(RoomError::Media(MediaError::WebRtc(e.to_string()))));
@@ -678,6 +711,16 @@ impl Handler<RoomRequest> for Room {
                 ActorResponse::reply(Ok(RoomReply::Done))
             }
         }
+    }
+}
+
+impl Handler<Traced> for Room {
+    type Result = ActorResponse<Self, Result<RoomReply, RoomError>>;
+
+    fn handle(&mut self, Traced(request, parent): Traced, ctx: &mut Self::Context) -> Self::Result {
+        let span = tracing::info_span!(parent: &parent, "room", otel.name = request.name(), room = %self.id, epoch = self.epoch);
+        let _entered = span.enter();
+        <Self as Handler<RoomRequest>>::handle(self, request, ctx)
     }
 }
 

@@ -80,6 +80,7 @@ impl Subscriber {
         request: SubscribeRequest,
         permit: SessionPermit,
     ) -> Result<NegotiatedSubscriber, RoomError> {
+        let offered_at = Instant::now();
         sdp::validate_offer(&request.offer).map_err(RoomError::BadOffer)?;
         let offered = sdp::offered_codecs(&request.offer);
         let video_codec = match &request.video_source {
@@ -188,6 +189,7 @@ impl Subscriber {
                 seen_loss_reports: 0,
                 seen_remb_reports: 0,
                 seen_keyframe_requests: 0,
+                awaiting_first_frame: codec.is_video().then_some(offered_at),
             };
             tasks.push(tokio::spawn(slot.run(control_rx, events.connected())));
             slots.push(SlotHandle {
@@ -265,6 +267,8 @@ struct ForwardSlot {
     seen_loss_reports: u64,
     seen_remb_reports: u64,
     seen_keyframe_requests: u64,
+    /// When the viewer's offer came, until its first video keyframe is written.
+    awaiting_first_frame: Option<Instant>,
 }
 
 struct Binding {
@@ -380,6 +384,10 @@ impl ForwardSlot {
         let loss_reports = self.feedback.loss_reports.load(Ordering::Relaxed);
         if loss_reports != self.seen_loss_reports {
             self.seen_loss_reports = loss_reports;
+            let rtt_us = self.feedback.rtt_us.load(Ordering::Relaxed);
+            if rtt_us > 0 {
+                self.counters.histograms.rtt_seconds.observe(rtt_us as f64 / 1e6);
+            }
             let fraction = self.feedback.fraction_lost.load(Ordering::Relaxed).min(255) as u8;
             self.bwe.on_loss_report(fraction, now);
         }
@@ -424,6 +432,12 @@ impl ForwardSlot {
         if self.local.write_rtp(packet).await.is_ok() {
             self.counters.packets_forwarded.fetch_add(1, Ordering::Relaxed);
             self.counters.bytes_forwarded.fetch_add(bytes, Ordering::Relaxed);
+            if item.keyframe_start
+                && let Some(offered_at) = self.awaiting_first_frame.take()
+            {
+                let seconds = offered_at.elapsed().as_secs_f64();
+                self.counters.histograms.first_frame_seconds.observe(seconds);
+            }
         }
     }
 }

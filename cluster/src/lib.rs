@@ -36,10 +36,12 @@ pub mod command;
 pub mod driver;
 pub mod error;
 pub mod ids;
+pub mod metrics;
 pub mod server;
 pub mod state_machine;
 pub mod storage;
 pub mod store;
+pub mod trace_context;
 pub mod transport;
 pub mod types;
 

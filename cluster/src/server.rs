@@ -5,6 +5,8 @@
 use mediamesh_proto::cluster::v1 as pb;
 use pb::cluster_server::Cluster;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::ids::NodeId;
 use crate::store::{FORWARDED_METADATA_KEY, Store};
@@ -29,8 +31,11 @@ impl Cluster for ClusterService {
     }
 
     async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+        // The proposer's trace continues here, on the leader.
+        let span = tracing::info_span!("store.forwarded_propose", otel.kind = "server");
+        let _ = span.set_parent(crate::trace_context::extract(request.metadata()));
         let body = request.into_inner().commands;
-        let results = self.store.handle_forwarded(&body).await?;
+        let results = self.store.handle_forwarded(&body).instrument(span).await?;
         Ok(Response::new(pb::ProposeResponse { results }))
     }
 

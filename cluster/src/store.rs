@@ -26,6 +26,7 @@ use crate::command::{
 use crate::driver::{ProposeError, Replica, ReplicaConfig, conf_change};
 use crate::error::StoreError;
 use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for, validate_id};
+use crate::metrics::StoreMetrics;
 use crate::state_machine::{SmWrite, StateMachine};
 use crate::storage::{Disk, SledStorage};
 use crate::transport::{
@@ -180,6 +181,8 @@ enum Input {
         commands: Vec<Command>,
         size: usize,
         reply: ProposeReply,
+        /// The proposer's span: the commit span is its child.
+        span: tracing::Span,
     },
     ConfChange {
         cc: ConfChangeV2,
@@ -216,6 +219,7 @@ struct Shared {
     secret: SecretInterceptor,
     faults: Arc<FaultInjector>,
     metrics: Arc<TransportMetrics>,
+    store_metrics: StoreMetrics,
     clients: Mutex<HashMap<String, PeerClient>>,
     last_load: Mutex<NodeLoad>,
     shutdown: CancellationToken,
@@ -328,6 +332,7 @@ impl Store {
             secret: secret.clone(),
             faults: faults.clone(),
             metrics: metrics.clone(),
+            store_metrics: StoreMetrics::default(),
             clients: Mutex::new(HashMap::new()),
             last_load: Mutex::new(NodeLoad::default()),
             shutdown: token.clone(),
@@ -411,6 +416,11 @@ impl Store {
         &self.shared.metrics
     }
 
+    /// Raft instruments (commit latency, leadership), for the node's registry.
+    pub fn store_metrics(&self) -> &StoreMetrics {
+        &self.shared.store_metrics
+    }
+
     /// Test-only network faults on this node's outgoing calls.
     #[cfg(feature = "fault-injection")]
     pub fn fault_injector(&self) -> Arc<FaultInjector> {
@@ -457,6 +467,7 @@ impl Store {
     /// Proposes commands (forwarding to the leader when this node is a follower) and returns one
     /// outcome per command once applied. Retries only where the command certainly was not
     /// proposed (no leader yet, or the target said it is not the leader).
+    #[tracing::instrument(name = "store.propose", skip_all, fields(commands = commands.len()))]
     pub(crate) async fn propose(&self, commands: Vec<Command>, deadline: Instant) -> Result<Vec<Outcome>, StoreError> {
         if commands.is_empty() || commands.len() > COMMANDS_PER_ENTRY_MAX {
             return Err(StoreError::InvalidInput(format!(
@@ -508,7 +519,12 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.shared
             .inputs
-            .try_send(Input::Propose { commands, size, reply })
+            .try_send(Input::Propose {
+                commands,
+                size,
+                reply,
+                span: tracing::Span::current(),
+            })
             .map_err(|_| ProposeFailure::Error(StoreError::Overloaded("replica input queue")))?;
         match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => Err(ProposeFailure::Error(StoreError::Timeout(
@@ -553,6 +569,7 @@ impl Store {
             commands: commands.to_vec(),
         });
         let mut request = tonic::Request::new(pb::ProposeRequest { commands: body });
+        crate::trace_context::inject_current(request.metadata_mut());
         request.set_timeout(deadline.saturating_duration_since(Instant::now()));
         let timeout_ms = self.shared.config.request_timeout_ms;
         match tokio::time::timeout_at(deadline, client.propose(request)).await {
@@ -1310,9 +1327,13 @@ impl Backoff {
 // ----- the replica task -----
 
 struct PendingBatch {
-    /// (number of commands, reply) per caller, in entry order.
-    callers: Vec<(usize, Option<ProposeReply>)>,
+    /// Number of commands, reply and commit span per caller, in entry order.
+    callers: Vec<(usize, Option<ProposeReply>, tracing::Span)>,
+    proposed: Instant,
 }
+
+/// A proposal waiting for the next turn: commands, encoded size, reply, proposer's span.
+type Unproposed = (Vec<Command>, usize, Option<ProposeReply>, tracing::Span);
 
 struct ReplicaTask {
     shared: Arc<Shared>,
@@ -1321,7 +1342,7 @@ struct ReplicaTask {
     storage: SledStorage,
     sender: RaftSender,
     next_batch_id: u64,
-    unproposed: Vec<(Vec<Command>, usize, Option<ProposeReply>)>,
+    unproposed: Vec<Unproposed>,
     pending: HashMap<u64, PendingBatch>,
     next_conf_id: u64,
     conf_pending: HashMap<u64, oneshot::Sender<Result<(), ProposeFailure>>>,
@@ -1428,13 +1449,18 @@ impl ReplicaTask {
                     }
                 }
             }
-            Input::Propose { commands, size, reply } => {
+            Input::Propose {
+                commands,
+                size,
+                reply,
+                span,
+            } => {
                 if !self.replica.is_leader() {
                     let _ = reply.send(Err(ProposeFailure::NotLeader));
                 } else if self.unproposed.len() + self.pending.len() >= PENDING_PROPOSALS_MAX {
                     let _ = reply.send(Err(ProposeFailure::Error(StoreError::Overloaded("pending proposals"))));
                 } else {
-                    self.unproposed.push((commands, size, Some(reply)));
+                    self.unproposed.push((commands, size, Some(reply), span));
                 }
             }
             Input::ConfChange { mut cc, reply } => {
@@ -1492,7 +1518,7 @@ impl ReplicaTask {
             self.pending.retain(|_, b| {
                 b.callers
                     .iter()
-                    .any(|(_, r)| r.as_ref().is_some_and(|r| !r.is_closed()))
+                    .any(|(_, r, _)| r.as_ref().is_some_and(|r| !r.is_closed()))
             });
             self.conf_pending.retain(|_, r| !r.is_closed());
         }
@@ -1515,7 +1541,8 @@ impl ReplicaTask {
                 },
                 only_if_unset: true,
             };
-            self.unproposed.push((vec![command], 64, Some(tx)));
+            self.unproposed
+                .push((vec![command], 64, Some(tx), tracing::Span::none()));
             self.settings_in_flight = Some(rx);
         }
         if let Some(rx) = &mut self.expiry_in_flight {
@@ -1540,8 +1567,12 @@ impl ReplicaTask {
         self.last_expiry_ms = now;
         let (tx, rx) = oneshot::channel();
         let size = due.len() * 300;
-        self.unproposed
-            .push((vec![Command::ExpireViewers { viewers: due }], size, Some(tx)));
+        self.unproposed.push((
+            vec![Command::ExpireViewers { viewers: due }],
+            size,
+            Some(tx),
+            tracing::Span::none(),
+        ));
         self.expiry_in_flight = Some(rx);
     }
 
@@ -1556,7 +1587,7 @@ impl ReplicaTask {
             let mut commands = Vec::new();
             let mut callers = Vec::new();
             let mut size = 0;
-            while let Some((c, s, _)) = queue.peek() {
+            while let Some((c, s, _, _)) = queue.peek() {
                 if !callers.is_empty()
                     && (size + s > ENTRY_BYTES_MAX / 2 || commands.len() + c.len() > COMMANDS_PER_ENTRY_MAX)
                 {
@@ -1564,8 +1595,14 @@ impl ReplicaTask {
                 }
                 size += s;
                 // peek() just returned Some.
-                let (c, _, reply) = queue.next().expect("peeked");
-                callers.push((c.len(), reply));
+                let (c, _, reply, span) = queue.next().expect("peeked");
+                // The commit span lasts from proposal to apply on this node.
+                let commit = if span.is_none() {
+                    span
+                } else {
+                    tracing::info_span!(parent: &span, "store.commit", raft.index = tracing::field::Empty)
+                };
+                callers.push((c.len(), reply, commit));
                 commands.extend(c);
             }
             let batch_id = self.next_batch_id;
@@ -1577,10 +1614,16 @@ impl ReplicaTask {
             };
             match self.replica.propose(codec::encode(&payload)) {
                 Ok(()) => {
-                    self.pending.insert(batch_id, PendingBatch { callers });
+                    self.pending.insert(
+                        batch_id,
+                        PendingBatch {
+                            callers,
+                            proposed: Instant::now(),
+                        },
+                    );
                 }
                 Err(e) => {
-                    for (_, reply) in callers {
+                    for (_, reply, _) in callers {
                         let failure = match &e {
                             ProposeError::NotLeader { .. } => ProposeFailure::NotLeader,
                             other => ProposeFailure::Error(StoreError::Rejected(format!("{other:?}"))),
@@ -1649,11 +1692,14 @@ impl ReplicaTask {
     async fn process_readies(&mut self) -> Result<(), StoreError> {
         while let Some(batch) = self.replica.poll_ready() {
             if let Some(leader) = batch.leader_changed {
+                let metrics = &self.shared.store_metrics;
+                metrics.leader_changes.inc();
+                metrics.is_leader.set(i64::from(leader == self.shared.raft_id));
                 if leader == self.shared.raft_id {
                     self.leader_since_ms = now_ms();
                 } else {
                     // Queued proposals can no longer be proposed here; callers retry elsewhere.
-                    for (_, _, reply) in self.unproposed.drain(..) {
+                    for (_, _, reply, _) in self.unproposed.drain(..) {
                         if let Some(reply) = reply {
                             let _ = reply.send(Err(ProposeFailure::NotLeader));
                         }
@@ -1708,7 +1754,7 @@ impl ReplicaTask {
         let last_index = last.index;
         let mut writes: Vec<SmWrite> = Vec::new();
         let mut conf_state: Option<ConfState> = None;
-        let mut replies: Vec<(Vec<Outcome>, PendingBatch)> = Vec::new();
+        let mut replies: Vec<(u64, Vec<Outcome>, PendingBatch)> = Vec::new();
         let mut conf_replies = Vec::new();
         {
             let mut sm = self.shared.sm.write();
@@ -1732,7 +1778,7 @@ impl ReplicaTask {
                                 if payload.proposer == self.shared.raft_id
                                     && let Some(batch) = self.pending.remove(&payload.batch_id)
                                 {
-                                    replies.push((outcomes, batch));
+                                    replies.push((entry.index, outcomes, batch));
                                 }
                             }
                             Err(e) => {
@@ -1772,9 +1818,14 @@ impl ReplicaTask {
         }
         self.disk.commit_apply(&self.storage, &writes, conf_state.as_ref())?;
         self.replica.on_applied(last_index);
-        for (outcomes, batch) in replies {
+        for (index, outcomes, batch) in replies {
+            self.shared
+                .store_metrics
+                .commit_seconds
+                .observe(batch.proposed.elapsed().as_secs_f64());
             let mut outcomes = outcomes.into_iter();
-            for (count, reply) in batch.callers {
+            for (count, reply, span) in batch.callers {
+                span.record("raft.index", index);
                 let mine: Vec<Outcome> = outcomes.by_ref().take(count).collect();
                 if let Some(reply) = reply {
                     let _ = reply.send(Ok(mine));

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod metrics;
+pub mod observe;
 pub mod problem;
 pub mod sessions;
 

@@ -7,7 +7,7 @@ use crate::auth::{self, Grant};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use mediamesh_actors::media::layer::layer_named;
-use mediamesh_actors::room::{RoomReply, RoomRequest};
+use mediamesh_actors::room::{RoomReply, RoomRequest, Traced};
 use mediamesh_actors::{Identity, RoomError, RoomId, SessionId, SessionKind};
 use serde::Deserialize;
 
@@ -94,7 +94,7 @@ pub async fn create(
     let mut reply = None;
     for _ in 0..2 {
         let addr = state.rooms.get_or_create(&room).await?;
-        match addr.send(make_request()).await {
+        match addr.send(Traced::here(make_request())).await {
             Ok(result) => {
                 reply = Some(result?);
                 break;
@@ -135,12 +135,12 @@ pub async fn patch(
         .map(str::to_string);
     let addr = state.rooms.get(&room).ok_or(RoomError::UnknownSession)?;
     let reply = addr
-        .send(RoomRequest::Patch {
+        .send(Traced::here(RoomRequest::Patch {
             kind,
             session: SessionId(session),
             if_match,
             fragment,
-        })
+        }))
         .await
         .map_err(|_| RoomError::UnknownSession)??;
     let RoomReply::Patched(outcome) = reply else {
@@ -166,10 +166,10 @@ pub async fn delete(
     let room = room_id(&room)?;
     authorize(&state, &request, kind, &room)?;
     let addr = state.rooms.get(&room).ok_or(RoomError::UnknownSession)?;
-    addr.send(RoomRequest::End {
+    addr.send(Traced::here(RoomRequest::End {
         kind,
         session: SessionId(session),
-    })
+    }))
     .await
     .map_err(|_| RoomError::UnknownSession)??;
     Ok(HttpResponse::Ok().finish())

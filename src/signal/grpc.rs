@@ -10,6 +10,8 @@ use mediamesh_proto::signal::v1::{ClientMessage, ServerMessage};
 use std::pin::Pin;
 use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub struct SignalService {
     context: Arc<SignalContext>,
@@ -50,16 +52,22 @@ impl Signal for SignalService {
                 self.context.sessions_max
             ))
         })?;
+        let span = tracing::info_span!("signal.session", otel.kind = "server", transport = "grpc");
+        // A missing or malformed traceparent leaves the session a root.
+        let _ = span.set_parent(crate::telemetry::propagation::extract_grpc(request.metadata()));
         let mut frames = request.into_inner();
         let ((in_tx, in_rx), (out_tx, out_rx)) = session::channels();
-        tokio::spawn(session::run(
-            Arc::clone(&self.context),
-            admission,
-            Transport::Grpc,
-            claims,
-            in_rx,
-            out_tx,
-        ));
+        tokio::spawn(
+            session::run(
+                Arc::clone(&self.context),
+                admission,
+                Transport::Grpc,
+                claims,
+                in_rx,
+                out_tx,
+            )
+            .instrument(span),
+        );
         tokio::spawn(async move {
             loop {
                 let item = match frames.next().await {

@@ -112,17 +112,46 @@ impl ErrorCode {
     }
 }
 
+/// How a join carrying a resume token ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeOutcome {
+    /// The viewer got its session back.
+    Resumed = 0,
+    /// The token was good but the session was outside the resume window: a new session.
+    Expired = 1,
+    /// The token was invalid or for another room or identity.
+    Refused = 2,
+}
+
+impl ResumeOutcome {
+    pub const ALL: [ResumeOutcome; 3] = [ResumeOutcome::Resumed, ResumeOutcome::Expired, ResumeOutcome::Refused];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResumeOutcome::Resumed => "resumed",
+            ResumeOutcome::Expired => "expired",
+            ResumeOutcome::Refused => "refused",
+        }
+    }
+}
+
 /// Counters of the signal sessions, read by the metrics at scrape time.
 #[derive(Debug, Default)]
 pub struct SignalStats {
     pub websocket_sessions: AtomicI64,
     pub grpc_sessions: AtomicI64,
     pub resumes: AtomicU64,
+    /// Resume attempts, indexed by `ResumeOutcome as usize`.
+    pub resume_outcomes: [AtomicU64; ResumeOutcome::ALL.len()],
     /// Error replies, indexed by `ErrorCode as usize`.
     pub errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
 impl SignalStats {
+    pub(crate) fn count_resume(&self, outcome: ResumeOutcome) {
+        self.resume_outcomes[outcome as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn sessions(&self, transport: Transport) -> &AtomicI64 {
         match transport {
             Transport::WebSocket => &self.websocket_sessions,

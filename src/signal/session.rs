@@ -4,12 +4,12 @@
 //! closes its connection).
 
 use super::resume::ResumeClaims;
-use super::{ErrorCode as Code, Inbound, QUEUE_MAX, SignalContext};
+use super::{ErrorCode as Code, Inbound, QUEUE_MAX, ResumeOutcome, SignalContext};
 use crate::auth::{AuthError, Claims, Grant};
 use mediamesh_actors::media::layer::{LAYER_NAMES, layer_named};
 use mediamesh_actors::media::track::MediaKind;
 use mediamesh_actors::pii::Pii;
-use mediamesh_actors::room::{RoomReply, RoomRequest};
+use mediamesh_actors::room::{RoomReply, RoomRequest, Traced};
 use mediamesh_actors::{Identity, RoomError, RoomId, RoomNotice, SessionId, SessionKind, TrackInfo};
 use mediamesh_cluster::{Consistency, ViewerState};
 use mediamesh_proto::signal::v1 as pb;
@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 /// Track ids one subscribe or unsubscribe may name, and a viewer may hold.
 const TRACK_IDS_MAX: usize = 64;
@@ -355,7 +356,10 @@ impl Session {
                         Err(Refusal::new(Code::UnknownMessage, "no message type this node knows")),
                     ),
                     Some(In::Leave(_)) => return Flow::Leave,
-                    Some(body) => (id, self.on_message(body).await),
+                    Some(body) => {
+                        let span = tracing::info_span!("signal", otel.name = message_name(&body));
+                        (id, self.on_message(body).instrument(span).await)
+                    }
                 }
             }
         };
@@ -508,14 +512,23 @@ impl Session {
                     identity: token_identity,
                 }) if token_room == room.as_str() && token_identity == identity.0 => {
                     resumed = self.resumable(&viewer).await;
+                    self.ctx.stats.count_resume(if resumed.is_some() {
+                        ResumeOutcome::Resumed
+                    } else {
+                        ResumeOutcome::Expired
+                    });
                 }
                 Ok(_) => {
+                    self.ctx.stats.count_resume(ResumeOutcome::Refused);
                     return Err(Refusal::new(
                         Code::Forbidden,
                         "the resume token is for another room or identity",
                     ));
                 }
-                Err(reason) => return Err(Refusal::new(Code::BadRequest, reason)),
+                Err(reason) => {
+                    self.ctx.stats.count_resume(ResumeOutcome::Refused);
+                    return Err(Refusal::new(Code::BadRequest, reason));
+                }
             }
         }
         let viewer = match &resumed {
@@ -654,7 +667,10 @@ impl Session {
         let addr = self.ctx.rooms.get_or_create(&room).await?;
         // A room that stopped between the lookup and the send refuses the message: the client
         // retries (the next lookup makes a fresh room).
-        let reply = addr.send(request).await.map_err(|_| RoomError::Closing)??;
+        let reply = addr
+            .send(Traced::here(request))
+            .await
+            .map_err(|_| RoomError::Closing)??;
         if rewatch {
             let (tx, rx) = mpsc::channel(mediamesh_actors::room::WATCH_QUEUE_MAX);
             let viewer = SessionId(self.joined()?.viewer.clone());
@@ -876,4 +892,21 @@ type OutboundQueue = (mpsc::Sender<pb::ServerMessage>, mpsc::Receiver<pb::Server
 /// The two bounded queues between a transport and its session.
 pub fn channels() -> (InboundQueue, OutboundQueue) {
     (mpsc::channel(QUEUE_MAX), mpsc::channel(QUEUE_MAX))
+}
+
+/// A client message's name in traces.
+fn message_name(body: &In) -> &'static str {
+    match body {
+        In::Ping(_) => "signal.ping",
+        In::Join(_) => "signal.join",
+        In::Offer(_) => "signal.offer",
+        In::Answer(_) => "signal.answer",
+        In::Trickle(_) => "signal.trickle",
+        In::Subscribe(_) => "signal.subscribe",
+        In::Unsubscribe(_) => "signal.unsubscribe",
+        In::SetLayer(_) => "signal.set_layer",
+        In::Mute(_) => "signal.mute",
+        In::Position(_) => "signal.position",
+        In::Leave(_) => "signal.leave",
+    }
 }

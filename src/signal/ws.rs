@@ -10,6 +10,7 @@ use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use mediamesh_proto::signal::v1::json;
 use serde::Deserialize;
 use std::sync::Arc;
+use tracing::Instrument;
 
 #[derive(Debug, Deserialize)]
 pub struct SignalQuery {
@@ -63,14 +64,19 @@ pub async fn connect(
         .aggregate_continuations()
         .max_continuation_size(FRAME_BYTES_MAX);
     let ((in_tx, in_rx), (out_tx, mut out_rx)) = session::channels();
-    tokio::spawn(session::run(
-        Arc::clone(context.get_ref()),
-        admission,
-        Transport::WebSocket,
-        claims,
-        in_rx,
-        out_tx,
-    ));
+    // A child of the upgrade request's span, which carries the caller's trace context.
+    let span = tracing::info_span!("signal.session", otel.kind = "server", transport = "websocket");
+    tokio::spawn(
+        session::run(
+            Arc::clone(context.get_ref()),
+            admission,
+            Transport::WebSocket,
+            claims,
+            in_rx,
+            out_tx,
+        )
+        .instrument(span),
+    );
     // The socket halves are not `Send`: they stay on this worker's thread.
     actix_web::rt::spawn(async move {
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);

@@ -316,6 +316,22 @@ def node(tmp_path_factory):
         print(f"[e2e] kept {workdir}")
 
 
+@pytest.fixture(scope="module")
+def otlp_receiver():
+    """An OTLP/gRPC receiver (traces, metrics, logs) on a free loopback port, one per module
+    (module scope so that a module's node can be started pointing at ``otlp_receiver.endpoint``;
+    call ``.clear()`` between tests).  See otlp_receiver.py."""
+    from otlp_receiver import OtlpReceiver  # grpc/opentelemetry-proto only needed here
+
+    rx = OtlpReceiver().start()
+    print(f"[e2e] OTLP receiver at {rx.endpoint}")
+    try:
+        yield rx
+    finally:
+        print(f"[e2e] OTLP receiver: {rx.summary()}")
+        rx.stop()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Prepare the machine for the mediamesh end-to-end tests (idempotent, non-interactive).
-#  - Debian packages chromium + chromium-driver (installed only when missing)
+#  - Debian packages chromium + chromium-driver, prometheus (prometheus + promtool; installed
+#    only when missing; a system prometheus service the package starts is stopped and disabled:
+#    the tests run their own on free loopback ports)
 #  - a venv at <repo>/.venv with tests/e2e/requirements.txt (pip runs only when the
 #    requirements changed since the last successful install; see the stamp file)
 set -euo pipefail
@@ -21,7 +23,7 @@ fi
 
 # --- Debian packages -------------------------------------------------------------------------
 missing=()
-for pkg in chromium chromium-driver python3-venv; do
+for pkg in chromium chromium-driver python3-venv prometheus; do
     if dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
         log "package $pkg: present"
     else
@@ -35,7 +37,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
 else
     log "Debian packages: nothing to install"
 fi
-for bin in /usr/bin/chromium /usr/bin/chromedriver; do
+# The prometheus package enables prometheus.service and starts it on :9090 where services can
+# start (systemd or sysv init; not in containers whose policy-rc.d forbids it). Tests start their
+# own server; stop the system one that this script just installed so that nothing stays bound.
+if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        if systemctl is-active --quiet prometheus.service 2>/dev/null; then
+            log "stopping and disabling the system prometheus.service the package started"
+            $SUDO systemctl disable --now prometheus.service </dev/null || log "WARNING: could not stop prometheus.service"
+        else
+            $SUDO systemctl disable prometheus.service </dev/null >/dev/null 2>&1 || true
+        fi
+    elif [ -x /etc/init.d/prometheus ] && /etc/init.d/prometheus status >/dev/null 2>&1; then
+        log "stopping the system prometheus the package started (init.d)"
+        $SUDO /etc/init.d/prometheus stop </dev/null || log "WARNING: could not stop /etc/init.d/prometheus"
+    fi
+fi
+for bin in /usr/bin/chromium /usr/bin/chromedriver /usr/bin/prometheus /usr/bin/promtool; do
     [ -x "$bin" ] || { log "ERROR: $bin missing after install"; exit 1; }
 done
 
@@ -49,7 +67,7 @@ else
 fi
 want="$(sha256sum "$REQ" | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
-if [ "$want" = "$have" ] && "$VENV/bin/python" -c "import aiortc, selenium, pytest, pytest_timeout, requests" 2>/dev/null; then
+if [ "$want" = "$have" ] && "$VENV/bin/python" -c "import aiortc, selenium, pytest, pytest_timeout, requests, grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc" 2>/dev/null; then
     log "python requirements: up to date (stamp $want)"
 else
     log "installing python requirements from $REQ"
@@ -57,4 +75,4 @@ else
     echo "$want" > "$STAMP"
     log "python requirements installed (stamp $want)"
 fi
-log "ready: $("$VENV/bin/python" --version), $(/usr/bin/chromium --version 2>/dev/null | head -1), $(/usr/bin/chromedriver --version 2>/dev/null | head -1)"
+log "ready: $("$VENV/bin/python" --version), $(/usr/bin/chromium --version 2>/dev/null | head -1), $(/usr/bin/chromedriver --version 2>/dev/null | head -1), $(/usr/bin/prometheus --version 2>&1 | head -1)"

@@ -6,6 +6,7 @@ pub mod codec;
 pub mod engine;
 pub mod feedback;
 pub mod gop;
+pub mod histograms;
 pub mod layer;
 pub mod rewrite;
 pub mod track;

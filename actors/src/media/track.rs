@@ -77,6 +77,7 @@ pub struct MediaCounters {
     /// Packets missing from publishers' streams: sequence gaps seen at ingress.
     pub packets_lost: AtomicU64,
     pub keyframe_requests: AtomicU64,
+    pub histograms: super::histograms::MediaHistograms,
 }
 
 #[derive(Debug, Default)]
