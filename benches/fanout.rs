@@ -47,10 +47,12 @@ struct Args {
     media_port_min: u16,
     binary: PathBuf,
     results_dir: PathBuf,
+    /// Telemetry settings to run each N with: `on` (the default node) and/or `off` (`--traces off`).
+    telemetry: Vec<String>,
 }
 
 fn usage() -> &'static str {
-    "cargo bench --bench fanout -- [--subscribers 50,100,200,400] [--duration 20s] [--warmup 5s]\n\
+    "cargo bench --bench fanout -- [--subscribers 50,100,200,400] [--duration 20s] [--warmup 5s] [--telemetry on,off]\n\
      \x20   [--node-core 0] [--client-core 1] [--loss-limit 5] [--nack] [--connect-concurrency 8]\n\
      \x20   [--media-port-min 41000] [--binary target/release/mediamesh] [--results benches/results]"
 }
@@ -90,6 +92,7 @@ fn parse_args() -> Result<Args> {
         media_port_min: 41_000,
         binary: target.join("release").join("mediamesh"),
         results_dir: root.join("benches").join("results"),
+        telemetry: vec!["on".into()],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -117,6 +120,12 @@ fn parse_args() -> Result<Args> {
             "--media-port-min" => args.media_port_min = value()?.parse()?,
             "--binary" => args.binary = PathBuf::from(value()?),
             "--results" => args.results_dir = PathBuf::from(value()?),
+            "--telemetry" => {
+                args.telemetry = value()?.split(',').map(|t| t.trim().to_string()).collect();
+                if args.telemetry.is_empty() || args.telemetry.iter().any(|t| t != "on" && t != "off") {
+                    bail!("--telemetry takes on, off or on,off");
+                }
+            }
             "-h" | "--help" => {
                 println!("{}", usage());
                 std::process::exit(0);
@@ -257,7 +266,7 @@ fn free_udp_port() -> Result<u16> {
 }
 
 impl NodeProcess {
-    fn start(args: &Args, label: &str) -> Result<Self> {
+    fn start(args: &Args, label: &str, telemetry: &str) -> Result<Self> {
         let http: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
         let data_dir = std::env::temp_dir().join(format!("mediamesh-fanout-{}-{label}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
@@ -284,6 +293,7 @@ impl NodeProcess {
             .args(["--api-secret", API_SECRET])
             .args(["--sessions-per-node-max", &sessions])
             .args(["--subscribers-per-room-max", &sessions])
+            .args(["--traces", telemetry])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -463,6 +473,8 @@ fn create_token(args: &Args, identity: &str, grant: &str) -> Result<String> {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 struct RunResult {
     subscribers: usize,
+    /// `on`: the default node (spans, trace ids in logs); `off`: `--traces off`.
+    telemetry: String,
     connected: usize,
     connect_failures: usize,
     first_error: Option<String>,
@@ -541,8 +553,8 @@ fn percent(part: u64, whole: u64) -> f64 {
     }
 }
 
-async fn run_one(args: &Args, n: usize, http: &reqwest::Client) -> Result<RunResult> {
-    let mut node = NodeProcess::start(args, &format!("n{n}"))?;
+async fn run_one(args: &Args, n: usize, telemetry: &str, http: &reqwest::Client) -> Result<RunResult> {
+    let mut node = NodeProcess::start(args, &format!("n{n}-{telemetry}"), telemetry)?;
     node.wait_healthy(http).await?;
     let base = node.base_url();
     let publish_token = create_token(args, "bench-publisher", "--publish")?;
@@ -697,6 +709,7 @@ async fn run_one(args: &Args, n: usize, http: &reqwest::Client) -> Result<RunRes
     };
     let result = RunResult {
         subscribers: n,
+        telemetry: telemetry.to_string(),
         connected,
         connect_failures: failures,
         first_error,
@@ -750,30 +763,34 @@ async fn run(args: &Args) -> Result<()> {
     );
     let mut results = Vec::new();
     for &n in &args.subscribers {
-        eprintln!("fanout: N = {n}");
-        let result = match run_one(args, n, &http).await {
-            Ok(result) => result,
-            Err(error) => RunResult {
-                subscribers: n,
-                first_error: Some(format!("{error:#}")),
-                verdict: format!("run failed: {error:#}"),
-                ..Default::default()
-            },
-        };
-        eprintln!(
-            "  N={n}: egress {:.0} pkt/s, node {:.2} cores (its core {:.0}% busy), {:.0} pkt/s per core, loss {:.2}%, client {:.2} cores (its core {:.0}% busy), UDP rcvbuf errors {} -> {}",
-            result.egress_packets_per_second,
-            result.node_cpu_cores,
-            result.node_core_busy * 100.0,
-            result.egress_packets_per_second_per_core,
-            result.loss_percent,
-            result.client_cpu_cores,
-            result.client_core_busy * 100.0,
-            result.udp_receive_buffer_errors,
-            result.verdict
-        );
-        let stop = !result.kept_up;
-        results.push(result);
+        let mut stop = false;
+        for telemetry in &args.telemetry {
+            eprintln!("fanout: N = {n}, telemetry {telemetry}");
+            let result = match run_one(args, n, telemetry, &http).await {
+                Ok(result) => result,
+                Err(error) => RunResult {
+                    subscribers: n,
+                    telemetry: telemetry.clone(),
+                    first_error: Some(format!("{error:#}")),
+                    verdict: format!("run failed: {error:#}"),
+                    ..Default::default()
+                },
+            };
+            eprintln!(
+                "  N={n}: egress {:.0} pkt/s, node {:.2} cores (its core {:.0}% busy), {:.0} pkt/s per core, loss {:.2}%, client {:.2} cores (its core {:.0}% busy), UDP rcvbuf errors {} -> {}",
+                result.egress_packets_per_second,
+                result.node_cpu_cores,
+                result.node_core_busy * 100.0,
+                result.egress_packets_per_second_per_core,
+                result.loss_percent,
+                result.client_cpu_cores,
+                result.client_core_busy * 100.0,
+                result.udp_receive_buffer_errors,
+                result.verdict
+            );
+            stop |= !result.kept_up;
+            results.push(result);
+        }
         if stop {
             eprintln!("fanout: the node did not keep up at N = {n}; stopping here");
             break;
@@ -835,6 +852,44 @@ fn fmt_opt_ms(value: Option<f64>) -> String {
     value.map(|v| format!("{v:.0}")).unwrap_or_else(|| "–".into())
 }
 
+/// With runs of the same N on and off, the cost of telemetry in egress per node-CPU-second.
+fn write_telemetry_cost(md: &mut String, results: &[RunResult]) -> Result<()> {
+    let pairs: Vec<(&RunResult, &RunResult)> = results
+        .iter()
+        .filter(|on| on.telemetry == "on")
+        .filter_map(|on| {
+            results
+                .iter()
+                .find(|off| off.telemetry == "off" && off.subscribers == on.subscribers)
+                .map(|off| (on, off))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "\n## Cost of telemetry (default node vs `--traces off`)\n")?;
+    writeln!(
+        md,
+        "| N | egress pkt/s per node-CPU-second, on | off | cost | loss on / off |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|---:|")?;
+    for (on, off) in pairs {
+        let base = off.egress_packets_per_second_per_core;
+        let cost = if base > 0.0 {
+            (base - on.egress_packets_per_second_per_core) / base * 100.0
+        } else {
+            0.0
+        };
+        writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {cost:.1} % | {:.2} % / {:.2} % |",
+            on.subscribers, on.egress_packets_per_second_per_core, base, on.loss_percent, off.loss_percent
+        )?;
+    }
+    writeln!(md, "\nAim: under 5 %. A negative cost is run-to-run noise.")?;
+    Ok(())
+}
+
 fn write_report(args: &Args, started: SystemTime, results: &[RunResult]) -> Result<()> {
     let machine = machine();
     let commit = git_commit();
@@ -850,6 +905,7 @@ fn write_report(args: &Args, started: SystemTime, results: &[RunResult]) -> Resu
         "connect_concurrency": args.connect_concurrency,
         "publisher": "VP8 1.5 Mb/s @ 30 fps (keyframe every 60 frames, payloads <= 1200 B) + Opus 20 ms (60 B)",
         "binary": args.binary.display().to_string(),
+        "telemetry": args.telemetry,
     });
     let json = serde_json::json!({
         "benchmark": "fanout",
@@ -886,27 +942,29 @@ fn write_report(args: &Args, started: SystemTime, results: &[RunResult]) -> Resu
     )?;
     writeln!(
         md,
-        "- command: `cargo bench --bench fanout -- --subscribers {} --duration {}s`\n",
+        "- command: `cargo bench --bench fanout -- --subscribers {} --duration {}s --telemetry {}`\n",
         args.subscribers
             .iter()
             .map(|n| n.to_string())
             .collect::<Vec<_>>()
             .join(","),
-        args.duration.as_secs_f64()
+        args.duration.as_secs_f64(),
+        args.telemetry.join(",")
     )?;
     writeln!(
         md,
-        "| N | connected | publisher sent / node ingested pkt/s | egress pkt/s | expected pkt/s | node CPU (cores) | egress pkt/s per node-CPU-second | node core busy (all) | client rx pkt/s | client CPU (cores) | client core busy (all) | loss % | node queue drops | UDP rcvbuf / sndbuf errors | max frame gap ms | connect p50 ms | first frame p50 / p99 ms | RSS per subscriber | verdict |"
+        "| N | telemetry | connected | publisher sent / node ingested pkt/s | egress pkt/s | expected pkt/s | node CPU (cores) | egress pkt/s per node-CPU-second | node core busy (all) | client rx pkt/s | client CPU (cores) | client core busy (all) | loss % | node queue drops | UDP rcvbuf / sndbuf errors | max frame gap ms | connect p50 ms | first frame p50 / p99 ms | RSS per subscriber | verdict |"
     )?;
     writeln!(
         md,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     )?;
     for r in results {
         writeln!(
             md,
-            "| {} | {}/{} | {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0}% | {:.0} | {:.2}{} | {:.0}% | {:.2} | {:.0} | {} / {} | {:.0} | {} | {} / {} | {:.0} KiB | {} |",
+            "| {} | {} | {}/{} | {:.0} / {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0}% | {:.0} | {:.2}{} | {:.0}% | {:.2} | {:.0} | {} / {} | {:.0} | {} | {} / {} | {:.0} KiB | {} |",
             r.subscribers,
+            r.telemetry,
             r.connected,
             r.subscribers,
             r.publisher_packets_per_second,
@@ -967,6 +1025,8 @@ fn write_report(args: &Args, started: SystemTime, results: &[RunResult]) -> Resu
         md,
         "\nBest egress per fully used core with ≤ 1% loss: **{aim:.0} pkt/s** (aim ≥ 100,000; LiveKit ~35k per vCPU, SRS ~125k per core)."
     )?;
+
+    write_telemetry_cost(&mut md, results)?;
 
     std::fs::create_dir_all(&args.results_dir)?;
     let stamp = utc_stamp(started, '-');

@@ -272,14 +272,18 @@ impl Metrics {
         }
     }
 
-    /// One finished HTTP request: its duration by route, method and status, and the sampler's
-    /// view of the error rate and latency.
+    /// One finished HTTP request: its duration by route, method and status, and (for traffic,
+    /// not probes) the sampler's view of the error rate and latency.
     pub fn observe_http(&self, route: &str, method: &str, status: u16, started: Instant) {
         let elapsed = started.elapsed();
         self.http_duration
             .with_label_values(&[route, method, &status.to_string()])
             .observe(elapsed.as_secs_f64());
-        self.telemetry.sampler.observe(Instant::now(), status >= 400, elapsed);
+        // Probes and scrapes are not traffic: a node that is still starting answers /readyz with
+        // 503 and must not look like a node in trouble.
+        if !matches!(route, "/healthz" | "/readyz" | "/metrics") {
+            self.telemetry.sampler.observe(Instant::now(), status >= 400, elapsed);
+        }
     }
 
     /// The text exposition, with every mirrored value refreshed.
