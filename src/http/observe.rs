@@ -38,13 +38,15 @@ pub async fn observe(
         .peer_addr()
         .map(|a| Pii::Ip(a.ip()).to_string())
         .unwrap_or_default();
+    // The route pattern comes from the app's resource map, before routing.
+    let route = request.match_pattern().unwrap_or_else(|| "unmatched".into());
     let span = tracing::info_span!(
         "http",
-        otel.name = Empty,
+        otel.name = format!("{method} {route}"),
         otel.kind = "server",
         otel.status_code = Empty,
         http.request.method = method,
-        http.route = Empty,
+        http.route = route.as_str(),
         http.response.status_code = Empty,
         client.address = %client,
     );
@@ -52,15 +54,10 @@ pub async fn observe(
     let _ = span.set_parent(super::super::telemetry::propagation::extract_http(request.headers()));
     let state = request.app_data::<web::Data<AppState>>().cloned();
     let result = next.call(request).instrument(span.clone()).await;
-    let (route, status) = match &result {
-        Ok(response) => (
-            response.request().match_pattern().unwrap_or_else(|| "unmatched".into()),
-            response.status().as_u16(),
-        ),
-        Err(error) => ("unmatched".into(), error.as_response_error().status_code().as_u16()),
+    let status = match &result {
+        Ok(response) => response.status().as_u16(),
+        Err(error) => error.as_response_error().status_code().as_u16(),
     };
-    span.record("otel.name", format!("{method} {route}"));
-    span.record("http.route", route.as_str());
     span.record("http.response.status_code", status);
     if status >= 400 {
         span.record("otel.status_code", "error");
