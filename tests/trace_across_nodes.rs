@@ -5,7 +5,6 @@
 
 #[path = "common/cluster.rs"]
 mod cluster;
-#[allow(dead_code)]
 mod common;
 
 use cluster::ProcessCluster;
