@@ -718,7 +718,7 @@ impl Handler<Traced> for Room {
     type Result = ActorResponse<Self, Result<RoomReply, RoomError>>;
 
     fn handle(&mut self, Traced(request, parent): Traced, ctx: &mut Self::Context) -> Self::Result {
-        let span = tracing::info_span!(parent: &parent, "room", otel.name = request.name(), room = %self.id, epoch = self.epoch);
+        let span = tracing::info_span!(parent: &parent, "room", otel.name = request.name(), room = %self.id, epoch = i64::try_from(self.epoch).unwrap_or(i64::MAX));
         let _entered = span.enter();
         <Self as Handler<RoomRequest>>::handle(self, request, ctx)
     }

@@ -467,7 +467,7 @@ impl Store {
     /// Proposes commands (forwarding to the leader when this node is a follower) and returns one
     /// outcome per command once applied. Retries only where the command certainly was not
     /// proposed (no leader yet, or the target said it is not the leader).
-    #[tracing::instrument(name = "store.propose", skip_all, fields(commands = commands.len()))]
+    #[tracing::instrument(name = "store.propose", skip_all, fields(commands = commands.len() as i64))]
     pub(crate) async fn propose(&self, commands: Vec<Command>, deadline: Instant) -> Result<Vec<Outcome>, StoreError> {
         if commands.is_empty() || commands.len() > COMMANDS_PER_ENTRY_MAX {
             return Err(StoreError::InvalidInput(format!(
@@ -1825,7 +1825,7 @@ impl ReplicaTask {
                 .observe(batch.proposed.elapsed().as_secs_f64());
             let mut outcomes = outcomes.into_iter();
             for (count, reply, span) in batch.callers {
-                span.record("raft.index", index);
+                span.record("raft.index", i64::try_from(index).unwrap_or(i64::MAX));
                 let mine: Vec<Outcome> = outcomes.by_ref().take(count).collect();
                 if let Some(reply) = reply {
                     let _ = reply.send(Ok(mine));

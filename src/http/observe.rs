@@ -58,7 +58,8 @@ pub async fn observe(
         Ok(response) => response.status().as_u16(),
         Err(error) => error.as_response_error().status_code().as_u16(),
     };
-    span.record("http.response.status_code", status);
+    // OpenTelemetry wants integers; tracing-opentelemetry exports only i64 as one.
+    span.record("http.response.status_code", i64::from(status));
     if status >= 400 {
         span.record("otel.status_code", "error");
         span.in_scope(|| tracing::info!(status, route = %route, client = %client, "request refused"));

@@ -82,7 +82,7 @@ pub fn init(config: &TelemetryConfig) -> Arc<Telemetry> {
 fn install(config: &TelemetryConfig) -> Telemetry {
     let sampler = Arc::new(RateController::new(config.sample_floor));
     let active_spans = Arc::new(AtomicI64::new(0));
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,webrtc=warn,rtc=warn"));
+    let filter = EnvFilter::new(log_filter(std::env::var("RUST_LOG").ok().as_deref()));
     let fmt = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .event_format(logs::JsonLines)
@@ -140,6 +140,28 @@ fn install(config: &TelemetryConfig) -> Telemetry {
     }
 }
 
+/// `RUST_LOG` (default `info`), with the WebRTC crates capped at `warn` unless it names them:
+/// at debug they log raw client addresses, which mediamesh's own logs never do.
+fn log_filter(rust_log: Option<&str>) -> String {
+    let mut filter = rust_log
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .unwrap_or("info")
+        .to_string();
+    for noisy in ["webrtc", "rtc"] {
+        let named = filter.split(',').any(|directive| {
+            directive
+                .split(['=', ':', '['])
+                .next()
+                .is_some_and(|target| target.trim() == noisy)
+        });
+        if !named {
+            filter.push_str(&format!(",{noisy}=warn"));
+        }
+    }
+    filter
+}
+
 fn resource(config: &TelemetryConfig) -> opentelemetry_sdk::Resource {
     opentelemetry_sdk::Resource::builder()
         .with_service_name("mediamesh")
@@ -166,5 +188,21 @@ impl<S: tracing::Subscriber> Layer<S> for SpanCounter {
 
     fn on_close(&self, _id: tracing::span::Id, _ctx: tracing_subscriber::layer::Context<'_, S>) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn webrtc_crates_stay_at_warn_unless_named() {
+        assert_eq!(log_filter(None), "info,webrtc=warn,rtc=warn");
+        assert_eq!(log_filter(Some("debug")), "debug,webrtc=warn,rtc=warn");
+        assert_eq!(log_filter(Some("info,rtc=debug")), "info,rtc=debug,webrtc=warn");
+        assert_eq!(
+            log_filter(Some("rtc_turn=debug")),
+            "rtc_turn=debug,webrtc=warn,rtc=warn"
+        );
     }
 }

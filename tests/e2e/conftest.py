@@ -1,5 +1,8 @@
 """Fixtures for the mediamesh end-to-end tests: a node process, tokens, Chromium, page server.
 
+``node`` is one default node per module; ``node_factory`` starts nodes with extra CLI arguments,
+extra (or removed) environment variables and stderr in a file of its own (``Node.stderr_path``).
+
 Environment:
   MEDIAMESH_BIN             the node binary (default <repo>/target/debug/mediamesh)
   MEDIAMESH_E2E_SKIP_MISSING=1   skip (instead of fail) node tests when the binary is missing
@@ -141,12 +144,20 @@ def require_binary() -> Path:
 class Node:
     """One `mediamesh node` process on loopback ports, with helpers for its HTTP API."""
 
-    def __init__(self, binary: Path, workdir: Path, node_id: str = "e2e-1", media_ports: int = 400):
+    def __init__(self, binary: Path, workdir: Path, node_id: str = "e2e-1", media_ports: int = 400,
+                 *, extra_args=(), extra_env: Optional[dict] = None, capture_stderr: bool = False):
+        """``extra_args`` are appended to the ``node`` command line; ``extra_env`` entries are set
+        in the node's environment (a value of None removes the variable); with ``capture_stderr``
+        the node's stderr (its JSON log lines) goes to ``stderr_path`` alone and stdout to
+        ``log_path``, otherwise both go to ``log_path``."""
         self.binary = binary
         self.workdir = workdir
         self.node_id = node_id
         self.data_dir = workdir / "data"
         self.log_path = workdir / "node.log"
+        self.extra_args = [str(a) for a in extra_args]
+        self.extra_env = dict(extra_env or {})
+        self.stderr_path: Optional[Path] = workdir / "node.stderr" if capture_stderr else None
         self.secret = secrets.token_hex(24)
         self.http_port = free_tcp_port()
         self.grpc_port = free_tcp_port()
@@ -158,6 +169,7 @@ class Node:
         self.exit_code: Optional[int] = None
         self.graceful: Optional[bool] = None
         self._log = None
+        self._stderr = None
 
     @property
     def cmd(self) -> list[str]:
@@ -176,16 +188,27 @@ class Node:
             "--advertise", "127.0.0.1",
             "--media-ports", f"{self.media_lo}-{self.media_hi}",
             "--api-secret", self.secret,
+            *self.extra_args,
         ]
 
     def start(self, ready_timeout: float = 30.0) -> "Node":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
+        stderr = subprocess.STDOUT
+        if self.stderr_path is not None:
+            self._stderr = stderr = open(self.stderr_path, "ab")
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
-        print(f"[e2e] starting: {' '.join(self.args)}  (log: {self.log_path})")
+        for k, v in self.extra_env.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = str(v)
+        extra = f", env {self.extra_env}" if self.extra_env else ""
+        where = f"log: {self.log_path}" + (f", stderr: {self.stderr_path}" if self.stderr_path else "")
+        print(f"[e2e] starting: {' '.join(self.args)}  ({where}{extra})")
         self.proc = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.args, stdout=self._log, stderr=stderr, stdin=subprocess.DEVNULL,
             cwd=self.workdir, env=env, start_new_session=True,
         )
         t0 = time.monotonic()
@@ -227,9 +250,10 @@ class Node:
                 self.proc.kill()
                 self.proc.wait(5)
         self.exit_code = self.proc.returncode
-        if self._log:
-            self._log.close()
-            self._log = None
+        for f in (self._log, self._stderr):
+            if f:
+                f.close()
+        self._log = self._stderr = None
         assert self.proc.poll() is not None, "mediamesh node did not exit"
         print(f"[e2e] node stopped: exit code {self.exit_code}, "
               f"{'SIGTERM' if self.graceful else 'SIGKILL needed' if self.graceful is False else 'already exited'}")
@@ -244,11 +268,25 @@ class Node:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, lines: int = 60) -> str:
-        try:
-            data = self.log_path.read_bytes()[-64 * 1024:]
-        except OSError:
-            return "(no log)"
-        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+        parts = []
+        for path in (self.log_path, self.stderr_path):
+            if path is None:
+                continue
+            try:
+                data = path.read_bytes()[-64 * 1024:]
+            except OSError:
+                continue
+            text = "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+            if text or path == self.log_path:
+                parts.append(text if self.stderr_path is None else f"--- {path.name} ---\n{text}")
+        return "\n".join(parts) if parts else "(no log)"
+
+    def stderr_text(self) -> str:
+        """Everything the node wrote to stderr so far (needs ``capture_stderr=True``)."""
+        assert self.stderr_path is not None, "node started without capture_stderr"
+        if self._stderr:
+            self._stderr.flush()
+        return self.stderr_path.read_bytes().decode("utf-8", errors="replace")
 
     # ---- tokens ---------------------------------------------------------------------------------
     def token(self, room: str, identity: str, *, publish=False, subscribe=False, admin=False,
@@ -316,6 +354,43 @@ def node(tmp_path_factory):
         print(f"[e2e] kept {workdir}")
 
 
+def start_node(workdir: Path, **kw) -> Node:
+    """A started Node in ``workdir`` (keyword arguments as for Node); fails the test (not an
+    error trace) when the binary is missing or the node does not become ready."""
+    n = Node(require_binary(), workdir, **kw)
+    try:
+        n.start()
+    except Exception as e:
+        pytest.fail(str(e), pytrace=False)
+    return n
+
+
+@pytest.fixture
+def node_factory(tmp_path_factory):
+    """``node_factory(extra_args=[...], extra_env={...}, capture_stderr=True, **Node kwargs)``
+    starts a node of its own for this test; all are stopped at the end of the test (their logs
+    tails are shown when the test fails)."""
+    nodes: list[Node] = []
+
+    def make(extra_args=(), extra_env: Optional[dict] = None, capture_stderr: bool = True,
+             **kw) -> Node:
+        workdir = tmp_path_factory.mktemp("node")
+        nodes.append(Node(require_binary(), workdir, extra_args=extra_args, extra_env=extra_env,
+                          capture_stderr=capture_stderr, **kw))
+        try:
+            nodes[-1].start()
+        except Exception as e:
+            pytest.fail(str(e), pytrace=False)
+        return nodes[-1]
+
+    make.nodes = nodes
+    yield make
+    for n in nodes:
+        n.stop()
+        if os.environ.get("MEDIAMESH_E2E_KEEP") == "1":
+            print(f"[e2e] kept {n.workdir}")
+
+
 @pytest.fixture(scope="module")
 def otlp_receiver():
     """An OTLP/gRPC receiver (traces, metrics, logs) on a free loopback port, one per module
@@ -336,9 +411,20 @@ def otlp_receiver():
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
-    n = getattr(item, "funcargs", {}).get("node")
-    if rep.failed and isinstance(n, Node):
+    if not rep.failed:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    n = funcargs.get("node")
+    if isinstance(n, Node):
         rep.sections.append(("mediamesh node log (tail)", n.log_tail(80)))
+    # other Node fixtures, and the nodes of node_factory
+    for name, value in funcargs.items():
+        if name == "node":
+            continue
+        others = getattr(value, "nodes", None)
+        for i, other in enumerate(others if isinstance(others, list) else [value]):
+            if isinstance(other, Node):
+                rep.sections.append((f"mediamesh {name}[{i}] log (tail)", other.log_tail(80)))
 
 
 # ------------------------------------------------------------------------------------------------
