@@ -130,7 +130,8 @@ impl ProcessCluster {
         let root = std::env::temp_dir().join(format!("mediamesh-cluster-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&root).expect("create the cluster's temp directory");
         let ports = pick_tcp_ports(ids.len() * 3);
-        let media = pick_udp_ranges(ids.len());
+        // Media ranges, then one range per node for its TURN port and relay sockets.
+        let media = pick_udp_ranges(ids.len() * 2);
         let secret = format!("cluster-test-secret-{}", uuid::Uuid::now_v7().simple());
         let first_cluster = format!("127.0.0.1:{}", ports[1]);
         let nodes = ids
@@ -179,6 +180,13 @@ impl ProcessCluster {
                 if let Some(join) = &spec.join {
                     args.extend(["--join".to_string(), join.clone()]);
                 }
+                let (turn_port, relay_max) = media[ids.len() + i];
+                args.extend([
+                    "--turn".to_string(),
+                    format!("127.0.0.1:{turn_port}"),
+                    "--turn-relay-ports".to_string(),
+                    format!("{}-{relay_max}", turn_port + 1),
+                ]);
                 args.extend(extra.iter().map(|s| s.to_string()));
                 ClusterNode {
                     spec,
