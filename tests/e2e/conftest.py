@@ -141,7 +141,8 @@ def require_binary() -> Path:
 class Node:
     """One `mediamesh node` process on loopback ports, with helpers for its HTTP API."""
 
-    def __init__(self, binary: Path, workdir: Path, node_id: str = "e2e-1", media_ports: int = 400):
+    def __init__(self, binary: Path, workdir: Path, node_id: str = "e2e-1", media_ports: int = 400,
+                 extra_args: tuple[str, ...] = ()):
         self.binary = binary
         self.workdir = workdir
         self.node_id = node_id
@@ -153,6 +154,7 @@ class Node:
         self.cluster_port = free_tcp_port()
         self.turn_port = free_udp_port()
         self.media_lo, self.media_hi = free_udp_range(media_ports)
+        self.extra_args = list(extra_args)
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.proc: Optional[subprocess.Popen] = None
         self.exit_code: Optional[int] = None
@@ -176,6 +178,7 @@ class Node:
             "--advertise", "127.0.0.1",
             "--media-ports", f"{self.media_lo}-{self.media_hi}",
             "--api-secret", self.secret,
+            *self.extra_args,
         ]
 
     def start(self, ready_timeout: float = 30.0) -> "Node":
