@@ -68,6 +68,9 @@ pub async fn cluster(state: web::Data<AppState>, request: HttpRequest) -> Result
                 "http": node.http_url,
                 "cluster": node.cluster_addr,
                 "grpc": node.grpc_url,
+                "media": (!node.media_ip.is_empty())
+                    .then(|| format!("{}:{}-{}", node.media_ip, node.media_ports.0, node.media_ports.1)),
+                "turn": (!node.turn_addr.is_empty()).then_some(&node.turn_addr),
                 "load": {
                     "cpu": node.last_load.as_ref().map_or(0.0, |l| l.cpu),
                     "connections": node.last_load.as_ref().map_or(0, |l| l.connections),

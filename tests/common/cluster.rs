@@ -41,6 +41,9 @@ pub struct NodeSpec {
     pub cluster_port: u16,
     pub grpc_port: u16,
     pub media_ports: (u16, u16),
+    /// Its TURN port on 127.0.0.1; its relay sockets use the ports after it.
+    pub turn_port: u16,
+    pub relay_ports: (u16, u16),
     /// Cluster address of the node to join on the first start (None: bootstrap).
     pub join: Option<String>,
 }
@@ -145,6 +148,8 @@ impl ProcessCluster {
                     cluster_port: ports[i * 3 + 1],
                     grpc_port: ports[i * 3 + 2],
                     media_ports: media[i],
+                    turn_port: media[ids.len() + i].0,
+                    relay_ports: (media[ids.len() + i].0 + 1, media[ids.len() + i].1),
                     join: (i > 0).then(|| first_cluster.clone()),
                 };
                 let data_dir = root.join(id);
@@ -180,12 +185,11 @@ impl ProcessCluster {
                 if let Some(join) = &spec.join {
                     args.extend(["--join".to_string(), join.clone()]);
                 }
-                let (turn_port, relay_max) = media[ids.len() + i];
                 args.extend([
                     "--turn".to_string(),
-                    format!("127.0.0.1:{turn_port}"),
+                    format!("127.0.0.1:{}", spec.turn_port),
                     "--turn-relay-ports".to_string(),
-                    format!("{}-{relay_max}", turn_port + 1),
+                    format!("{}-{}", spec.relay_ports.0, spec.relay_ports.1),
                 ]);
                 args.extend(extra.iter().map(|s| s.to_string()));
                 ClusterNode {

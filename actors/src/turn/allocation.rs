@@ -55,7 +55,11 @@ pub struct Allocation {
     pub identity: String,
     /// Address told to the client (the node's advertised IP, the socket's port).
     pub relay_addr: SocketAddr,
+    /// Receives from peers (the reader task).
     socket: Arc<UdpSocket>,
+    /// The same socket, for sending: a non-blocking `sendto` straight away, with no readiness
+    /// bookkeeping on the client's path.
+    sender: std::net::UdpSocket,
     bindings: Mutex<Bindings>,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -65,16 +69,19 @@ impl Allocation {
         client: SocketAddr,
         identity: String,
         relay_addr: SocketAddr,
-        socket: UdpSocket,
+        socket: std::net::UdpSocket,
         lifetime: Duration,
         bytes_per_second_max: u64,
         now: Instant,
-    ) -> Allocation {
-        Allocation {
+    ) -> std::io::Result<Allocation> {
+        socket.set_nonblocking(true)?;
+        let sender = socket.try_clone()?;
+        Ok(Allocation {
             client,
             identity,
             relay_addr,
-            socket: Arc::new(socket),
+            socket: Arc::new(UdpSocket::from_std(socket)?),
+            sender,
             bindings: Mutex::new(Bindings {
                 expires_at: now + lifetime,
                 permissions: HashMap::new(),
@@ -82,7 +89,7 @@ impl Allocation {
                 bucket: TokenBucket::new(bytes_per_second_max, now),
             }),
             reader: Mutex::new(None),
-        }
+        })
     }
 
     pub fn expired(&self, now: Instant) -> bool {
@@ -154,7 +161,7 @@ impl Allocation {
             }
         }
         // A full socket buffer drops the datagram, as the network would.
-        if self.socket.try_send_to(data, peer).is_ok() {
+        if self.sender.send_to(data, peer).is_ok() {
             stats.packets_to_peers.fetch_add(1, Ordering::Relaxed);
             stats.bytes_to_peers.fetch_add(data.len() as u64, Ordering::Relaxed);
         }

@@ -386,7 +386,7 @@ impl RelayServer {
         };
         let relay_addr = SocketAddr::new(self.config.relay_public_ip, local.port());
         let lifetime = requested_lifetime(m);
-        let allocation = Arc::new(Allocation::new(
+        let allocation = match Allocation::new(
             src,
             auth.identity,
             relay_addr,
@@ -394,7 +394,10 @@ impl RelayServer {
             lifetime,
             self.config.allocation_bytes_per_second_max,
             now,
-        ));
+        ) {
+            Ok(a) => Arc::new(a),
+            Err(_) => return error(m, METHOD_ALLOCATE, CODE_INSUFFICIENT_CAPACITY, "No relay socket", key),
+        };
         allocation.start_reader(
             Arc::clone(&self.listener),
             Arc::clone(&self.state),
@@ -421,7 +424,7 @@ impl RelayServer {
         build(m, MessageType::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE), attrs)
     }
 
-    fn bind_relay_socket(&self, even: bool) -> Option<UdpSocket> {
+    fn bind_relay_socket(&self, even: bool) -> Option<std::net::UdpSocket> {
         let range = self.config.relay_ports;
         let mut rng = rand::rng();
         for _ in 0..RELAY_BIND_ATTEMPTS {
@@ -432,13 +435,7 @@ impl RelayServer {
                     continue;
                 }
             }
-            let Ok(socket) = std::net::UdpSocket::bind(SocketAddr::new(self.config.relay_bind_ip, port)) else {
-                continue;
-            };
-            if socket.set_nonblocking(true).is_err() {
-                continue;
-            }
-            if let Ok(socket) = UdpSocket::from_std(socket) {
+            if let Ok(socket) = std::net::UdpSocket::bind(SocketAddr::new(self.config.relay_bind_ip, port)) {
                 return Some(socket);
             }
         }

@@ -1,6 +1,7 @@
-//! Property test of the TURN relay's packet entry point (`RelayServer::handle_datagram`): random
-//! and mutated STUN/ChannelData datagrams never panic it, and afterwards valid requests still get
-//! proper answers.
+//! The TURN relay's packet entry point (`RelayServer::handle_datagram`) driven directly:
+//! - property tests: random and mutated STUN/ChannelData datagrams never panic it, and afterwards
+//!   valid requests still get proper answers;
+//! - the limits: per-identity and total quotas (486), draining (508), the bandwidth cap.
 
 use mediamesh_actors::turn::credentials::{self, TurnSecrets};
 use mediamesh_actors::turn::policy::{PeerPolicy, PortRange};
@@ -25,6 +26,10 @@ use turn::proto::reqtrans::RequestedTransport;
 const SECRET: &str = "fuzz-secret-0123456789";
 
 fn server() -> RelayServer {
+    server_with(PeerPolicy::new(vec!["127.0.0.1:50000-50010".parse().unwrap()]), 0).0
+}
+
+fn server_with(policy: PeerPolicy, bytes_per_second: u64) -> (RelayServer, Arc<RelayState>, Arc<TurnStats>) {
     let listener = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let listener = Arc::new(tokio::net::UdpSocket::from_std(listener).unwrap());
@@ -33,8 +38,9 @@ fn server() -> RelayServer {
         previous: None,
         rotated_at_ms: 0,
     };
-    let policy = PeerPolicy::new(vec!["127.0.0.1:50000-50010".parse().unwrap()]);
-    RelayServer::new(
+    let state = Arc::new(RelayState::new(secrets, policy));
+    let stats = Arc::new(TurnStats::default());
+    let server = RelayServer::new(
         RelayConfig {
             realm: "mediamesh".into(),
             relay_bind_ip: "127.0.0.1".parse().unwrap(),
@@ -45,13 +51,14 @@ fn server() -> RelayServer {
             },
             allocations_per_identity_max: 4,
             allocations_max: 16,
-            allocation_bytes_per_second_max: 0,
+            allocation_bytes_per_second_max: bytes_per_second,
             secret_grace_ms: 0,
         },
         listener,
-        Arc::new(RelayState::new(secrets, policy)),
-        Arc::new(TurnStats::default()),
-    )
+        Arc::clone(&state),
+        Arc::clone(&stats),
+    );
+    (server, state, stats)
 }
 
 fn message(typ: MessageType, attrs: Vec<Box<dyn Setter>>) -> Message {
@@ -71,6 +78,11 @@ fn decode(raw: &[u8]) -> Message {
 
 /// Valid datagrams of every kind the relay handles (authenticated with a live nonce), to mutate.
 fn seeds(server: &RelayServer, src: SocketAddr) -> Vec<Vec<u8>> {
+    seeds_for(server, src, "fuzzer", 50_001)
+}
+
+/// [`seeds`] for `identity`, toward the peer 127.0.0.1:`peer_port`.
+fn seeds_for(server: &RelayServer, src: SocketAddr, identity: &str, peer_port: u16) -> Vec<Vec<u8>> {
     let now = Instant::now();
     let transport = || -> Box<dyn Setter> {
         Box::new(RequestedTransport {
@@ -85,7 +97,7 @@ fn seeds(server: &RelayServer, src: SocketAddr) -> Vec<Vec<u8>> {
         .unwrap()
         .as_secs()
         + 600;
-    let c = credentials::mint(SECRET, "fuzzer", expiry);
+    let c = credentials::mint(SECRET, identity, expiry);
     let auth = |mut attrs: Vec<Box<dyn Setter>>| -> Vec<Box<dyn Setter>> {
         attrs.push(Box::new(TextAttribute::new(ATTR_USERNAME, c.username.clone())));
         attrs.push(Box::new(TextAttribute::new(ATTR_REALM, "mediamesh".into())));
@@ -100,7 +112,7 @@ fn seeds(server: &RelayServer, src: SocketAddr) -> Vec<Vec<u8>> {
     let peer_attr = || -> Box<dyn Setter> {
         Box::new(turn::proto::peeraddr::PeerAddress {
             ip: "127.0.0.1".parse().unwrap(),
-            port: 50_001,
+            port: peer_port,
         })
     };
     use stun::message::{CLASS_INDICATION, METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION, METHOD_REFRESH, METHOD_SEND};
@@ -255,4 +267,94 @@ fn mutated_requests_never_break_the_relay() {
         assert_eq!(answer.typ, MessageType::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE));
     }
     assert_alive(&server, src);
+}
+
+/// The error code of a response (0 for a success).
+fn code_of(response: Option<Vec<u8>>) -> u16 {
+    let answer = decode(&response.expect("an answer"));
+    if answer.typ.class == CLASS_SUCCESS_RESPONSE {
+        return 0;
+    }
+    let mut code = ErrorCodeAttribute::default();
+    code.get_from(&answer).unwrap();
+    code.code.0
+}
+
+#[test]
+fn quotas_and_draining_refuse_allocations() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let (server, state, stats) = server_with(PeerPolicy::default(), 0);
+    let allocate = |port: u16, identity: &str| {
+        let src = SocketAddr::from(([127, 0, 0, 1], port));
+        code_of(server.handle_datagram(&seeds_for(&server, src, identity, 50_001)[0], src, Instant::now()))
+    };
+    // Per identity: 4.
+    for port in 1..=4 {
+        assert_eq!(allocate(port, "alice"), 0);
+    }
+    assert_eq!(allocate(5, "alice"), 486);
+    // A second allocation from the same 5-tuple is a mismatch, not a new one.
+    assert_eq!(allocate(1, "alice"), 437);
+    // Total: 16.
+    for port in 6..18 {
+        assert_eq!(allocate(port, &format!("user-{port}")), 0);
+    }
+    assert_eq!(server.allocation_count(), 16);
+    assert_eq!(allocate(18, "someone-else"), 486);
+    assert_eq!(stats.allocations_refused.load(std::sync::atomic::Ordering::Relaxed), 2);
+    // Draining: no new allocation, the existing ones stay.
+    server.close_all();
+    state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(allocate(19, "bob"), 508);
+    assert_eq!(server.allocation_count(), 0);
+    state.draining.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(allocate(19, "bob"), 0);
+}
+
+#[test]
+fn the_bandwidth_cap_drops_what_exceeds_it() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let peer_port = peer.local_addr().unwrap().port();
+    let policy = PeerPolicy::new(vec![format!("127.0.0.1:{peer_port}").parse().unwrap()]);
+    let (server, _, stats) = server_with(policy, 1_000);
+    let src: SocketAddr = "127.0.0.1:45000".parse().unwrap();
+    let valid = seeds_for(&server, src, "capped", peer_port);
+    assert_eq!(
+        code_of(server.handle_datagram(&valid[0], src, Instant::now())),
+        0,
+        "Allocate"
+    );
+    assert_eq!(
+        code_of(server.handle_datagram(&valid[2], src, Instant::now())),
+        0,
+        "ChannelBind"
+    );
+    let mut channel_data = vec![0x40, 0x00, 0x00, 200];
+    channel_data.extend_from_slice(&[7u8; 200]);
+    for _ in 0..10 {
+        assert!(server.handle_datagram(&channel_data, src, Instant::now()).is_none());
+    }
+    let mut received = 0;
+    let mut buf = [0u8; 1500];
+    while let Ok((n, _)) = peer.recv_from(&mut buf) {
+        assert_eq!(n, 200);
+        received += 1;
+    }
+    // A one-second burst of 1000 bytes: five datagrams, the rest dropped and counted.
+    assert_eq!(received, 5);
+    assert_eq!(
+        stats.dropped_over_bandwidth.load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
 }
