@@ -334,3 +334,52 @@ fn turn_off_binds_nothing_and_links_nothing() {
         "the TURN port is free"
     );
 }
+
+#[tokio::test]
+async fn signal_joined_carries_the_ice_servers() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Frame;
+    let relay = tokio::task::spawn_blocking(|| relay(&[])).await.unwrap();
+    let token = relay.node.subscribe_token("signal-turn");
+    let url = format!(
+        "{}/signal?access_token={token}",
+        relay.node.base.replace("http://", "ws://")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket opens");
+    ws.send(Frame::text(
+        r#"{"id":1,"join":{"room":"signal-turn","role":"subscriber"}}"#,
+    ))
+    .await
+    .unwrap();
+    let joined = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an answer")
+            .expect("open")
+            .expect("a frame");
+        if let Frame::Text(text) = frame {
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if value.get("joined").is_some() {
+                break value;
+            }
+        }
+    };
+    let server = &joined["joined"]["ice_servers"][0];
+    assert_eq!(
+        server["urls"][0],
+        format!("turn:127.0.0.1:{}?transport=udp", relay.node.turn_port),
+        "{joined}"
+    );
+    let (username, credential) = (
+        server["username"].as_str().unwrap().to_string(),
+        server["credential"].as_str().unwrap().to_string(),
+    );
+    assert!(username.ends_with(":tester"), "{username}");
+    let addr = relay.addr;
+    let allocated = tokio::task::spawn_blocking(move || Client::new(addr, &username, &credential).allocate())
+        .await
+        .unwrap();
+    assert!(allocated.is_ok());
+    let _ = ws.close(None).await;
+    tokio::task::spawn_blocking(move || drop(relay)).await.unwrap();
+}
