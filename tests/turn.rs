@@ -383,3 +383,22 @@ async fn signal_joined_carries_the_ice_servers() {
     let _ = ws.close(None).await;
     tokio::task::spawn_blocking(move || drop(relay)).await.unwrap();
 }
+
+#[test]
+fn relays_outside_the_offer_ranges_are_not_offered() {
+    let whip_links = |node: &TestNode| {
+        let response = reqwest::blocking::Client::new()
+            .post(format!("{}/whip/offered", node.base))
+            .bearer_auth(node.publish_token("offered"))
+            .header("content-type", "application/sdp")
+            .body(common::sample_offer())
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.headers().get_all("link").iter().count()
+    };
+    let abroad = TestNode::start(&["--turn-offer-ranges", "10.0.0.0/8,192.168.0.0/16"]);
+    assert_eq!(whip_links(&abroad), 0, "127.0.0.1 is outside the offer ranges");
+    let home = TestNode::start(&["--turn-offer-ranges", "10.0.0.0/8,127.0.0.0/8"]);
+    assert_eq!(whip_links(&home), 1);
+}
