@@ -44,8 +44,7 @@ use stun::textattrs::TextAttribute;
 use stun::uattrs::UnknownAttributes;
 use stun::xoraddr::XorMappedAddress;
 use tokio::net::UdpSocket;
-use turn::proto::chandata::ChannelData;
-use turn::proto::channum::ChannelNumber;
+use turn::proto::channum::{ChannelNumber, MAX_CHANNEL_NUMBER, MIN_CHANNEL_NUMBER};
 use turn::proto::data::Data;
 use turn::proto::lifetime::{DEFAULT_LIFETIME, Lifetime};
 use turn::proto::peeraddr::PeerAddress;
@@ -157,16 +156,16 @@ impl RelayServer {
     /// Handles one datagram from `src`; returns the response to send back, if any. Never panics
     /// on any input.
     pub fn handle_datagram(&self, buf: &[u8], src: SocketAddr, now: Instant) -> Option<Vec<u8>> {
-        if ChannelData::is_channel_data(buf) {
-            let mut c = ChannelData {
-                raw: buf.to_vec(),
-                ..Default::default()
-            };
-            if c.decode().is_err() {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                return None;
+        // ChannelData (RFC 8656 §12.4) is the hot path: parsed in place, never copied.
+        if let Some(first) = buf.first()
+            && first & 0xC0 == 0x40
+        {
+            match channel_data(buf) {
+                Some((number, data)) => self.handle_channel_data(number, data, src, now),
+                None => {
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            self.handle_channel_data(&c, src, now);
             return None;
         }
         let mut m = Message {
@@ -579,17 +578,29 @@ impl RelayServer {
         allocation.send_to_peer(&data.0, SocketAddr::new(peer.ip, peer.port), &policy, &self.stats, now);
     }
 
-    fn handle_channel_data(&self, c: &ChannelData, src: SocketAddr, now: Instant) {
+    fn handle_channel_data(&self, number: u16, data: &[u8], src: SocketAddr, now: Instant) {
         let Some(allocation) = self.allocation(src) else {
             return;
         };
-        let Some(peer) = allocation.channel_peer(c.number.0, now) else {
+        let Some(peer) = allocation.channel_peer(number, now) else {
             self.stats.dropped_no_permission.fetch_add(1, Ordering::Relaxed);
             return;
         };
         let policy = self.state.policy();
-        allocation.send_to_peer(&c.data, peer, &policy, &self.stats, now);
+        allocation.send_to_peer(data, peer, &policy, &self.stats, now);
     }
+}
+
+/// `(channel number, data)` of a ChannelData message: a number in 0x4000..=0x7FFF and a length
+/// that fits the datagram (any padding after it is ignored).
+fn channel_data(buf: &[u8]) -> Option<(u16, &[u8])> {
+    let header = buf.get(..4)?;
+    let number = u16::from_be_bytes([header[0], header[1]]);
+    let length = usize::from(u16::from_be_bytes([header[2], header[3]]));
+    if !(MIN_CHANNEL_NUMBER..=MAX_CHANNEL_NUMBER).contains(&number) {
+        return None;
+    }
+    Some((number, buf.get(4..4 + length)?))
 }
 
 /// The LIFETIME asked for, capped; the default without one. Zero (a Refresh deleting) stays zero.
@@ -641,4 +652,25 @@ fn error(request: &Message, method: Method, code: ErrorCode, reason: &str, key: 
         attrs.push(Box::new(MessageIntegrity(key.to_vec())));
     }
     build(request, MessageType::new(method, CLASS_ERROR_RESPONSE), attrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_data_is_parsed_in_place() {
+        assert_eq!(
+            channel_data(&[0x40, 0x01, 0, 3, 1, 2, 3, 0]),
+            Some((0x4001, &[1u8, 2, 3][..]))
+        );
+        assert_eq!(channel_data(&[0x7f, 0xff, 0, 0]), Some((0x7fff, &[][..])));
+        assert_eq!(
+            channel_data(&[0x40, 0x01, 0, 5, 1, 2, 3]),
+            None,
+            "longer than the datagram"
+        );
+        assert_eq!(channel_data(&[0x3f, 0xff, 0, 0]), None, "not a channel number");
+        assert_eq!(channel_data(&[0x40, 0x01, 0]), None, "no header");
+    }
 }
