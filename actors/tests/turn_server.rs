@@ -336,6 +336,11 @@ fn the_bandwidth_cap_drops_what_exceeds_it() {
         "Allocate"
     );
     assert_eq!(
+        code_of(server.handle_datagram(&valid[0], src, Instant::now())),
+        0,
+        "a retransmitted Allocate gets the same success, not 437"
+    );
+    assert_eq!(
         code_of(server.handle_datagram(&valid[2], src, Instant::now())),
         0,
         "ChannelBind"

@@ -11,6 +11,7 @@ use super::policy::PeerPolicy;
 use super::{RelayState, TurnStats};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -62,6 +63,9 @@ pub struct Allocation {
     sender: std::net::UdpSocket,
     bindings: Mutex<Bindings>,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Transaction id and success response of the Allocate that made it: a retransmission gets
+    /// the same answer (RFC 8656 §7.2), not 437.
+    pub(crate) created_by: Mutex<Option<([u8; 12], Vec<u8>)>>,
 }
 
 impl Allocation {
@@ -89,6 +93,7 @@ impl Allocation {
                 bucket: TokenBucket::new(bytes_per_second_max, now),
             }),
             reader: Mutex::new(None),
+            created_by: Mutex::new(None),
         })
     }
 
@@ -178,8 +183,11 @@ impl Allocation {
         let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
         let mut out = Vec::with_capacity(DATAGRAM_BYTES_MAX + 4);
         loop {
-            let Ok((n, peer)) = self.socket.recv_from(&mut buf).await else {
-                return;
+            let (n, peer) = match self.socket.recv_from(&mut buf).await {
+                Ok(v) => v,
+                // An ICMP error for an earlier send: not the socket's end.
+                Err(e) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset) => continue,
+                Err(_) => return,
             };
             let now = Instant::now();
             if !state.policy().allows(peer) {

@@ -304,7 +304,12 @@ impl RelayServer {
             Err(response) => return response,
         };
         let key = Some(auth.key.as_slice());
-        if self.allocation(src).is_some() {
+        if let Some(existing) = self.allocation(src) {
+            if let Some((transaction, response)) = existing.created_by.lock().as_ref()
+                && *transaction == m.transaction_id.0
+            {
+                return Some(response.clone());
+            }
             return error(m, METHOD_ALLOCATE, CODE_ALLOC_MISMATCH, "Allocation Mismatch", key);
         }
         let mut transport = RequestedTransport::default();
@@ -402,7 +407,7 @@ impl RelayServer {
             Arc::clone(&self.state),
             Arc::clone(&self.stats),
         );
-        self.allocations.lock().insert(src, allocation);
+        self.allocations.lock().insert(src, Arc::clone(&allocation));
         self.stats.allocations_total.fetch_add(1, Ordering::Relaxed);
         self.publish_count();
         let mut attrs: Vec<Box<dyn Setter>> = vec![
@@ -420,7 +425,9 @@ impl RelayServer {
             attrs.push(Box::new(ReservationToken(rand::rng().random::<[u8; 8]>().to_vec())));
         }
         attrs.push(Box::new(MessageIntegrity(auth.key)));
-        build(m, MessageType::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE), attrs)
+        let response = build(m, MessageType::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE), attrs)?;
+        *allocation.created_by.lock() = Some((m.transaction_id.0, response.clone()));
+        Some(response)
     }
 
     fn bind_relay_socket(&self, even: bool) -> Option<std::net::UdpSocket> {
