@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
 use mediamesh_sdk::{ConnectOptions, PlayOptions, PlaySession, PublishOptions, PublishSession};
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -261,10 +261,6 @@ fn free_tcp_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn free_udp_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl NodeProcess {
     fn start(args: &Args, label: &str, telemetry: &str) -> Result<Self> {
         let http: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
@@ -287,7 +283,7 @@ impl NodeProcess {
             .args(["--http", &http.to_string()])
             .args(["--grpc", &format!("127.0.0.1:{}", free_tcp_port()?)])
             .args(["--cluster", &format!("127.0.0.1:{}", free_tcp_port()?)])
-            .args(["--turn", &format!("127.0.0.1:{}", free_udp_port()?)])
+            .args(["--turn", "off"]) // fan-out only; its media ports overlap the default relay range
             .args(["--advertise", "127.0.0.1"])
             .args(["--media-ports", &media_ports])
             .args(["--api-secret", API_SECRET])

@@ -2,6 +2,7 @@
 //! variable, or a TOML file given with `--config`, in that order of precedence, else a default.
 
 use clap::Args;
+use mediamesh_actors::turn::policy::{IpNet, PeerRule, PortRange};
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -39,9 +40,37 @@ pub struct NodeArgs {
     /// Media UDP port range [default: 50000-50999]
     #[arg(long, env = "MEDIAMESH_MEDIA_PORTS")]
     pub media_ports: Option<String>,
-    /// TURN UDP address [default: 0.0.0.0:3478]
+    /// TURN UDP address, or `off` for no relay [default: 0.0.0.0:3478]
     #[arg(long, env = "MEDIAMESH_TURN")]
-    pub turn: Option<SocketAddr>,
+    pub turn: Option<String>,
+    /// UDP port range of TURN relay sockets [default: 40000-49999]
+    #[arg(long, env = "MEDIAMESH_TURN_RELAY_PORTS")]
+    pub turn_relay_ports: Option<String>,
+    /// Peers the relay may reach besides the mesh's media ports, comma separated:
+    /// `CIDR`, `CIDR:PORT`, `CIDR:MIN-MAX`, `[IPv6-CIDR]:PORTS` [default: none]
+    #[arg(long, env = "MEDIAMESH_TURN_ALLOW", value_delimiter = ',')]
+    pub turn_allow: Option<Vec<String>>,
+    /// Only relays whose address is inside these CIDRs are offered to clients, comma separated [default: any]
+    #[arg(long, env = "MEDIAMESH_TURN_OFFER_RANGES", value_delimiter = ',')]
+    pub turn_offer_ranges: Option<Vec<String>>,
+    /// TURN allocations one identity holds at most on this relay [default: 10]
+    #[arg(long, env = "MEDIAMESH_TURN_ALLOCATIONS_PER_IDENTITY_MAX")]
+    pub turn_allocations_per_identity_max: Option<usize>,
+    /// TURN allocations this relay holds at most [default: 1000]
+    #[arg(long, env = "MEDIAMESH_TURN_ALLOCATIONS_MAX")]
+    pub turn_allocations_max: Option<usize>,
+    /// Bytes per second one allocation relays at most, both ways; 0 for no cap [default: 2500000]
+    #[arg(long, env = "MEDIAMESH_TURN_ALLOCATION_BYTES_PER_SECOND_MAX")]
+    pub turn_allocation_bytes_per_second_max: Option<u64>,
+    /// The previous TURN secret stays valid this long after a rotation [default: 3600000]
+    #[arg(long, env = "MEDIAMESH_TURN_SECRET_GRACE_MS")]
+    pub turn_secret_grace_ms: Option<u64>,
+    /// Lifetime of TURN credentials handed to clients [default: 86400000]
+    #[arg(long, env = "MEDIAMESH_TURN_CREDENTIAL_TTL_MS")]
+    pub turn_credential_ttl_ms: Option<u64>,
+    /// TURN realm [default: mediamesh]
+    #[arg(long, env = "MEDIAMESH_TURN_REALM")]
+    pub turn_realm: Option<String>,
     /// Token signing secret [default: generated once into the data directory]
     #[arg(long, env = "MEDIAMESH_API_SECRET", hide_env_values = true)]
     pub api_secret: Option<String>,
@@ -103,7 +132,16 @@ struct FileConfig {
     advertise: Option<IpAddr>,
     join: Option<Vec<String>>,
     media_ports: Option<String>,
-    turn: Option<SocketAddr>,
+    turn: Option<String>,
+    turn_relay_ports: Option<String>,
+    turn_allow: Option<Vec<String>>,
+    turn_offer_ranges: Option<Vec<String>>,
+    turn_allocations_per_identity_max: Option<usize>,
+    turn_allocations_max: Option<usize>,
+    turn_allocation_bytes_per_second_max: Option<u64>,
+    turn_secret_grace_ms: Option<u64>,
+    turn_credential_ttl_ms: Option<u64>,
+    turn_realm: Option<String>,
     api_secret: Option<String>,
     cluster_secret: Option<String>,
     body_bytes_max: Option<usize>,
@@ -140,7 +178,8 @@ pub struct NodeConfig {
     pub join: Vec<String>,
     pub media_port_min: u16,
     pub media_port_max: u16,
-    pub turn: SocketAddr,
+    /// The TURN relay (None: `--turn off`).
+    pub turn: Option<TurnSettings>,
     pub api_secret: String,
     pub cluster_secret: String,
     pub body_bytes_max: usize,
@@ -170,6 +209,21 @@ impl NodeConfig {
             region: self.region.clone(),
         }
     }
+}
+
+/// Settings of the embedded TURN relay.
+#[derive(Debug, Clone)]
+pub struct TurnSettings {
+    pub listen: SocketAddr,
+    pub relay_ports: PortRange,
+    pub allow: Vec<PeerRule>,
+    pub offer_ranges: Vec<IpNet>,
+    pub allocations_per_identity_max: usize,
+    pub allocations_max: usize,
+    pub allocation_bytes_per_second_max: u64,
+    pub secret_grace_ms: u64,
+    pub credential_ttl_ms: u64,
+    pub realm: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +260,7 @@ impl NodeArgs {
         let data_dir = self
             .data_dir
             .clone()
-            .or(file.data_dir)
+            .or(file.data_dir.clone())
             .unwrap_or_else(|| PathBuf::from("./mediamesh-data"));
         std::fs::create_dir_all(&data_dir).map_err(|source| ConfigError::DataDir {
             path: data_dir.clone(),
@@ -215,9 +269,10 @@ impl NodeArgs {
         let media_ports = self
             .media_ports
             .clone()
-            .or(file.media_ports)
+            .or(file.media_ports.clone())
             .unwrap_or_else(|| "50000-50999".into());
         let (media_port_min, media_port_max) = parse_port_range(&media_ports)?;
+        let turn = self.resolve_turn(&file, (media_port_min, media_port_max))?;
         let log_format = match self.log_format.clone().or(file.log_format).as_deref() {
             None | Some("json") => LogFormat::Json,
             Some("text") => LogFormat::Text,
@@ -275,6 +330,7 @@ impl NodeArgs {
                 });
             }
         }
+
         let sessions_per_node_max = self
             .sessions_per_node_max
             .or(file.sessions_per_node_max)
@@ -309,10 +365,7 @@ impl NodeArgs {
             join: self.join.clone().or(file.join).unwrap_or_default(),
             media_port_min,
             media_port_max,
-            turn: self
-                .turn
-                .or(file.turn)
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 3478))),
+            turn,
             api_secret,
             cluster_secret,
             body_bytes_max: positive(
@@ -364,6 +417,113 @@ impl NodeArgs {
             traces,
             data_dir,
         })
+    }
+}
+
+impl NodeArgs {
+    /// `media` is the media port range: relay sockets must never take one of its ports. A default
+    /// relay range gives way to it; an explicit one that overlaps it is refused.
+    fn resolve_turn(&self, file: &FileConfig, media: (u16, u16)) -> Result<Option<TurnSettings>, ConfigError> {
+        let invalid = |name: &'static str| move |message: String| ConfigError::Invalid { name, message };
+        let listen = match self.turn.clone().or(file.turn.clone()).as_deref() {
+            Some("off") => return Ok(None),
+            None => SocketAddr::from(([0, 0, 0, 0], 3478)),
+            Some(text) => text
+                .parse()
+                .map_err(|_| invalid("turn")(format!("{text:?} is neither host:port nor off")))?,
+        };
+        let overlaps = |r: PortRange| r.min <= media.1 && media.0 <= r.max;
+        let relay_ports = match self.turn_relay_ports.clone().or(file.turn_relay_ports.clone()) {
+            Some(text) => {
+                let ports: PortRange = text.parse().map_err(invalid("turn_relay_ports"))?;
+                if overlaps(ports) {
+                    return Err(invalid("turn_relay_ports")(format!(
+                        "{text} overlaps the media ports {}-{}",
+                        media.0, media.1
+                    )));
+                }
+                ports
+            }
+            None => {
+                let default = PortRange {
+                    min: 40_000,
+                    max: 49_999,
+                };
+                let below = PortRange {
+                    min: default.min,
+                    max: media.0.saturating_sub(1),
+                };
+                let above = PortRange {
+                    min: media.1.saturating_add(1),
+                    max: default.max,
+                };
+                let size = |r: PortRange| u32::from(r.max).saturating_sub(u32::from(r.min)) + 1;
+                match (overlaps(default), below.min <= below.max, above.min <= above.max) {
+                    (false, _, _) => default,
+                    (true, true, true) if size(below) >= size(above) => below,
+                    (true, true, _) => below,
+                    (true, _, true) => above,
+                    (true, false, false) => {
+                        return Err(invalid("turn_relay_ports")(
+                            "the media ports cover the default relay range 40000-49999: set --turn-relay-ports".into(),
+                        ));
+                    }
+                }
+            }
+        };
+        let allow = self
+            .turn_allow
+            .clone()
+            .or(file.turn_allow.clone())
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse())
+            .collect::<Result<Vec<PeerRule>, _>>()
+            .map_err(invalid("turn_allow"))?;
+        let offer_ranges = self
+            .turn_offer_ranges
+            .clone()
+            .or(file.turn_offer_ranges.clone())
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse())
+            .collect::<Result<Vec<IpNet>, _>>()
+            .map_err(invalid("turn_offer_ranges"))?;
+        let realm = self
+            .turn_realm
+            .clone()
+            .or(file.turn_realm.clone())
+            .unwrap_or_else(|| "mediamesh".into());
+        if realm.is_empty() || realm.len() > 127 {
+            return Err(invalid("turn_realm")("1 to 127 characters".into()));
+        }
+        Ok(Some(TurnSettings {
+            listen,
+            relay_ports,
+            allow,
+            offer_ranges,
+            allocations_per_identity_max: self
+                .turn_allocations_per_identity_max
+                .or(file.turn_allocations_per_identity_max)
+                .unwrap_or(10),
+            allocations_max: self.turn_allocations_max.or(file.turn_allocations_max).unwrap_or(1000),
+            allocation_bytes_per_second_max: self
+                .turn_allocation_bytes_per_second_max
+                .or(file.turn_allocation_bytes_per_second_max)
+                .unwrap_or(2_500_000),
+            secret_grace_ms: self
+                .turn_secret_grace_ms
+                .or(file.turn_secret_grace_ms)
+                .unwrap_or(3_600_000),
+            credential_ttl_ms: self
+                .turn_credential_ttl_ms
+                .or(file.turn_credential_ttl_ms)
+                .unwrap_or(86_400_000)
+                .max(1000),
+            realm,
+        }))
     }
 }
 
@@ -462,6 +622,9 @@ mod tests {
         assert_eq!(config.node_id, "from-flag");
         assert_eq!(config.region, "busan");
         assert_eq!((config.media_port_min, config.media_port_max), (40000, 40009));
+        // The default relay range gives way to the media ports.
+        let relay = config.turn.as_ref().expect("TURN on by default").relay_ports;
+        assert_eq!((relay.min, relay.max), (40010, 49999));
         assert_eq!(config.sessions_per_node_max, 10, "capped by the port range");
         assert_eq!(config.http.port(), 8080);
         // The generated secret is stable across reads.

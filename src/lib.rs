@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod node;
 pub mod signal;
 pub mod telemetry;
+pub mod turn;

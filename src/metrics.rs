@@ -65,10 +65,11 @@ pub struct Metrics {
     leak: LeakDetector,
     telemetry: Arc<Telemetry>,
     runtimes: Vec<tokio::runtime::Handle>,
+    turn: Option<crate::turn::TurnMetrics>,
 }
 
 /// Registers a metric built from static names; both steps fail only on a programming error.
-fn register<M: prometheus::core::Collector + Clone + 'static>(
+pub(crate) fn register<M: prometheus::core::Collector + Clone + 'static>(
     registry: &Registry,
     metric: Result<M, prometheus::Error>,
 ) -> M {
@@ -79,11 +80,11 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(
     metric
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+pub(crate) fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     register(registry, IntGauge::new(name, help))
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+pub(crate) fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     register(registry, IntCounter::new(name, help))
 }
 
@@ -258,6 +259,7 @@ impl Metrics {
             leak: LeakDetector::default(),
             telemetry,
             runtimes,
+            turn: None,
             registry,
             stats,
             counters,
@@ -265,7 +267,13 @@ impl Metrics {
         }
     }
 
-    fn sync_counter(counter: &IntCounter, value: u64) {
+    /// Adds the TURN relay's metrics (`mediamesh_turn_*`).
+    pub fn with_turn(mut self, stats: Arc<mediamesh_actors::turn::TurnStats>) -> Self {
+        self.turn = Some(crate::turn::TurnMetrics::new(&self.registry, stats));
+        self
+    }
+
+    pub(crate) fn sync_counter(counter: &IntCounter, value: u64) {
         let current = counter.get();
         if value > current {
             counter.inc_by(value - current);
@@ -334,6 +342,9 @@ impl Metrics {
                 &self.signal_errors.with_label_values(&[code.as_str()]),
                 count.load(Ordering::Relaxed),
             );
+        }
+        if let Some(turn) = &self.turn {
+            turn.sync();
         }
         self.resident_memory.set(process_resident_bytes() as i64);
         let cpu = process_cpu_seconds();

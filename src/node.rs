@@ -10,10 +10,12 @@ use crate::signal::SignalContext;
 use actix_web::{App, HttpServer, web};
 use mediamesh_actors::media::bwe::BweConfig;
 use mediamesh_actors::media::engine::{MediaConfig, PeerFactory};
+use mediamesh_actors::turn::policy::{IpNet, PeerRule, PortRange};
+use mediamesh_actors::turn::{RelayConfig, TurnConfig, TurnRelay, TurnRequest};
 use mediamesh_actors::{NodeId, NodeStats, RoomContext, RoomLimits, RoomRegistry};
 use mediamesh_cluster::{NodeLoad, Store, StoreConfig};
 use std::future::Future;
-use std::net::TcpListener;
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -28,6 +30,8 @@ pub struct NodeListeners {
     pub http: TcpListener,
     pub grpc: TcpListener,
     pub cluster: TcpListener,
+    /// The TURN listener (None: `--turn off`).
+    pub turn: Option<std::net::UdpSocket>,
 }
 
 impl NodeListeners {
@@ -38,7 +42,19 @@ impl NodeListeners {
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (--grpc): {e}", config.grpc))?;
         let cluster = TcpListener::bind(config.cluster)
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (--cluster): {e}", config.cluster))?;
-        Ok(NodeListeners { http, grpc, cluster })
+        let turn = match &config.turn {
+            Some(turn) => Some(
+                std::net::UdpSocket::bind(turn.listen)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on UDP {} (--turn): {e}", turn.listen))?,
+            ),
+            None => None,
+        };
+        Ok(NodeListeners {
+            http,
+            grpc,
+            cluster,
+            turn,
+        })
     }
 }
 
@@ -75,6 +91,13 @@ pub async fn run(
     let grpc_url = format!("http://{}:{}", config.advertise, grpc_addr.port());
     store_config.grpc_url = grpc_url.clone();
     store_config.join = config.join.clone();
+    store_config.media_ip = config.advertise.to_string();
+    store_config.media_ports = (config.media_port_min, config.media_port_max);
+    let turn_public = match (&config.turn, &listeners.turn) {
+        (Some(_), Some(socket)) => Some(turn_public_addr(socket.local_addr()?, config.advertise)),
+        _ => None,
+    };
+    store_config.turn_addr = turn_public.map(|a| a.to_string()).unwrap_or_default();
     store_config.viewer_ttl_ms = config.viewer_ttl_ms;
     store_config.capacity = u32::try_from(config.sessions_per_node_max).unwrap_or(u32::MAX);
     store_config.heartbeat_interval_ms = 0; // the node reports its load itself, below
@@ -112,11 +135,47 @@ pub async fn run(
         media_runtime: tokio::runtime::Handle::current(),
         ingress_runtime: ingress_runtime.handle().clone(),
     });
+    let turn_log = turn_public.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
     let registry = RoomRegistry::new(
         context,
         Arc::new(StoreDirectory::new(store.clone())),
         arbiters.iter().map(|a| a.handle()).collect(),
     );
+    let turn = match (&config.turn, listeners.turn, turn_public) {
+        (Some(settings), Some(socket), Some(public_addr)) => {
+            let turn_config = TurnConfig {
+                relay: RelayConfig {
+                    realm: settings.realm.clone(),
+                    relay_bind_ip: settings.listen.ip(),
+                    relay_public_ip: public_addr.ip(),
+                    relay_ports: settings.relay_ports,
+                    allocations_per_identity_max: settings.allocations_per_identity_max,
+                    allocations_max: settings.allocations_max,
+                    allocation_bytes_per_second_max: settings.allocation_bytes_per_second_max,
+                    secret_grace_ms: settings.secret_grace_ms,
+                },
+                node: NodeId(config.node_id.clone()),
+                region: config.region.clone(),
+                public_addr,
+                own_media: PeerRule {
+                    net: IpNet::host(config.advertise),
+                    ports: PortRange {
+                        min: config.media_port_min,
+                        max: config.media_port_max,
+                    },
+                },
+                allow: settings.allow.clone(),
+                offer_ranges: settings.offer_ranges.clone(),
+                credential_ttl: Duration::from_millis(settings.credential_ttl_ms),
+            };
+            let directory = Arc::new(crate::turn::StoreTurnDirectory::new(
+                store.clone(),
+                config.node_id.clone(),
+            ));
+            Some(TurnRelay::start(turn_config, socket, directory)?)
+        }
+        _ => None,
+    };
     let keys = TokenKeys::new(&config.api_secret);
     let signal = SignalContext::new(
         config.node_id.clone(),
@@ -128,6 +187,7 @@ pub async fn run(
         Duration::from_millis(config.resume_window_ms),
         grpc_url,
         config.signal_sessions_max,
+        turn.as_ref().map(|(_, handle)| handle.clone()),
     );
     let grpc_shutdown = tokio_util::sync::CancellationToken::new();
     let grpc_server = tokio::spawn(
@@ -141,7 +201,7 @@ pub async fn run(
     let signal_data = web::Data::new(Arc::clone(&signal));
     let heartbeat = tokio::spawn(report_load(store.clone(), Arc::clone(&stats)));
     let telemetry = crate::telemetry::init(&config.telemetry());
-    let metrics = Arc::new(Metrics::new(MetricSources {
+    let mut metrics = Metrics::new(MetricSources {
         stats: Arc::clone(&stats),
         counters,
         ports,
@@ -149,7 +209,11 @@ pub async fn run(
         store: store.store_metrics().clone(),
         telemetry: Arc::clone(&telemetry),
         runtimes: vec![tokio::runtime::Handle::current(), ingress_runtime.handle().clone()],
-    }));
+    });
+    if let Some((_, handle)) = &turn {
+        metrics = metrics.with_turn(Arc::clone(&handle.stats));
+    }
+    let metrics = Arc::new(metrics);
     let otlp_metrics = telemetry.otlp_endpoint().map(|endpoint| {
         let metrics = Arc::clone(&metrics);
         tokio::spawn(crate::telemetry::otlp_metrics::push_forever(
@@ -168,6 +232,7 @@ pub async fn run(
         keys: keys.clone(),
         rooms: Arc::clone(&registry),
         metrics: Arc::clone(&metrics),
+        turn: turn.clone(),
         body_bytes_max: config.body_bytes_max,
         store: store.clone(),
     });
@@ -202,6 +267,7 @@ pub async fn run(
         media_ports = %format!("{}-{}", config.media_port_min, config.media_port_max),
         advertise = %config.advertise,
         cluster = %cluster_addr,
+        turn = %turn_log,
         "node started; dashboard: http://{}/#token={}",
         http_addr,
         admin_token
@@ -215,6 +281,9 @@ pub async fn run(
     grpc_shutdown.cancel();
     if tokio::time::timeout(Duration::from_secs(5), grpc_server).await.is_err() {
         tracing::warn!("gRPC server did not stop within 5 s");
+    }
+    if let Some((relay, _)) = &turn {
+        let _ = relay.send(TurnRequest::Stop).await;
     }
     for arbiter in arbiters {
         arbiter.stop();
@@ -230,6 +299,15 @@ pub async fn run(
     store.closed().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The TURN address clients use: the listener's, with the advertised IP when it listens on all.
+fn turn_public_addr(listen: SocketAddr, advertise: IpAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() {
+        SocketAddr::new(advertise, listen.port())
+    } else {
+        listen
+    }
 }
 
 /// Reports this node's load (CPU, connections, rooms) to the store, which also keeps it alive in

@@ -17,6 +17,7 @@ pub mod registry;
 pub mod room;
 pub mod sdp;
 pub mod subscriber;
+pub mod turn;
 
 pub use ids::{Identity, NodeId, RoomId, SessionId};
 pub use registry::{NodeStats, RoomContext, RoomLimits, RoomRegistry};

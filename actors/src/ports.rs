@@ -11,3 +11,11 @@ pub trait RoomDirectory: Send + Sync + 'static {
     /// Gives up a claim made under `epoch` (the room closed). Stale epochs are ignored.
     fn release(&self, room: RoomId, node: NodeId, epoch: u64) -> BoxFuture<'static, ()>;
 }
+
+/// What the TURN relay needs from the cluster store.
+pub trait TurnDirectory: Send + Sync + 'static {
+    /// The shared TURN secrets; the implementation creates them if the store has none.
+    fn secrets(&self) -> BoxFuture<'static, Result<crate::turn::credentials::TurnSecrets, String>>;
+    /// The mesh's nodes (media addresses, relays, availability) and whether this node drains.
+    fn mesh(&self) -> BoxFuture<'static, Result<crate::turn::MeshView, String>>;
+}

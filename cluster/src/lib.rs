@@ -51,5 +51,5 @@ pub use store::{Store, StoreConfig};
 pub use transport::FaultInjector;
 pub use types::{
     ClusterSettings, ClusterStatus, Consistency, Membership, NodeLoad, NodeRegistration, NodeState, NodeStatus,
-    Placement, TurnSecrets, ViewerState,
+    Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, ViewerState,
 };

@@ -514,6 +514,9 @@ mod tests {
             http_url: "http://127.0.0.1:8080".into(),
             grpc_url: "http://127.0.0.1:8081".into(),
             capacity: 100,
+            media_ip: "127.0.0.1".into(),
+            media_ports: (50000, 50999),
+            turn_addr: "127.0.0.1:3478".into(),
         }
     }
 

@@ -63,6 +63,12 @@ pub struct StoreConfig {
     pub http_url: String,
     /// Public gRPC URL of this node.
     pub grpc_url: String,
+    /// IP of this node's media sockets (empty: not announced).
+    pub media_ip: String,
+    /// This node's media UDP port range (`(0, 0)`: not announced).
+    pub media_ports: (u16, u16),
+    /// This node's TURN relay `host:port` (empty: none).
+    pub turn_addr: String,
     /// Cluster addresses of existing members to join; empty: bootstrap a new cluster (when the
     /// data directory is empty).
     pub join: Vec<String>,
@@ -104,6 +110,9 @@ impl StoreConfig {
             advertise_cluster: String::new(),
             http_url: String::new(),
             grpc_url: String::new(),
+            media_ip: String::new(),
+            media_ports: (0, 0),
+            turn_addr: String::new(),
             join: Vec::new(),
             cluster_secret: cluster_secret.into(),
             capacity: 1000,
@@ -907,6 +916,9 @@ impl Store {
                 http_url: n.registration.http_url.clone(),
                 grpc_url: n.registration.grpc_url.clone(),
                 capacity: n.registration.capacity,
+                media_ip: n.registration.media_ip.clone(),
+                media_ports: n.registration.media_ports,
+                turn_addr: n.registration.turn_addr.clone(),
                 state: if n.draining {
                     NodeState::Draining
                 } else if n.last_heartbeat_ms > 0 && now.saturating_sub(n.last_heartbeat_ms) <= dead_after {
@@ -971,6 +983,11 @@ impl Store {
             http_url: request.http_url.clone(),
             grpc_url: request.grpc_url.clone(),
             capacity: request.capacity,
+            // The join request does not carry these; the node's registration loop writes its
+            // full registration once it is a member.
+            media_ip: String::new(),
+            media_ports: (0, 0),
+            turn_addr: String::new(),
         };
         registration.validate().map_err(tonic::Status::invalid_argument)?;
         let raft_id = raft_id_for(&registration.id);
@@ -1062,6 +1079,9 @@ impl Store {
             http_url: c.http_url.clone(),
             grpc_url: c.grpc_url.clone(),
             capacity: c.capacity,
+            media_ip: c.media_ip.clone(),
+            media_ports: c.media_ports,
+            turn_addr: c.turn_addr.clone(),
         }
     }
 

@@ -43,6 +43,12 @@ pub struct NodeRegistration {
     pub grpc_url: String,
     /// Capacity in abstract units (e.g. max connections).
     pub capacity: u32,
+    /// IP the node's media sockets use (empty: not announced).
+    pub media_ip: String,
+    /// Its media UDP port range, inclusive (`(0, 0)`: not announced).
+    pub media_ports: (u16, u16),
+    /// Its TURN relay, `host:port` (empty: it runs none).
+    pub turn_addr: String,
 }
 
 impl NodeRegistration {
@@ -54,6 +60,8 @@ impl NodeRegistration {
             ("cluster_addr", &self.cluster_addr),
             ("http_url", &self.http_url),
             ("grpc_url", &self.grpc_url),
+            ("media_ip", &self.media_ip),
+            ("turn_addr", &self.turn_addr),
         ] {
             if s.len() > ADDRESS_BYTES_MAX {
                 return Err(format!("{what} is longer than {ADDRESS_BYTES_MAX} bytes"));
@@ -224,6 +232,12 @@ pub struct NodeStatus {
     pub grpc_url: String,
     /// Capacity.
     pub capacity: u32,
+    /// Media IP (empty: not announced).
+    pub media_ip: String,
+    /// Media UDP port range (`(0, 0)`: not announced).
+    pub media_ports: (u16, u16),
+    /// TURN relay `host:port` (empty: none).
+    pub turn_addr: String,
     /// Alive, dead or draining (derived from the last heartbeat and the reader's clock).
     pub state: NodeState,
     /// Voter, learner, or not in the raft configuration.

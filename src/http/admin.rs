@@ -68,6 +68,9 @@ pub async fn cluster(state: web::Data<AppState>, request: HttpRequest) -> Result
                 "http": node.http_url,
                 "cluster": node.cluster_addr,
                 "grpc": node.grpc_url,
+                "media": (!node.media_ip.is_empty())
+                    .then(|| format!("{}:{}-{}", node.media_ip, node.media_ports.0, node.media_ports.1)),
+                "turn": (!node.turn_addr.is_empty()).then_some(&node.turn_addr),
                 "load": {
                     "cpu": node.last_load.as_ref().map_or(0.0, |l| l.cpu),
                     "connections": node.last_load.as_ref().map_or(0, |l| l.connections),
@@ -209,4 +212,44 @@ pub async fn viewer_delete(
     } else {
         Err(ApiError::NotFound(format!("no viewer state for {:.64?}", id.0)))
     }
+}
+
+/// Body of `POST /admin/v1/turn/rotate` (all optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateBody {
+    /// The new secret (16 to 512 characters); generated when absent. Setting it lets an
+    /// operator share it with other TURN servers (coturn `static-auth-secret`).
+    secret: Option<String>,
+}
+
+/// `POST /admin/v1/turn/rotate`: a new TURN secret; the previous one stays valid for
+/// `--turn-secret-grace-ms`.
+pub async fn turn_rotate(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    authorize_admin(&state, &request)?;
+    let body: RotateBody = if body.is_empty() {
+        RotateBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
+    };
+    if let Some(secret) = &body.secret
+        && !(16..=mediamesh_cluster::TURN_SECRET_BYTES_MAX).contains(&secret.len())
+    {
+        return Err(ApiError::BadRequest(format!(
+            "secret must be 16 to {} bytes",
+            mediamesh_cluster::TURN_SECRET_BYTES_MAX
+        )));
+    }
+    let secrets = crate::turn::rotate(&state.store, body.secret).await?;
+    if let Some((relay, _)) = &state.turn {
+        let _ = relay.send(mediamesh_actors::turn::TurnRequest::Refresh).await;
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "rotated_at": clock::rfc3339_ms(secrets.rotated_at_ms),
+        "rotated_at_ms": secrets.rotated_at_ms,
+    })))
 }

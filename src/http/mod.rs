@@ -26,6 +26,11 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub body_bytes_max: usize,
     pub store: mediamesh_cluster::Store,
+    /// The TURN relay (None: `--turn off`).
+    pub turn: Option<(
+        actix::Addr<mediamesh_actors::turn::TurnRelay>,
+        mediamesh_actors::turn::TurnHandle,
+    )>,
 }
 
 /// Every route of the node.
@@ -60,6 +65,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .route(web::method(actix_web::http::Method::OPTIONS).to(preflight)),
         )
         .route("/admin/v1/cluster", web::get().to(admin::cluster))
+        .route("/admin/v1/turn/rotate", web::post().to(admin::turn_rotate))
         .route("/admin/v1/rooms", web::get().to(admin::rooms))
         .route("/admin/v1/rooms/{room}", web::get().to(admin::room))
         .service(
@@ -111,7 +117,8 @@ async fn healthz() -> HttpResponse {
 
 /// Ready when the store has a leader and this node is registered.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.store.is_ready() {
+    let turn_ready = state.turn.as_ref().is_none_or(|(_, handle)| handle.is_ready());
+    if state.store.is_ready() && turn_ready {
         HttpResponse::Ok().content_type("text/plain").body("ready\n")
     } else {
         HttpResponse::ServiceUnavailable()

@@ -106,11 +106,23 @@ pub async fn create(
         return Err(RoomError::Closing.into());
     };
     let location = format!("/{}/{}/{}", path_prefix(kind), room, answer.session);
-    Ok(HttpResponse::build(StatusCode::CREATED)
+    let mut response = HttpResponse::build(StatusCode::CREATED);
+    response
         .content_type(SDP)
         .insert_header(("Location", location))
-        .insert_header(("ETag", answer.etag))
-        .body(answer.sdp))
+        .insert_header(("ETag", answer.etag));
+    // RFC 9725 §4.6: the ICE servers the client may use (for ICE restarts and later sessions).
+    if let Some((_, turn)) = &state.turn {
+        let region = request
+            .headers()
+            .get("x-region-preference")
+            .and_then(|v| v.to_str().ok())
+            .filter(|r| !r.is_empty() && r.len() <= 64);
+        for server in turn.ice_servers(&identity.0, region) {
+            response.append_header(("Link", crate::turn::link_header(&server)));
+        }
+    }
+    Ok(response.body(answer.sdp))
 }
 
 /// `PATCH /whip/{room}/{session}` and the WHEP equivalent.

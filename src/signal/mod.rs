@@ -182,6 +182,8 @@ pub struct SignalContext {
     /// Open sessions, both transports, and their limit.
     open: Arc<AtomicUsize>,
     pub sessions_max: usize,
+    /// The TURN relay whose ICE servers `joined` carries (None: `--turn off`).
+    pub turn: Option<mediamesh_actors::turn::TurnHandle>,
 }
 
 /// A place among the node's signal sessions; given back on drop.
@@ -214,6 +216,7 @@ impl SignalContext {
         resume_window: Duration,
         grpc_url: String,
         sessions_max: usize,
+        turn: Option<mediamesh_actors::turn::TurnHandle>,
     ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
@@ -229,6 +232,7 @@ impl SignalContext {
             stats: Arc::default(),
             open: Arc::default(),
             sessions_max,
+            turn,
         })
     }
 

@@ -500,6 +500,19 @@ impl Session {
             }
         }
         let identity = Identity(claims.sub.clone());
+        let ice_servers: Vec<pb::IceServer> = self
+            .ctx
+            .turn
+            .as_ref()
+            .map(|turn| turn.ice_servers(&claims.sub, (!join.region.is_empty()).then_some(join.region.as_str())))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| pb::IceServer {
+                urls: vec![s.url],
+                username: s.username,
+                credential: s.credential,
+            })
+            .collect();
         let display_name: String = join.display_name.chars().take(DISPLAY_NAME_CHARS_MAX).collect();
 
         // A resume token gives an earlier viewer session back while its state is in the window.
@@ -595,7 +608,7 @@ impl Session {
         Ok(Out::Joined(pb::Joined {
             session: viewer,
             resume_token,
-            ice_servers: Vec::new(),
+            ice_servers,
             resumed: resumed.is_some(),
             subscriptions,
             layer,

@@ -41,6 +41,9 @@ pub struct NodeSpec {
     pub cluster_port: u16,
     pub grpc_port: u16,
     pub media_ports: (u16, u16),
+    /// Its TURN port on 127.0.0.1; its relay sockets use the ports after it.
+    pub turn_port: u16,
+    pub relay_ports: (u16, u16),
     /// Cluster address of the node to join on the first start (None: bootstrap).
     pub join: Option<String>,
 }
@@ -130,7 +133,8 @@ impl ProcessCluster {
         let root = std::env::temp_dir().join(format!("mediamesh-cluster-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&root).expect("create the cluster's temp directory");
         let ports = pick_tcp_ports(ids.len() * 3);
-        let media = pick_udp_ranges(ids.len());
+        // Media ranges, then one range per node for its TURN port and relay sockets.
+        let media = pick_udp_ranges(ids.len() * 2);
         let secret = format!("cluster-test-secret-{}", uuid::Uuid::now_v7().simple());
         let first_cluster = format!("127.0.0.1:{}", ports[1]);
         let nodes = ids
@@ -144,6 +148,8 @@ impl ProcessCluster {
                     cluster_port: ports[i * 3 + 1],
                     grpc_port: ports[i * 3 + 2],
                     media_ports: media[i],
+                    turn_port: media[ids.len() + i].0,
+                    relay_ports: (media[ids.len() + i].0 + 1, media[ids.len() + i].1),
                     join: (i > 0).then(|| first_cluster.clone()),
                 };
                 let data_dir = root.join(id);
@@ -179,6 +185,12 @@ impl ProcessCluster {
                 if let Some(join) = &spec.join {
                     args.extend(["--join".to_string(), join.clone()]);
                 }
+                args.extend([
+                    "--turn".to_string(),
+                    format!("127.0.0.1:{}", spec.turn_port),
+                    "--turn-relay-ports".to_string(),
+                    format!("{}-{}", spec.relay_ports.0, spec.relay_ports.1),
+                ]);
                 args.extend(extra.iter().map(|s| s.to_string()));
                 ClusterNode {
                     spec,

@@ -15,6 +15,9 @@ pub struct TestNode {
     pub base: String,
     pub data_dir: PathBuf,
     pub media_ports: (u16, u16),
+    /// Loopback TURN port (unless the test passed its own `--turn`).
+    pub turn_port: u16,
+    pub relay_ports: (u16, u16),
     pub keys: TokenKeys,
 }
 
@@ -64,6 +67,19 @@ impl TestNode {
             "--api-secret".into(),
             SECRET.into(),
         ];
+        // Parallel tests must not all bind the default 0.0.0.0:3478.
+        let relay_ports = free_udp_range(41);
+        let turn_port = relay_ports.0;
+        let relay_ports = (relay_ports.0 + 1, relay_ports.1);
+        if !extra.contains(&"--turn") {
+            args.extend(["--turn".into(), format!("127.0.0.1:{turn_port}")]);
+        }
+        if !extra.contains(&"--turn-relay-ports") {
+            args.extend([
+                "--turn-relay-ports".into(),
+                format!("{}-{}", relay_ports.0, relay_ports.1),
+            ]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(env!("CARGO_BIN_EXE_mediamesh"))
             .args(&args)
@@ -76,6 +92,8 @@ impl TestNode {
             base: format!("http://127.0.0.1:{http}"),
             data_dir,
             media_ports,
+            turn_port,
+            relay_ports,
             keys: TokenKeys::new(SECRET),
         };
         node.wait_healthy(Duration::from_secs(20));

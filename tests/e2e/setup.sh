@@ -2,7 +2,8 @@
 # Prepare the machine for the mediamesh end-to-end tests (idempotent, non-interactive).
 #  - Debian packages chromium + chromium-driver, prometheus (prometheus + promtool; installed
 #    only when missing; a system prometheus service the package starts is stopped and disabled:
-#    the tests run their own on free loopback ports)
+#    the tests run their own on free loopback ports), coturn (turnutils_uclient, turnutils_peer
+#    and turnserver for the TURN tests and benchmark; installed only when missing)
 #  - a venv at <repo>/.venv with tests/e2e/requirements.txt (pip runs only when the
 #    requirements changed since the last successful install; see the stamp file)
 set -euo pipefail
@@ -23,7 +24,7 @@ fi
 
 # --- Debian packages -------------------------------------------------------------------------
 missing=()
-for pkg in chromium chromium-driver python3-venv prometheus; do
+for pkg in chromium chromium-driver python3-venv prometheus coturn; do
     if dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
         log "package $pkg: present"
     else
@@ -33,7 +34,15 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing Debian packages: ${missing[*]} (apt-get update first)"
     $SUDO apt-get update -q </dev/null
+    # No service may start during the install (coturn's init script would start a turnserver
+    # on 3478 where no systemd is running): a policy-rc.d that denies, unless one exists.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy"
+    fi
     $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+    if [ -n "$policy" ]; then $SUDO rm -f "$policy"; fi
 else
     log "Debian packages: nothing to install"
 fi
@@ -53,9 +62,14 @@ if [[ " ${missing[*]} " == *" prometheus "* ]]; then
         $SUDO /etc/init.d/prometheus stop </dev/null || log "WARNING: could not stop /etc/init.d/prometheus"
     fi
 fi
-for bin in /usr/bin/chromium /usr/bin/chromedriver /usr/bin/prometheus /usr/bin/promtool; do
+for bin in /usr/bin/chromium /usr/bin/chromedriver /usr/bin/prometheus /usr/bin/promtool /usr/bin/turnutils_uclient /usr/bin/turnutils_peer /usr/bin/turnserver; do
     [ -x "$bin" ] || { log "ERROR: $bin missing after install"; exit 1; }
 done
+# The coturn package ships a disabled service (TURNSERVER_ENABLED unset); nothing may listen on
+# 3478 behind the tests' back.
+if pgrep -x turnserver >/dev/null 2>&1; then
+    log "WARNING: a turnserver is running (pid $(pgrep -x turnserver | tr '\n' ' ')); the tests use their own ports"
+fi
 
 # --- Python venv -------------------------------------------------------------------------------
 PY="${PYTHON:-python3}"
