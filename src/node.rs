@@ -135,7 +135,6 @@ pub async fn run(
         media_runtime: tokio::runtime::Handle::current(),
         ingress_runtime: ingress_runtime.handle().clone(),
     });
-    let turn_log = turn_public.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
     let registry = RoomRegistry::new(
         context,
         Arc::new(StoreDirectory::new(store.clone())),
@@ -267,7 +266,7 @@ pub async fn run(
         media_ports = %format!("{}-{}", config.media_port_min, config.media_port_max),
         advertise = %config.advertise,
         cluster = %cluster_addr,
-        turn = %turn_log,
+        turn = %turn_public.map_or_else(|| "off".to_string(), |a| a.to_string()),
         "node started; dashboard: http://{}/#token={}",
         http_addr,
         admin_token

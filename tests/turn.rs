@@ -402,3 +402,30 @@ fn relays_outside_the_offer_ranges_are_not_offered() {
     let home = TestNode::start(&["--turn-offer-ranges", "10.0.0.0/8,127.0.0.0/8"]);
     assert_eq!(whip_links(&home), 1);
 }
+
+#[test]
+fn a_taken_turn_port_is_a_clear_startup_error() {
+    let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let data_dir = std::env::temp_dir().join(format!("mediamesh-turn-taken-{}", uuid::Uuid::now_v7()));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mediamesh"))
+        .args(["node", "--data-dir", &data_dir.display().to_string()])
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--cluster",
+            "127.0.0.1:0",
+        ])
+        .args(["--advertise", "127.0.0.1", "--turn", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&data_dir);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on UDP 127.0.0.1:{port} (--turn)")),
+        "{stderr}"
+    );
+}

@@ -42,10 +42,14 @@ def peer_port():
 @pytest.fixture(scope="module")
 def turn_node(tmp_path_factory, peer_port):
     binary = require_binary()
-    lo, hi = free_udp_range(400)
-    n = Node(binary, tmp_path_factory.mktemp("turn-node"), node_id="e2e-turn",
-             extra_args=("--turn-allow", f"127.0.0.1:{peer_port}-{peer_port + 1}",
-                         "--turn-relay-ports", f"{lo}-{hi}"))
+    n = Node(binary, tmp_path_factory.mktemp("turn-node"), node_id="e2e-turn")
+    # relay ports apart from the media ports (the node refuses an overlap), the TURN and peer ports
+    taken = {n.turn_port, peer_port, peer_port + 1}
+    while True:
+        lo, hi = free_udp_range(400)
+        if (hi < n.media_lo or lo > n.media_hi) and not any(lo <= p <= hi for p in taken):
+            break
+    n.extra_args = ["--turn-allow", f"127.0.0.1:{peer_port}-{peer_port + 1}", "--turn-relay-ports", f"{lo}-{hi}"]
     try:
         n.start()
     except Exception as e:

@@ -33,6 +33,18 @@ use std::time::{Duration, Instant, SystemTime};
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// Mailbox of the relay actor.
 pub const TURN_MAILBOX_MAX: usize = 16;
+/// Kernel buffers asked for on the listener (every client's datagrams queue there; the kernel
+/// caps it at `net.core.rmem_max`/`wmem_max`).
+pub const LISTENER_BUFFER_BYTES: usize = 4 << 20;
+/// Kernel buffers asked for on each relay socket.
+pub const RELAY_SOCKET_BUFFER_BYTES: usize = 1 << 20;
+
+/// Asks for `bytes` of receive and send buffer on `socket` (best effort: the kernel may give less).
+pub fn set_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    let socket = socket2::SockRef::from(socket);
+    let _ = socket.set_recv_buffer_size(bytes);
+    let _ = socket.set_send_buffer_size(bytes);
+}
 
 /// Settings of the relay server itself.
 #[derive(Clone, Debug)]
@@ -231,6 +243,7 @@ impl TurnRelay {
         directory: Arc<dyn TurnDirectory>,
     ) -> std::io::Result<(Addr<TurnRelay>, TurnHandle)> {
         listener.set_nonblocking(true)?;
+        set_buffers(&listener, LISTENER_BUFFER_BYTES);
         let listener = Arc::new(tokio::net::UdpSocket::from_std(listener)?);
         let state = Arc::new(RelayState::new(
             TurnSecrets::default(),

@@ -442,6 +442,7 @@ impl RelayServer {
                 }
             }
             if let Ok(socket) = std::net::UdpSocket::bind(SocketAddr::new(self.config.relay_bind_ip, port)) {
+                super::set_buffers(&socket, super::RELAY_SOCKET_BUFFER_BYTES);
                 return Some(socket);
             }
         }
