@@ -99,7 +99,10 @@ impl Subscriber {
             ));
         }
         let session = SessionId::generate();
-        let feedback = Arc::new(FeedbackState::default());
+        let feedback = Arc::new(FeedbackState {
+            rtt_seconds: Some(context.counters.histograms.rtt_seconds.clone()),
+            ..FeedbackState::default()
+        });
         let (events, mut gathered) = PeerEvents::new(session.clone(), room.clone(), Arc::clone(&context.stats));
         let (pc, lease) = context
             .factory
@@ -384,10 +387,6 @@ impl ForwardSlot {
         let loss_reports = self.feedback.loss_reports.load(Ordering::Relaxed);
         if loss_reports != self.seen_loss_reports {
             self.seen_loss_reports = loss_reports;
-            let rtt_us = self.feedback.rtt_us.load(Ordering::Relaxed);
-            if rtt_us > 0 {
-                self.counters.histograms.rtt_seconds.observe(rtt_us as f64 / 1e6);
-            }
             let fraction = self.feedback.fraction_lost.load(Ordering::Relaxed).min(255) as u8;
             self.bwe.on_loss_report(fraction, now);
         }

@@ -39,6 +39,41 @@ impl<P> ErrorKeeper<P> {
     }
 }
 
+impl<P> ErrorKeeper<P> {
+    /// Holds an unsampled span; returns the spans its trace releases now (all of a failing one).
+    fn hold(&self, span: SpanData) -> Vec<SpanData> {
+        let trace = span.span_context.trace_id();
+        let local_root = span.parent_span_id == SpanId::INVALID || span.parent_span_is_remote;
+        let failed = matches!(span.status, Status::Error { .. });
+        let mut held = self.held.lock();
+        let now = Instant::now();
+        if held.len() >= TRACES_HELD_MAX && !held.contains_key(&trace) {
+            held.retain(|_, h| now.duration_since(h.since) < HOLD_MAX);
+            if held.len() >= TRACES_HELD_MAX {
+                // Still full: this trace is not kept unless it is failing right now.
+                return if failed { vec![span] } else { Vec::new() };
+            }
+        }
+        let entry = held.entry(trace).or_insert_with(|| Held {
+            since: now,
+            spans: Vec::new(),
+            failed: false,
+        });
+        let mut release = Vec::new();
+        if failed || entry.failed {
+            entry.failed = true;
+            release.append(&mut entry.spans);
+            release.push(span);
+        } else if entry.spans.len() < SPANS_PER_TRACE_MAX {
+            entry.spans.push(span);
+        }
+        if local_root {
+            held.remove(&trace);
+        }
+        release
+    }
+}
+
 fn sampled(mut span: SpanData) -> SpanData {
     let sc = &span.span_context;
     span.span_context = SpanContext::new(
@@ -61,44 +96,7 @@ impl<P: SpanProcessor> SpanProcessor for ErrorKeeper<P> {
             self.next.on_end(span);
             return;
         }
-        let trace = span.span_context.trace_id();
-        let local_root = span.parent_span_id == SpanId::INVALID || span.parent_span_is_remote;
-        let failed = matches!(span.status, Status::Error { .. });
-        let mut release = Vec::new();
-        {
-            let mut held = self.held.lock();
-            let now = Instant::now();
-            if held.len() >= TRACES_HELD_MAX && !held.contains_key(&trace) {
-                held.retain(|_, h| now.duration_since(h.since) < HOLD_MAX);
-                if held.len() >= TRACES_HELD_MAX {
-                    // Still full: this trace is not kept unless it is failing right now.
-                    if failed {
-                        release.push(span);
-                    }
-                    drop(held);
-                    for span in release {
-                        self.next.on_end(sampled(span));
-                    }
-                    return;
-                }
-            }
-            let entry = held.entry(trace).or_insert_with(|| Held {
-                since: now,
-                spans: Vec::new(),
-                failed: false,
-            });
-            if failed || entry.failed {
-                entry.failed = true;
-                release.append(&mut entry.spans);
-                release.push(span);
-            } else if entry.spans.len() < SPANS_PER_TRACE_MAX {
-                entry.spans.push(span);
-            }
-            if local_root {
-                held.remove(&trace);
-            }
-        }
-        for span in release {
+        for span in self.hold(span) {
             self.next.on_end(sampled(span));
         }
     }

@@ -4,7 +4,7 @@
 use actix_web::http::header::HeaderMap;
 use opentelemetry::propagation::Extractor;
 
-pub use mediamesh_cluster::trace_context::{extract as extract_grpc, inject_current as inject_grpc};
+pub use mediamesh_cluster::trace_context::extract as extract_grpc;
 
 struct Headers<'a>(&'a HeaderMap);
 

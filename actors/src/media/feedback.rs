@@ -26,8 +26,8 @@ pub struct FeedbackState {
     /// Incremented per REMB; `remb_bps` holds the latest value.
     pub remb_reports: AtomicU64,
     pub remb_bps: AtomicU64,
-    /// Latest round-trip time in microseconds, 0 when unknown.
-    pub rtt_us: AtomicU64,
+    /// Where each round-trip time is observed once, as it is computed (subscribers only).
+    pub rtt_seconds: Option<prometheus::Histogram>,
     /// Incremented per PLI or FIR.
     pub keyframe_requests: AtomicU64,
 }
@@ -70,15 +70,15 @@ impl FeedbackTap {
                 .fraction_lost
                 .store(u32::from(block.fraction_lost), Ordering::Relaxed);
             self.state.loss_reports.fetch_add(1, Ordering::Relaxed);
-            if block.last_sender_report != 0 {
+            if block.last_sender_report != 0
+                && let Some(histogram) = &self.state.rtt_seconds
+            {
                 // RFC 3550 §6.4.1: RTT = now - LSR - DLSR, in 1/65536 s of the middle NTP bits.
                 let rtt = ntp_middle_32(SystemTime::now())
                     .wrapping_sub(block.last_sender_report)
                     .wrapping_sub(block.delay);
                 if rtt < 65_536 * 10 {
-                    self.state
-                        .rtt_us
-                        .store(u64::from(rtt) * 1_000_000 / 65_536, Ordering::Relaxed);
+                    histogram.observe(f64::from(rtt) / 65_536.0);
                 }
             }
         }
@@ -171,5 +171,30 @@ mod tests {
         assert_eq!(state.keyframe_requests.load(Ordering::Relaxed), 1);
         assert_eq!(state.fraction_lost.load(Ordering::Relaxed), 26);
         assert_eq!(state.loss_reports.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn each_round_trip_is_observed_once() {
+        let histogram = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("rtt", "rtt")).expect("valid");
+        let state = Arc::new(FeedbackState {
+            rtt_seconds: Some(histogram.clone()),
+            ..FeedbackState::default()
+        });
+        let tap = FeedbackTap::new(state);
+        // Our sender report went out 40 ms ago and the viewer held it 10 ms: 30 ms round trip.
+        let sent = ntp_middle_32(SystemTime::now() - Duration::from_millis(40));
+        tap.record(&ReceiverReport {
+            ssrc: 1,
+            reports: vec![rtc::rtcp::reception_report::ReceptionReport {
+                ssrc: 2,
+                last_sender_report: sent,
+                delay: 655, // 10 ms in 1/65536 s
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert_eq!(histogram.get_sample_count(), 1);
+        let rtt = histogram.get_sample_sum();
+        assert!((0.025..0.2).contains(&rtt), "{rtt}");
     }
 }
