@@ -36,28 +36,20 @@ fn trace_sampling_rate_follows_the_error_rate_within_bounds() {
     let floor = 0.1;
     let node = TestNode::start(&["--trace-sample-floor", "0.1"]);
     let client = reqwest::blocking::Client::new();
-    let healthy = || {
-        for _ in 0..10 {
-            let status = client
-                .get(format!("{}/sdk/mediamesh.js", node.base))
-                .send()
-                .expect("request")
-                .status();
-            assert_eq!(status, 200);
+    // Ten requests to `path`, all succeeding or all refused, then a pause.
+    let burst = |path: &'static str, succeed: bool| {
+        let (client, base) = (&client, &node.base);
+        move || {
+            for _ in 0..10 {
+                let status = client.get(format!("{base}{path}")).send().expect("request").status();
+                assert_eq!(status.is_success(), succeed, "{path}: {status}");
+                assert!(succeed || status.is_client_error(), "{path}: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
     };
-    let failing = || {
-        for _ in 0..10 {
-            let status = client
-                .get(format!("{}/whep/no-such-room/no-such-session", node.base))
-                .send()
-                .expect("request")
-                .status();
-            assert!(status.is_client_error(), "{status}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let healthy = burst("/sdk/mediamesh.js", true);
+    let failing = burst("/whep/no-such-room/no-such-session", false);
     let calm = ratio_over(&node, floor, Duration::from_secs(2), healthy);
     assert!(calm <= floor + 0.01, "healthy traffic keeps the floor: {calm}");
     let errors = ratio_over(&node, floor, Duration::from_secs(3), failing);

@@ -134,22 +134,21 @@ fn a_publish_on_a_follower_is_one_trace_across_both_nodes() {
         cluster.nodes[follower].spec.id.clone(),
     );
     let keys = TokenKeys::new(&cluster.secret);
+    let token = |identity: &str, grants: Grants| keys.create(identity, "traced-room", grants, Duration::from_secs(600));
 
     // HTTP: a caller's trace context on a WHIP publish to a new room on the follower.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
-    let token = keys.create(
+    let publish_token = token(
         "tracer",
-        "traced-room",
         Grants {
             publish: true,
             ..Default::default()
         },
-        Duration::from_secs(600),
     );
     let response = reqwest::blocking::Client::new()
         .post(format!("{}/whip/traced-room", cluster.nodes[follower].base_url()))
-        .header("authorization", format!("Bearer {token}"))
+        .header("authorization", format!("Bearer {publish_token}"))
         .header("content-type", "application/sdp")
         .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
         .header("tracestate", "vendor=opaque")
@@ -205,14 +204,12 @@ fn a_publish_on_a_follower_is_one_trace_across_both_nodes() {
     // gRPC: a signal session with trace context in its metadata.
     let grpc_trace = "0af7651916cd43dd8448eb211c80319c";
     let grpc_caller = "b7ad6b7169203331";
-    let token = keys.create(
+    let view_token = token(
         "viewer",
-        "traced-room",
         Grants {
             subscribe: true,
             ..Default::default()
         },
-        Duration::from_secs(600),
     );
     let grpc_url = format!("http://127.0.0.1:{}", cluster.nodes[follower].spec.grpc_port);
     tokio::runtime::Runtime::new().expect("runtime").block_on(async move {
@@ -227,7 +224,7 @@ fn a_publish_on_a_follower_is_one_trace_across_both_nodes() {
             body: Some(pb::client_message::Body::Join(pb::Join {
                 room: "traced-room".into(),
                 role: "subscriber".into(),
-                token,
+                token: view_token,
                 ..Default::default()
             })),
         })
