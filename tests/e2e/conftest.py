@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import json
 import os
 import random
 import re
@@ -23,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -338,31 +336,35 @@ class Node:
         raise RuntimeError("no VmRSS")
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    """A fresh single node per test module; stopped (SIGTERM, then SIGKILL) at the end."""
-    binary = require_binary()
-    workdir = tmp_path_factory.mktemp("node")
-    n = Node(binary, workdir)
+def start_or_fail(n: Node) -> Node:
+    """``n.start()``, failing the test (not an error trace) when the node does not become ready."""
     try:
         n.start()
     except Exception as e:
+        n.stop()  # closes its log files (start() leaves them open when the node exited early)
         pytest.fail(str(e), pytrace=False)
-    yield n
-    n.stop()
-    if os.environ.get("MEDIAMESH_E2E_KEEP") == "1":
-        print(f"[e2e] kept {workdir}")
+    return n
 
 
 def start_node(workdir: Path, **kw) -> Node:
     """A started Node in ``workdir`` (keyword arguments as for Node); fails the test (not an
     error trace) when the binary is missing or the node does not become ready."""
-    n = Node(require_binary(), workdir, **kw)
-    try:
-        n.start()
-    except Exception as e:
-        pytest.fail(str(e), pytrace=False)
-    return n
+    return start_or_fail(Node(require_binary(), workdir, **kw))
+
+
+def stop_node(n: Node) -> None:
+    """Stop ``n``; with MEDIAMESH_E2E_KEEP=1 print where its data dir and logs are kept."""
+    n.stop()
+    if os.environ.get("MEDIAMESH_E2E_KEEP") == "1":
+        print(f"[e2e] kept {n.workdir}")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    """A fresh single node per test module; stopped (SIGTERM, then SIGKILL) at the end."""
+    n = start_node(tmp_path_factory.mktemp("node"))
+    yield n
+    stop_node(n)
 
 
 @pytest.fixture
@@ -374,21 +376,14 @@ def node_factory(tmp_path_factory):
 
     def make(extra_args=(), extra_env: Optional[dict] = None, capture_stderr: bool = True,
              **kw) -> Node:
-        workdir = tmp_path_factory.mktemp("node")
-        nodes.append(Node(require_binary(), workdir, extra_args=extra_args, extra_env=extra_env,
-                          capture_stderr=capture_stderr, **kw))
-        try:
-            nodes[-1].start()
-        except Exception as e:
-            pytest.fail(str(e), pytrace=False)
+        nodes.append(start_node(tmp_path_factory.mktemp("node"), extra_args=extra_args,
+                                extra_env=extra_env, capture_stderr=capture_stderr, **kw))
         return nodes[-1]
 
     make.nodes = nodes
     yield make
     for n in nodes:
-        n.stop()
-        if os.environ.get("MEDIAMESH_E2E_KEEP") == "1":
-            print(f"[e2e] kept {n.workdir}")
+        stop_node(n)
 
 
 @pytest.fixture(scope="module")
@@ -413,18 +408,14 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if not rep.failed:
         return
-    funcargs = getattr(item, "funcargs", {})
-    n = funcargs.get("node")
-    if isinstance(n, Node):
-        rep.sections.append(("mediamesh node log (tail)", n.log_tail(80)))
-    # other Node fixtures, and the nodes of node_factory
-    for name, value in funcargs.items():
-        if name == "node":
-            continue
-        others = getattr(value, "nodes", None)
-        for i, other in enumerate(others if isinstance(others, list) else [value]):
-            if isinstance(other, Node):
-                rep.sections.append((f"mediamesh {name}[{i}] log (tail)", other.log_tail(80)))
+    # the module's ``node``, other Node fixtures, and the nodes of ``node_factory``
+    for name, value in getattr(item, "funcargs", {}).items():
+        if isinstance(value, Node):
+            rep.sections.append((f"mediamesh {name} log (tail)", value.log_tail(80)))
+        elif isinstance(getattr(value, "nodes", None), list):
+            for i, other in enumerate(value.nodes):
+                if isinstance(other, Node):
+                    rep.sections.append((f"mediamesh {name}[{i}] log (tail)", other.log_tail(80)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ services from ``opentelemetry-proto``:
 
   opentelemetry.proto.collector.trace.v1.TraceService/Export      spans -> ``SpanRecord`` list
   opentelemetry.proto.collector.metrics.v1.MetricsService/Export  requests kept, metric names
-  opentelemetry.proto.collector.logs.v1.LogsService/Export        requests kept, ``LogRecord`` list
+  opentelemetry.proto.collector.logs.v1.LogsService/Export        ``LogRecord`` list
 
 Usage::
 
@@ -52,6 +52,7 @@ class SpanRecord:
     status_code: int              # 0 unset, 1 ok, 2 error
     service_name: str             # resource attribute service.name ('' when absent)
     status_message: str = ""
+    trace_state: str = ""         # W3C tracestate carried by the span ('' when none)
     start_ns: int = 0
     end_ns: int = 0
     scope_name: str = ""          # instrumentation scope (e.g. the Rust crate/target)
@@ -125,11 +126,9 @@ class OtlpReceiver:
         self._spans: list[SpanRecord] = []
         self._logs: list[LogRecord] = []
         self._metric_requests: list = []
-        self._log_requests: list = []
         self.trace_requests = 0
         self.metric_requests_count = 0
         self.log_requests_count = 0
-        self.peers: set[str] = set()
         self._max_workers = max_workers
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -139,9 +138,12 @@ class OtlpReceiver:
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)],
         )
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
-        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+            _Export(self._add_traces, trace_service_pb2.ExportTraceServiceResponse), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
+            _Export(self._add_metrics, metrics_service_pb2.ExportMetricsServiceResponse), server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(
+            _Export(self._add_logs, logs_service_pb2.ExportLogsServiceResponse), server)
         port = server.add_insecure_port(f"{self.host}:{self._want_port}")
         if not port:
             raise RuntimeError(f"OTLP receiver: cannot bind {self.host}:{self._want_port}")
@@ -172,7 +174,7 @@ class OtlpReceiver:
         return f"{self.host}:{self.port}"
 
     # ---- storage (called from the grpc threads) -------------------------------------------------
-    def _add_traces(self, req, peer: str) -> None:
+    def _add_traces(self, req) -> None:
         records = []
         for rs in req.resource_spans:
             res = attributes(rs.resource.attributes)
@@ -189,6 +191,7 @@ class OtlpReceiver:
                         attributes=attributes(s.attributes),
                         status_code=int(s.status.code),
                         status_message=s.status.message,
+                        trace_state=s.trace_state,
                         service_name=svc,
                         start_ns=s.start_time_unix_nano,
                         end_ns=s.end_time_unix_nano,
@@ -200,17 +203,15 @@ class OtlpReceiver:
         with self._cond:
             self._spans.extend(records)
             self.trace_requests += 1
-            self.peers.add(peer)
             self._cond.notify_all()
 
-    def _add_metrics(self, req, peer: str) -> None:
+    def _add_metrics(self, req) -> None:
         with self._cond:
             self._metric_requests.append(req)
             self.metric_requests_count += 1
-            self.peers.add(peer)
             self._cond.notify_all()
 
-    def _add_logs(self, req, peer: str) -> None:
+    def _add_logs(self, req) -> None:
         records = []
         for rl in req.resource_logs:
             res = attributes(rl.resource.attributes)
@@ -223,10 +224,8 @@ class OtlpReceiver:
                         span_id=_hex(r.span_id), attributes=attributes(r.attributes),
                         service_name=svc, time_ns=r.time_unix_nano))
         with self._cond:
-            self._log_requests.append(req)
             self._logs.extend(records)
             self.log_requests_count += 1
-            self.peers.add(peer)
             self._cond.notify_all()
 
     # ---- queries --------------------------------------------------------------------------------
@@ -250,18 +249,20 @@ class OtlpReceiver:
         with self._cond:
             return list(self._metric_requests)
 
-    def metric_names(self) -> set[str]:
-        """Names of all metrics received over OTLP/metrics."""
-        names = set()
-        for req in self.metric_requests():
+    def _metrics(self):
+        """Every received ``Metric`` message, newest export first."""
+        for req in reversed(self.metric_requests()):
             for rm in req.resource_metrics:
                 for sm in rm.scope_metrics:
-                    names.update(m.name for m in sm.metrics)
-        return names
+                    yield from sm.metrics
 
-    def log_requests(self) -> list:
-        with self._cond:
-            return list(self._log_requests)
+    def metric_names(self) -> set[str]:
+        """Names of all metrics received over OTLP/metrics."""
+        return {m.name for m in self._metrics()}
+
+    def metric(self, name: str):
+        """The newest received ``Metric`` called ``name`` (None if none arrived)."""
+        return next((m for m in self._metrics() if m.name == name), None)
 
     def logs(self) -> list[LogRecord]:
         with self._cond:
@@ -301,7 +302,6 @@ class OtlpReceiver:
             self._spans.clear()
             self._logs.clear()
             self._metric_requests.clear()
-            self._log_requests.clear()
             self.trace_requests = self.metric_requests_count = self.log_requests_count = 0
 
     def summary(self) -> str:
@@ -317,28 +317,13 @@ class OtlpReceiver:
 # ------------------------------------------------------------------------------------------------
 # servicers
 # ------------------------------------------------------------------------------------------------
-class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, rx: OtlpReceiver):
-        self.rx = rx
+class _Export:
+    """The one RPC of an OTLP collector service (grpc's generated ``add_*_to_server`` only needs
+    an ``Export`` attribute): store the request, answer an empty (= full success) response."""
+
+    def __init__(self, store: Callable[[Any], None], response: type):
+        self._store, self._response = store, response
 
     def Export(self, request, context):
-        self.rx._add_traces(request, context.peer())
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
-class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, rx: OtlpReceiver):
-        self.rx = rx
-
-    def Export(self, request, context):
-        self.rx._add_metrics(request, context.peer())
-        return metrics_service_pb2.ExportMetricsServiceResponse()
-
-
-class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
-    def __init__(self, rx: OtlpReceiver):
-        self.rx = rx
-
-    def Export(self, request, context):
-        self.rx._add_logs(request, context.peer())
-        return logs_service_pb2.ExportLogsServiceResponse()
+        self._store(request)
+        return self._response()

@@ -213,8 +213,6 @@ def lint_exposition(text: str, forbidden_values=(), max_series: int = 500) -> li
             problems.append(f"{fam}: a time {typ} must be in seconds (name ending _seconds)")
         if fam in series and len(series[fam]) > max_series:
             problems.append(f"{fam}: {len(series[fam])} series (> {max_series}): unbounded labels?")
-        if typ in ("histogram", "summary") and fam not in series:
-            pass  # a histogram with no observations yet may print only HELP/TYPE
     for (fam, rest), h in sorted(hist.items()):
         where = f"{fam}{dict(rest)}"
         b = sorted(h["buckets"])
@@ -314,10 +312,11 @@ def scrape(node) -> requests.Response:
 
 def live_scrape(node, live) -> str:
     """/metrics once media is flowing (forwarded packets > 0), the session still live."""
-    text = wait_until(
-        lambda: (lambda t: t if (parse_metric(t, "mediamesh_rtp_packets_forwarded_total") or 0) > 0
-                 else None)(scrape(node).text),
-        15, what="mediamesh_rtp_packets_forwarded_total > 0 on /metrics")
+    def flowing() -> Optional[str]:
+        text = scrape(node).text
+        return text if (parse_metric(text, "mediamesh_rtp_packets_forwarded_total") or 0) > 0 else None
+
+    text = wait_until(flowing, 15, what="mediamesh_rtp_packets_forwarded_total > 0 on /metrics")
     assert live.alive(), f"live session ended early: {live.error!r}"
     return text
 
@@ -406,14 +405,19 @@ class PromServer:
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool",
                    "offset", "and", "or", "unless", "inf", "nan", "atan2", "start", "end"}
 _GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+# a Grafana template query: label_values(<selector>, <label>)
+_LABEL_VALUES = re.compile(r"\s*label_values\((.*),\s*[a-zA-Z_][a-zA-Z0-9_]*\s*\)\s*")
+
+
+def _selector_of_label_values(expr: str) -> str:
+    """``label_values(<selector>, <label>)`` -> ``<selector>``; any other expression unchanged."""
+    lv = _LABEL_VALUES.fullmatch(expr)
+    return lv.group(1) if lv else expr
 
 
 def expr_metric_names(expr: str) -> set[str]:
     """Metric names referenced by a PromQL expression (functions, keywords, labels excluded)."""
-    lv = re.fullmatch(r"\s*label_values\((.*),\s*[a-zA-Z_][a-zA-Z0-9_]*\s*\)\s*", expr)
-    if lv:  # Grafana template query: label_values(<selector>, <label>)
-        expr = lv.group(1)
-    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)       # string literals
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', _selector_of_label_values(expr))  # string literals
     e = re.sub(r"\{[^}]*\}", " ", e)                    # label matchers
     e = re.sub(r"\[[^\]]*\]", " ", e)                   # range / subquery durations
     e = _GROUPING.sub(" ", e)                           # by (...) / on (...) label lists
@@ -469,9 +473,7 @@ def family_name(metric: str) -> str:
 def grafana_to_promql(expr: str) -> str:
     """Substitute Grafana's template variables so that the expression is plain PromQL
     (a ``label_values(<selector>, <label>)`` variable query becomes its selector)."""
-    lv = re.fullmatch(r"\s*label_values\((.*),\s*[a-zA-Z_][a-zA-Z0-9_]*\s*\)\s*", expr)
-    if lv:
-        expr = lv.group(1)
+    expr = _selector_of_label_values(expr)
     return (expr.replace("$__rate_interval", "1m").replace("${__rate_interval}", "1m")
             .replace("$__interval", "1m").replace("$__range", "1h")
             .replace('"$instance"', '".*"').replace("$instance", ".*"))
@@ -679,16 +681,13 @@ def test_prometheus_server_scrapes_node(node, live, tmp_path):
     try:
         prom.start()
         sel = f'{{job="{JOB}"}}'
-        up = wait_until(lambda: prom.scalar(f"up{sel}") is not None and prom.scalar(f"up{sel}"),
-                        30, what=f"up{sel} == 1")
+        # wait_until returns the first truthy value: not None (empty vector) and not 0
+        up = wait_until(lambda: prom.scalar(f"up{sel}"), 30, what=f"up{sel} == 1")
         assert up == 1.0, up
-        total = wait_until(lambda: (prom.scalar(f"sum(mediamesh_rtp_packets_forwarded_total{sel})") or 0) > 0
-                           and prom.scalar(f"sum(mediamesh_rtp_packets_forwarded_total{sel})"),
+        total = wait_until(lambda: prom.scalar(f"sum(mediamesh_rtp_packets_forwarded_total{sel})"),
                            30, what="sum(mediamesh_rtp_packets_forwarded_total) > 0 in prometheus")
-        rate = wait_until(
-            lambda: (prom.scalar(f"sum(rate(mediamesh_rtp_packets_forwarded_total{sel}[5s]))") or 0) > 0
-            and prom.scalar(f"sum(rate(mediamesh_rtp_packets_forwarded_total{sel}[5s]))"),
-            30, what="sum(rate(mediamesh_rtp_packets_forwarded_total[5s])) > 0 in prometheus")
+        rate = wait_until(lambda: prom.scalar(f"sum(rate(mediamesh_rtp_packets_forwarded_total{sel}[5s]))"),
+                          30, what="sum(rate(mediamesh_rtp_packets_forwarded_total[5s])) > 0 in prometheus")
         assert total > 0 and rate > 0
         (target,) = [t for t in prom.targets() if t["labels"].get("job") == JOB]
         assert target["health"] == "up" and not target["lastError"], target

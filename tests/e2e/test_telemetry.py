@@ -17,12 +17,12 @@
 
 Tests 1, 2, 4 and 5 share one node (floor 1, metrics every 500 ms, stderr captured) and the
 module's receiver; 3 and 6 start nodes of their own (``node_factory``) with their own receiver.
+Every node exports its span batches every 200 ms (``OTEL_BSP_SCHEDULE_DELAY``; the SDK's default
+5 s would be most of each test's time).
 """
 
 from __future__ import annotations
 
-import asyncio
-import http.client
 import json
 import re
 import secrets
@@ -37,7 +37,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 import whipwhep as ww
-from conftest import start_node, wait_until
+from conftest import start_node, stop_node, wait_until
 from otlp_receiver import STATUS_ERROR, OtlpReceiver
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,20 +61,49 @@ def describe(spans) -> str:
     return "\n  ".join(f"{s}  {s.attributes}" for s in spans) or "(none)"
 
 
+# the node's environment for every test here: no inherited RUST_LOG / OTLP endpoint, span batches
+# exported every 200 ms instead of the SDK's 5 s (the tests wait for them)
+NODE_ENV = {"RUST_LOG": None, "OTEL_EXPORTER_OTLP_ENDPOINT": None, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+
+
+def otlp_args(rx, floor: int) -> list[str]:
+    return ["--otlp-endpoint", rx.endpoint, "--trace-sample-floor", str(floor)]
+
+
+@pytest.fixture
+def own_receiver():
+    """A receiver of the test's own, for a ``node_factory`` node (request it before
+    ``node_factory``: the receiver then outlives the node and gets its shutdown flush)."""
+    with OtlpReceiver() as rx:
+        yield rx
+
+
+async def publish_and_view(node, room: str, pub_token: str, view_token: str) -> dict:
+    """WHIP-publish into ``room``, WHEP-view it until 5 video frames decoded, DELETE both;
+    -> the DELETE statuses {"whep delete": .., "whip delete": ..}."""
+    statuses = {}
+    pub = await ww.publish(node.whip_url(room), pub_token)
+    try:
+        viewer = await ww.play(node.whep_url(room), view_token)
+        try:
+            await viewer.wait_frames(video=5, timeout=15)
+        finally:
+            statuses["whep delete"] = await viewer.close()
+    finally:
+        statuses["whip delete"] = await pub.close()
+    return statuses
+
+
 # ------------------------------------------------------------------------------------------------
 # the shared node: OTLP to the module's receiver, every trace exported, metrics every 500 ms
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tele_node(otlp_receiver, tmp_path_factory):
-    n = start_node(
-        tmp_path_factory.mktemp("node"),
-        extra_args=["--otlp-endpoint", otlp_receiver.endpoint, "--trace-sample-floor", "1"],
-        extra_env={"OTEL_METRIC_EXPORT_INTERVAL": "500", "RUST_LOG": None,
-                   "OTEL_EXPORTER_OTLP_ENDPOINT": None},
-        capture_stderr=True,
-    )
+    n = start_node(tmp_path_factory.mktemp("node"), extra_args=otlp_args(otlp_receiver, 1),
+                   extra_env={**NODE_ENV, "OTEL_METRIC_EXPORT_INTERVAL": "500"},
+                   capture_stderr=True)
     yield n
-    n.stop()
+    stop_node(n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,19 +134,8 @@ def test_whip_publish_is_one_trace(tele_node, otlp_receiver):
     pub_token = node.token(room, "trace-pub", publish=True)
     view_token = node.token(room, "trace-viewer", subscribe=True)
 
-    async def session():
-        pub = await ww.publish(node.whip_url(room), pub_token)
-        try:
-            viewer = await ww.play(node.whep_url(room), view_token)
-            try:
-                await viewer.wait_frames(video=5, timeout=15)
-            finally:
-                await viewer.close()
-        finally:
-            await pub.close()
-
     t0 = time.monotonic()
-    ww.run(session(), timeout=60)
+    ww.run(publish_and_view(node, room, pub_token, view_token), timeout=60)
     t_media = time.monotonic() - t0
     try:
         trace = rx.wait_for(_publish_trace(room), timeout=15, what=f"the WHIP publish trace of {room}")
@@ -204,6 +222,7 @@ def test_traceparent_continues_the_callers_trace(tele_node, otlp_receiver):
     assert h.parent_span_id == parent, f"parent {h.parent_span_id!r}, the caller's span is {parent}"
     assert h.kind == SERVER and HEX16.match(h.span_id) and h.span_id != parent, h
     assert h.attributes.get("http.route") == "/healthz", h.attributes
+    assert h.trace_state == "mm=e2e,vendor=t61rcWkgMzE", f"tracestate {h.trace_state!r} not carried on"
     (w,) = [s for s in whip if s.name == "POST /whip/{room}"]
     assert w.parent_span_id == parent2 and w.status_code == STATUS_ERROR, (w, w.attributes)
     assert all(s.parent_span_id for s in whip), f"a root in a continued trace:\n  {describe(whip)}"
@@ -212,60 +231,48 @@ def test_traceparent_continues_the_callers_trace(tele_node, otlp_receiver):
 # ------------------------------------------------------------------------------------------------
 # 3. floor 0: only traces with an error are exported
 # ------------------------------------------------------------------------------------------------
-def test_error_traces_are_kept_at_floor_zero(node_factory):
-    with OtlpReceiver() as rx:
-        node = node_factory(
-            extra_args=["--otlp-endpoint", rx.endpoint, "--trace-sample-floor", "0"],
-            extra_env={"RUST_LOG": None, "OTEL_EXPORTER_OTLP_ENDPOINT": None})
-        room = fresh_room("tele-floor0")
-        token = node.token(room, "floor0-pub", publish=True)
-        t0 = time.monotonic()
-        healthy = 20
-        for _ in range(healthy):
-            r = requests.get(node.base + "/healthz", timeout=5)
-            assert r.status_code == 200, r.status_code
-        # healthy requests first: errors raise the sampler's rate for the requests after them
-        statuses = []
-        for i in range(2):
-            statuses.append(requests.post(node.whip_url(room), data=b"v=0\r\n", timeout=5,
-                                          headers={"Content-Type": "application/sdp"}).status_code)
-            statuses.append(requests.post(
-                node.whip_url(room), data=b"this is not an SDP offer\r\n", timeout=5,
-                headers={"Content-Type": "application/sdp",
-                         "Authorization": f"Bearer {token}"}).status_code)
-        assert statuses == [401, 400, 401, 400], f"bad WHIP posts answered {statuses}"
+def test_error_traces_are_kept_at_floor_zero(own_receiver, node_factory):
+    rx = own_receiver
+    node = node_factory(extra_args=otlp_args(rx, 0), extra_env=NODE_ENV)
+    room = fresh_room("tele-floor0")
+    token = node.token(room, "floor0-pub", publish=True)
+    t0 = time.monotonic()
+    healthy = 20
+    for _ in range(healthy):
+        r = requests.get(node.base + "/healthz", timeout=5)
+        assert r.status_code == 200, r.status_code
+    # healthy requests first: errors raise the sampler's rate for the requests after them
+    statuses = []
+    for _ in range(2):
+        statuses.append(requests.post(node.whip_url(room), data=b"v=0\r\n", timeout=5,
+                                      headers={"Content-Type": "application/sdp"}).status_code)
+        statuses.append(requests.post(
+            node.whip_url(room), data=b"this is not an SDP offer\r\n", timeout=5,
+            headers={"Content-Type": "application/sdp",
+                     "Authorization": f"Bearer {token}"}).status_code)
+    assert statuses == [401, 400, 401, 400], f"bad WHIP posts answered {statuses}"
 
-        def errors(spans):
-            e = [s for s in spans if s.name == "POST /whip/{room}"]
-            return e if len(e) >= 4 else None
+    def errors(spans):
+        e = [s for s in spans if s.name == "POST /whip/{room}"]
+        return e if len(e) >= 4 else None
 
-        err = rx.wait_for(errors, timeout=10, what="the 4 refused WHIP requests' spans")
-        t_err = time.monotonic() - t0
-        node.stop()  # the node flushes its batch on shutdown: everything it would export is in
-        spans = rx.spans()
-        print(f"error spans after {t_err:.1f}s; after shutdown: {rx.summary()}")
-        codes = sorted(s.attributes.get("http.response.status_code") for s in err)
-        assert [str(c) for c in codes] == ["400", "400", "401", "401"], describe(err)
-        assert all(s.status_code == STATUS_ERROR for s in err), describe(err)
-        leaked = [s for s in spans if s.name == "GET /healthz"]
-        assert not leaked, (f"{len(leaked)} of {healthy} healthy GET /healthz spans exported at "
-                            f"floor 0:\n  {describe(leaked)}")
-        assert len([s for s in spans if s.name == "POST /whip/{room}"]) == 4, describe(spans)
+    err = rx.wait_for(errors, timeout=10, what="the 4 refused WHIP requests' spans")
+    t_err = time.monotonic() - t0
+    node.stop()  # the node flushes its batch on shutdown: everything it would export is in
+    spans = rx.spans()
+    print(f"error spans after {t_err:.1f}s; after shutdown: {rx.summary()}")
+    codes = sorted(s.attributes.get("http.response.status_code") for s in err)
+    assert [str(c) for c in codes] == ["400", "400", "401", "401"], describe(err)
+    assert all(s.status_code == STATUS_ERROR for s in err), describe(err)
+    leaked = [s for s in spans if s.name == "GET /healthz"]
+    assert not leaked, (f"{len(leaked)} of {healthy} healthy GET /healthz spans exported at "
+                        f"floor 0:\n  {describe(leaked)}")
+    assert len([s for s in spans if s.name == "POST /whip/{room}"]) == 4, describe(spans)
 
 
 # ------------------------------------------------------------------------------------------------
 # 4. metrics over OTLP
 # ------------------------------------------------------------------------------------------------
-def _metric(rx, name: str):
-    for req in reversed(rx.metric_requests()):
-        for rm in req.resource_metrics:
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    if m.name == name:
-                        return m
-    return None
-
-
 def test_otlp_metrics_export(tele_node, otlp_receiver):
     rx = otlp_receiver
     requests.get(tele_node.base + "/healthz", timeout=5)  # at least one HTTP observation
@@ -280,14 +287,14 @@ def test_otlp_metrics_export(tele_node, otlp_receiver):
     names = rx.metric_names()
     print(f"metric names after {t_names:.2f}s, 3 exports after {t_three:.2f}s; {len(names)} names: "
           f"{sorted(names)}")
-    hist = _metric(rx, "mediamesh_http_request_duration_seconds")
+    hist = rx.metric("mediamesh_http_request_duration_seconds")
     assert hist.WhichOneof("data") == "histogram", hist
     points = hist.histogram.data_points
     assert points and sum(p.count for p in points) >= 1, hist
     assert all(len(p.bucket_counts) == len(p.explicit_bounds) + 1 for p in points), hist
     routes = {kv.value.string_value for p in points for kv in p.attributes if kv.key == "route"}
     assert "/healthz" in routes, f"route attributes of the histogram's points: {routes}"
-    fwd = _metric(rx, "mediamesh_rtp_packets_forwarded_total")
+    fwd = rx.metric("mediamesh_rtp_packets_forwarded_total")
     assert fwd.WhichOneof("data") == "sum" and fwd.sum.is_monotonic, fwd
     assert len(names) >= 10, sorted(names)
 
@@ -392,6 +399,14 @@ def _strings(value, path=""):
         yield path, str(value)
 
 
+def _hits(s: str, forms: dict[str, str]) -> set[str]:
+    """What personal data the string ``s`` holds (the forms found in it, and any Hangul)."""
+    hit = {what for form, what in forms.items() if form in s}
+    if HANGUL.search(s):
+        hit.add("Hangul text")
+    return hit
+
+
 def find_leaks(text: str, secrets_: dict[str, str]) -> list[str]:
     """Every log line holding personal data: raw text, and each decoded JSON string."""
     leaks = []
@@ -407,9 +422,7 @@ def find_leaks(text: str, secrets_: dict[str, str]) -> list[str]:
         if isinstance(obj, dict):
             fields = []
             for path, s in _strings(obj):
-                hit = {what for form, what in forms.items() if form in s}
-                if HANGUL.search(s):
-                    hit.add("Hangul text")
+                hit = _hits(s, forms)
                 if hit:
                     fields.append(f"{path.lstrip('.')}={s[:120]!r} ({', '.join(sorted(hit))})")
                     found |= hit
@@ -432,9 +445,7 @@ def span_leaks(spans, secrets_: dict[str, str]) -> list[str]:
         values += list(_strings(s.resource, "resource"))
         values += list(_strings([list(e) for e in s.events], "events"))
         for path, v in values:
-            hit = {what for form, what in forms.items() if form in v}
-            if HANGUL.search(v):
-                hit.add("Hangul text")
+            hit = _hits(v, forms)
             if hit:
                 out.append(f"span {s.name} {s.span_id}: {path}={v[:120]!r} ({', '.join(sorted(hit))})")
     return out
@@ -493,18 +504,10 @@ def test_leak_finder_can_fail():
     assert span_leaks([S()], {}) and "client IP" in span_leaks([S()], {})[0]
 
 
-def test_personal_data_never_reaches_the_logs(node_factory, monkeypatch):
-    rx = OtlpReceiver().start()
-    try:
-        _personal_data(node_factory, monkeypatch, rx)
-    finally:
-        rx.stop()
-
-
-def _personal_data(node_factory, monkeypatch, rx):
-    node = node_factory(
-        extra_args=["--otlp-endpoint", rx.endpoint, "--trace-sample-floor", "1"],
-        extra_env={"RUST_LOG": "info,mediamesh=debug", "OTEL_EXPORTER_OTLP_ENDPOINT": None})
+def test_personal_data_never_reaches_the_logs(own_receiver, node_factory, monkeypatch):
+    rx = own_receiver
+    node = node_factory(extra_args=otlp_args(rx, 1),
+                        extra_env={**NODE_ENV, "RUST_LOG": "info,mediamesh=debug"})
     http_ = client_session(CLIENT_IP)
     # aiortc's HTTP (whipwhep's requests.post/delete) and its ICE host candidate from 127.0.0.77
     monkeypatch.setattr(ww, "requests", types.SimpleNamespace(post=http_.post, delete=http_.delete))
@@ -518,21 +521,8 @@ def _personal_data(node_factory, monkeypatch, rx):
               (pub_token, view_token, phone_token, other_room_token)}
     tokens.update({t.split(".")[1]: "an access token's claims (base64 identity)" for t in tokens})
     t0 = time.monotonic()
-    steps = {}
-
     # (a) WHIP publish as 김민수, WHEP viewer as the e-mail identity, both from 127.0.0.77
-    async def media():
-        pub = await ww.publish(node.whip_url(room), pub_token)
-        try:
-            viewer = await ww.play(node.whep_url(room), view_token)
-            try:
-                await viewer.wait_frames(video=5, timeout=15)
-            finally:
-                steps["whep delete"] = await viewer.close()
-        finally:
-            steps["whip delete"] = await pub.close()
-
-    ww.run(media(), timeout=60)
+    steps = ww.run(publish_and_view(node, room, pub_token, view_token), timeout=60)
     # (b) refused requests: a token for another room, no token, a token in a query string
     steps["whep other room"] = http_.post(
         node.whep_url(room), data=b"v=0\r\n", timeout=5,

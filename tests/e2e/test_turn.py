@@ -11,7 +11,6 @@ Everything stays on 127.0.0.1."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 import shutil
@@ -24,7 +23,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 import whipwhep as ww
-from conftest import Node, free_udp_range, require_binary
+from conftest import Node, free_udp_range, require_binary, start_or_fail, stop_node
 
 pytestmark = pytest.mark.timeout(180)
 UCLIENT = shutil.which("turnutils_uclient") or "/usr/bin/turnutils_uclient"
@@ -41,8 +40,7 @@ def peer_port():
 
 @pytest.fixture(scope="module")
 def turn_node(tmp_path_factory, peer_port):
-    binary = require_binary()
-    n = Node(binary, tmp_path_factory.mktemp("turn-node"), node_id="e2e-turn")
+    n = Node(require_binary(), tmp_path_factory.mktemp("turn-node"), node_id="e2e-turn")
     # relay ports apart from the media ports (the node refuses an overlap), the TURN and peer ports
     taken = {n.turn_port, peer_port, peer_port + 1}
     while True:
@@ -50,12 +48,8 @@ def turn_node(tmp_path_factory, peer_port):
         if (hi < n.media_lo or lo > n.media_hi) and not any(lo <= p <= hi for p in taken):
             break
     n.extra_args = ["--turn-allow", f"127.0.0.1:{peer_port}-{peer_port + 1}", "--turn-relay-ports", f"{lo}-{hi}"]
-    try:
-        n.start()
-    except Exception as e:
-        pytest.fail(str(e), pytrace=False)
-    yield n
-    n.stop()
+    yield start_or_fail(n)
+    stop_node(n)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +91,22 @@ def link_servers(resp) -> list[tuple[str, str, str]]:
     return LINK.findall(resp.headers.get("Link", ""))
 
 
+async def fetch_link_servers(url: str, token: str, direction: str):
+    """POST an offer with one video transceiver (``direction``) to the WHIP/WHEP ``url``, DELETE
+    the session again; -> (the answer's ``Link`` ICE servers [(url, username, credential)], the
+    response).  aiortc cannot change its configuration after the offer, so the ICE servers of a
+    session come from a first one like this."""
+    pc = ww.new_pc()
+    try:
+        pc.addTransceiver("video", direction=direction)
+        await pc.setLocalDescription(await pc.createOffer())
+        _, location, resp = await ww.post_offer(url, token, pc.localDescription.sdp)
+    finally:
+        await pc.close()
+    await ww.delete(location, token)
+    return link_servers(resp), resp
+
+
 def test_uclient_relays_with_the_node_secret(turn_node, secret, echo_peer, peer_port):
     # channels (default mode: RTP + RTCP allocations with EVEN-PORT)
     r = uclient(turn_node, peer_port, "-W", secret, "-u", "alice", extra=("-m", "2"))
@@ -107,26 +117,13 @@ def test_uclient_relays_with_the_node_secret(turn_node, secret, echo_peer, peer_
     assert turn_node.metric("mediamesh_turn_relayed_packets_total") >= 400
 
 
-def test_uclient_with_a_minted_link_credential(turn_node, secret, echo_peer, peer_port):
+def test_uclient_with_a_minted_link_credential(turn_node, echo_peer, peer_port):
     token = turn_node.token("linked", "link-user", publish=True)
-
-    async def offer_sdp():
-        pc = ww.new_pc()
-        pc.addTransceiver("video", direction="sendonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    sdp = asyncio.run(offer_sdp())
-    r = requests.post(turn_node.whip_url("linked"), data=sdp, timeout=10,
-                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/sdp"})
-    assert r.status_code == 201, r.text
-    servers = link_servers(r)
-    assert servers and servers[0][0] == f"turn:127.0.0.1:{turn_node.turn_port}?transport=udp", r.headers
+    # a WHIP publish answered 201 (else WhipError) whose Link header carries a TURN credential
+    servers, resp = ww.run(fetch_link_servers(turn_node.whip_url("linked"), token, "sendonly"), 30)
+    assert servers and servers[0][0] == f"turn:127.0.0.1:{turn_node.turn_port}?transport=udp", resp.headers
     _, username, credential = servers[0]
     assert username.endswith(":link-user")
-    requests.delete(turn_node.base + r.headers["Location"], headers={"Authorization": f"Bearer {token}"}, timeout=10)
     r = uclient(turn_node, peer_port, "-u", username, "-w", credential, extra=("-m", "1", "-c"))
     assert r.returncode == 0 and lost(r.stdout) == "0", r.stdout[-2000:]
 
@@ -138,7 +135,7 @@ def test_uclient_with_a_wrong_secret_fails(turn_node, secret, echo_peer, peer_po
     assert (turn_node.metric("mediamesh_turn_auth_failures_total") or 0) > before
 
 
-def test_aiortc_relay_only_viewer_decodes(turn_node, secret):
+def test_aiortc_relay_only_viewer_decodes(turn_node):
     room = "e2e-turn-relay"
     pub_token = turn_node.token(room, "turn-publisher", publish=True)
     view_token = turn_node.token(room, "turn-viewer", subscribe=True)
@@ -149,15 +146,9 @@ def test_aiortc_relay_only_viewer_decodes(turn_node, secret):
         pub = await ww.publish(turn_node.whip_url(room), pub_token)
         sessions = [pub]
         try:
-            # The ICE servers come with the WHIP/WHEP answers (RFC 9725 §4.6). aiortc cannot
-            # change its configuration after the offer, so a first WHEP request fetches them.
-            probe = ww.new_pc()
-            probe.addTransceiver("video", direction="recvonly")
-            await probe.setLocalDescription(await probe.createOffer())
-            _, location, resp = await ww.post_offer(turn_node.whep_url(room), view_token, probe.localDescription.sdp)
-            await probe.close()
-            await ww.delete(location, view_token)
-            servers = link_servers(resp)
+            # The ICE servers come with the WHIP/WHEP answers (RFC 9725 §4.6): a first WHEP
+            # request fetches them.
+            servers, resp = await fetch_link_servers(turn_node.whep_url(room), view_token, "recvonly")
             assert servers, resp.headers
             url, username, credential = servers[0]
 
