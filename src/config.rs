@@ -330,7 +330,6 @@ impl NodeArgs {
                 });
             }
         }
-
         let sessions_per_node_max = self
             .sessions_per_node_max
             .or(file.sessions_per_node_max)
@@ -457,10 +456,9 @@ impl NodeArgs {
                     min: media.1.saturating_add(1),
                     max: default.max,
                 };
-                let size = |r: PortRange| u32::from(r.max).saturating_sub(u32::from(r.min)) + 1;
+                // The part below the media ports when there is one, else the part above.
                 match (overlaps(default), below.min <= below.max, above.min <= above.max) {
                     (false, _, _) => default,
-                    (true, true, true) if size(below) >= size(above) => below,
                     (true, true, _) => below,
                     (true, _, true) => above,
                     (true, false, false) => {
@@ -471,25 +469,19 @@ impl NodeArgs {
                 }
             }
         };
-        let allow = self
-            .turn_allow
-            .clone()
-            .or(file.turn_allow.clone())
-            .unwrap_or_default()
-            .iter()
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse())
-            .collect::<Result<Vec<PeerRule>, _>>()
-            .map_err(invalid("turn_allow"))?;
-        let offer_ranges = self
-            .turn_offer_ranges
-            .clone()
-            .or(file.turn_offer_ranges.clone())
-            .unwrap_or_default()
-            .iter()
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse())
-            .collect::<Result<Vec<IpNet>, _>>()
+        // Comma-separated items, blanks skipped.
+        fn parse_list<T: std::str::FromStr<Err = String>>(items: Option<&Vec<String>>) -> Result<Vec<T>, String> {
+            items
+                .into_iter()
+                .flatten()
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+                .map(str::parse)
+                .collect()
+        }
+        let allow: Vec<PeerRule> =
+            parse_list(self.turn_allow.as_ref().or(file.turn_allow.as_ref())).map_err(invalid("turn_allow"))?;
+        let offer_ranges: Vec<IpNet> = parse_list(self.turn_offer_ranges.as_ref().or(file.turn_offer_ranges.as_ref()))
             .map_err(invalid("turn_offer_ranges"))?;
         let realm = self
             .turn_realm
@@ -558,10 +550,15 @@ pub fn secret_in_data_dir(data_dir: &Path, name: &str) -> Result<String, ConfigE
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(ConfigError::DataDir { path, source }),
     }
-    let bytes: [u8; SECRET_BYTES] = rand::random();
-    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = generate_secret();
     write_private(&path, &secret).map_err(|source| ConfigError::DataDir { path, source })?;
     Ok(secret)
+}
+
+/// A fresh random secret of [`SECRET_BYTES`] bytes, in hex (the API, cluster and TURN secrets).
+pub fn generate_secret() -> String {
+    let bytes: [u8; SECRET_BYTES] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {

@@ -9,10 +9,6 @@ use mediamesh_actors::turn::credentials::TurnSecrets;
 use mediamesh_actors::turn::policy::PortRange;
 use mediamesh_actors::turn::{IceServer, MeshNode, MeshView};
 use mediamesh_cluster::{Consistency, NodeState, Store};
-use rand::Rng;
-
-/// Bytes of randomness in a generated TURN secret.
-const SECRET_BYTES: usize = 32;
 
 /// The relay's view of the store.
 pub struct StoreTurnDirectory {
@@ -26,12 +22,6 @@ impl StoreTurnDirectory {
     }
 }
 
-/// A fresh random secret (hex).
-pub fn generate_secret() -> String {
-    let bytes: [u8; SECRET_BYTES] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn convert(s: mediamesh_cluster::TurnSecrets) -> TurnSecrets {
     TurnSecrets {
         current: s.current,
@@ -42,7 +32,7 @@ fn convert(s: mediamesh_cluster::TurnSecrets) -> TurnSecrets {
 
 /// Rotates the secret in the store (to `secret`, or a generated one).
 pub async fn rotate(store: &Store, secret: Option<String>) -> Result<TurnSecrets, mediamesh_cluster::StoreError> {
-    let secret = secret.unwrap_or_else(generate_secret);
+    let secret = secret.unwrap_or_else(crate::config::generate_secret);
     store.rotate_turn_secret(secret).await.map(convert)
 }
 

@@ -9,11 +9,10 @@ mod turn_client;
 use common::{TestNode, free_udp_range};
 use mediamesh_actors::turn::credentials;
 use std::net::{SocketAddr, UdpSocket};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use stun::agent::TransactionId;
-use stun::message::{BINDING_REQUEST, CLASS_REQUEST, METHOD_ALLOCATE, Message};
-use turn::proto::reqtrans::RequestedTransport;
-use turn_client::{Answer, Client, unix_s};
+use stun::message::{BINDING_REQUEST, Message};
+use turn_client::{Answer, Client, ice_server_links, unix_ms, unix_s};
 
 struct Relay {
     node: TestNode,
@@ -40,6 +39,19 @@ fn rotate(node: &TestNode, secret: &str) -> u64 {
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().unwrap();
     body["rotated_at_ms"].as_u64().unwrap()
+}
+
+/// `POST /whip/{room}` with the sample offer; the node must answer 201.
+fn whip(node: &TestNode, room: &str) -> reqwest::blocking::Response {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{}/whip/{room}", node.base))
+        .bearer_auth(node.publish_token(room))
+        .header("content-type", "application/sdp")
+        .body(common::sample_offer())
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    response
 }
 
 fn metric(node: &TestNode, line_prefix: &str) -> u64 {
@@ -169,11 +181,7 @@ fn rotated_secret_keeps_the_old_one_for_the_grace_period() {
         "old secret in the grace period"
     );
     let until = rotated_at_ms + grace_ms + 300;
-    let now_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    std::thread::sleep(Duration::from_millis(until.saturating_sub(now_ms)));
+    std::thread::sleep(Duration::from_millis(until.saturating_sub(unix_ms())));
     assert_eq!(
         Client::minted(relay.addr, &old, "dave").allocate(),
         Err(401),
@@ -189,14 +197,7 @@ fn rotated_secret_keeps_the_old_one_for_the_grace_period() {
 fn bad_input_is_refused_and_the_relay_stays_up() {
     let relay = relay(&[]);
     let probe = Client::minted(relay.addr, &relay.secret, "eve");
-    let valid = probe.build(
-        METHOD_ALLOCATE,
-        CLASS_REQUEST,
-        vec![Box::new(RequestedTransport {
-            protocol: turn::proto::PROTO_UDP,
-        })],
-        false,
-    );
+    let valid = probe.allocate_request(false);
     let garbage: Vec<Vec<u8>> = vec![
         vec![],
         vec![0xff; 3],
@@ -221,51 +222,23 @@ fn bad_input_is_refused_and_the_relay_stays_up() {
     let mut wrong_realm = Client::minted(relay.addr, &relay.secret, "eve");
     wrong_realm.realm = "not-mediamesh".into();
     wrong_realm.nonce = "x".into();
-    let m = wrong_realm.build(
-        METHOD_ALLOCATE,
-        CLASS_REQUEST,
-        vec![Box::new(RequestedTransport {
-            protocol: turn::proto::PROTO_UDP,
-        })],
-        true,
-    );
+    let m = wrong_realm.allocate_request(true);
     assert_eq!(
         wrong_realm.exchange(&m),
         Some(Answer::Error(438)),
         "an unknown nonce is stale first"
     );
-    let m = wrong_realm.build(
-        METHOD_ALLOCATE,
-        CLASS_REQUEST,
-        vec![Box::new(RequestedTransport {
-            protocol: turn::proto::PROTO_UDP,
-        })],
-        false,
-    );
+    let m = wrong_realm.allocate_request(false);
     let Some(Answer::Error(401)) = wrong_realm.exchange_raw(&m) else {
         panic!("challenge")
     };
-    let m = wrong_realm.build(
-        METHOD_ALLOCATE,
-        CLASS_REQUEST,
-        vec![Box::new(RequestedTransport {
-            protocol: turn::proto::PROTO_UDP,
-        })],
-        true,
-    );
+    let m = wrong_realm.allocate_request(true);
     assert_eq!(wrong_realm.exchange(&m), Some(Answer::Error(401)), "wrong realm");
 
     // Stale nonce: one the server never issued.
     let mut stale = Client::minted(relay.addr, &relay.secret, "eve");
     stale.nonce = "0123456789abcdef0123456789abcdef".into();
-    let m = stale.build(
-        METHOD_ALLOCATE,
-        CLASS_REQUEST,
-        vec![Box::new(RequestedTransport {
-            protocol: turn::proto::PROTO_UDP,
-        })],
-        true,
-    );
+    let m = stale.allocate_request(true);
     assert_eq!(stale.exchange(&m), Some(Answer::Error(438)));
 
     // Still alive: Binding answers, a proper client allocates.
@@ -286,14 +259,7 @@ fn bad_input_is_refused_and_the_relay_stays_up() {
 #[test]
 fn whip_answer_links_the_relay_with_working_credentials() {
     let relay = relay(&[]);
-    let response = reqwest::blocking::Client::new()
-        .post(format!("{}/whip/linked", relay.node.base))
-        .bearer_auth(relay.node.publish_token("linked"))
-        .header("content-type", "application/sdp")
-        .body(common::sample_offer())
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), 201);
+    let response = whip(&relay.node, "linked");
     let links: Vec<String> = response
         .headers()
         .get_all("link")
@@ -308,11 +274,7 @@ fn whip_answer_links_the_relay_with_working_credentials() {
     );
     assert!(link.starts_with(&expected_url), "{link}");
     assert!(link.contains("credential-type=\"password\""));
-    let param = |name: &str| {
-        let start = link.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
-        link[start..].split('"').next().unwrap().to_string()
-    };
-    let (username, credential) = (param("username"), param("credential"));
+    let (_, username, credential) = ice_server_links(response.headers()).remove(0);
     assert!(username.ends_with(":tester"), "{username}");
     assert!(Client::new(relay.addr, &username, &credential).allocate().is_ok());
 }
@@ -320,18 +282,17 @@ fn whip_answer_links_the_relay_with_working_credentials() {
 #[test]
 fn turn_off_binds_nothing_and_links_nothing() {
     let node = TestNode::start(&["--turn", "off"]);
-    let response = reqwest::blocking::Client::new()
-        .post(format!("{}/whip/off", node.base))
-        .bearer_auth(node.publish_token("off"))
-        .header("content-type", "application/sdp")
-        .body(common::sample_offer())
-        .send()
-        .unwrap();
-    assert_eq!(response.status(), 201);
+    let response = whip(&node, "off");
     assert!(response.headers().get("link").is_none());
+    // No relay started: none of its metrics is registered. (Whether `node.turn_port` is free
+    // says nothing: `--turn off` replaced it, and any process may hold it.)
+    let exposition = reqwest::blocking::get(format!("{}/metrics", node.base))
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(
-        UdpSocket::bind(("127.0.0.1", node.turn_port)).is_ok(),
-        "the TURN port is free"
+        !exposition.contains("mediamesh_turn_"),
+        "no relay started, so none of its metrics is registered"
     );
 }
 
@@ -386,17 +347,7 @@ async fn signal_joined_carries_the_ice_servers() {
 
 #[test]
 fn relays_outside_the_offer_ranges_are_not_offered() {
-    let whip_links = |node: &TestNode| {
-        let response = reqwest::blocking::Client::new()
-            .post(format!("{}/whip/offered", node.base))
-            .bearer_auth(node.publish_token("offered"))
-            .header("content-type", "application/sdp")
-            .body(common::sample_offer())
-            .send()
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        response.headers().get_all("link").iter().count()
-    };
+    let whip_links = |node: &TestNode| whip(node, "offered").headers().get_all("link").iter().count();
     let abroad = TestNode::start(&["--turn-offer-ranges", "10.0.0.0/8,192.168.0.0/16"]);
     assert_eq!(whip_links(&abroad), 0, "127.0.0.1 is outside the offer ranges");
     let home = TestNode::start(&["--turn-offer-ranges", "10.0.0.0/8,127.0.0.0/8"]);

@@ -11,27 +11,9 @@ mod turn_client;
 use cluster::ProcessCluster;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use turn_client::Client;
+use turn_client::{Client, ice_server_links};
 
 const NODES: [(&str, &str); 2] = [("seoul-1", "seoul"), ("busan-1", "busan")];
-
-/// (url, username, credential) of every ice-server Link header.
-fn links(response: &reqwest::blocking::Response) -> Vec<(String, String, String)> {
-    response
-        .headers()
-        .get_all("link")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(|link| {
-            let url = link[1..link.find('>').unwrap()].to_string();
-            let param = |name: &str| {
-                let start = link.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
-                link[start..].split('"').next().unwrap().to_string()
-            };
-            (url, param("username"), param("credential"))
-        })
-        .collect()
-}
 
 fn whip(cluster: &ProcessCluster, node: usize, region: Option<&str>) -> reqwest::blocking::Response {
     let token = mediamesh::auth::TokenKeys::new(&cluster.secret).create(
@@ -67,7 +49,7 @@ fn relays_come_from_the_membership_and_the_policy_spans_the_mesh() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut servers = Vec::new();
     while Instant::now() < deadline {
-        servers = links(&whip(&cluster, 0, None));
+        servers = ice_server_links(whip(&cluster, 0, None).headers());
         if servers.len() == 2 {
             break;
         }
@@ -78,7 +60,7 @@ fn relays_come_from_the_membership_and_the_policy_spans_the_mesh() {
         [turn_url(0), turn_url(1)],
         "this node's region first"
     );
-    let busan_first = links(&whip(&cluster, 0, Some("busan")));
+    let busan_first = ice_server_links(whip(&cluster, 0, Some("busan")).headers());
     assert_eq!(
         busan_first.iter().map(|s| s.0.clone()).collect::<Vec<_>>(),
         [turn_url(1), turn_url(0)],

@@ -23,11 +23,32 @@ use turn::proto::reqtrans::RequestedTransport;
 pub const REALM: &str = "mediamesh";
 pub const WAIT: Duration = Duration::from_millis(1500);
 
-pub fn unix_s() -> u64 {
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
-        .as_secs()
+        .as_millis() as u64
+}
+
+pub fn unix_s() -> u64 {
+    unix_ms() / 1000
+}
+
+/// (url, username, credential) of every `rel="ice-server"` Link header (RFC 9725 §4.6).
+pub fn ice_server_links(headers: &reqwest::header::HeaderMap) -> Vec<(String, String, String)> {
+    headers
+        .get_all("link")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|link| {
+            let url = link[1..link.find('>').unwrap()].to_string();
+            let param = |name: &str| {
+                let start = link.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+                link[start..].split('"').next().unwrap().to_string()
+            };
+            (url, param("username"), param("credential"))
+        })
+        .collect()
 }
 
 /// What a request got back.
@@ -119,23 +140,19 @@ impl Client {
         None
     }
 
-    pub fn exchange(&self, m: &Message) -> Option<Answer> {
+    /// Sends `m` and returns the response with its transaction id, or None on timeout.
+    fn response_to(&self, m: &Message) -> Option<Message> {
         self.socket.send_to(&m.raw, self.server).unwrap();
         loop {
             let r = self.recv()?;
-            if r.transaction_id != m.transaction_id {
-                continue;
+            if r.transaction_id == m.transaction_id {
+                return Some(r);
             }
-            return Some(match r.typ.class {
-                CLASS_SUCCESS_RESPONSE => Answer::Success(r),
-                CLASS_ERROR_RESPONSE => {
-                    let mut e = ErrorCodeAttribute::default();
-                    e.get_from(&r).unwrap();
-                    Answer::Error(e.code.0)
-                }
-                other => panic!("unexpected class {other:?}"),
-            });
         }
+    }
+
+    pub fn exchange(&self, m: &Message) -> Option<Answer> {
+        self.response_to(m).map(answer)
     }
 
     /// An authenticated request; a 401 or 438 challenge is answered once with its nonce.
@@ -158,32 +175,20 @@ impl Client {
 
     /// Like `exchange`, and remembers the nonce of a challenge.
     pub fn exchange_raw(&mut self, m: &Message) -> Option<Answer> {
-        self.socket.send_to(&m.raw, self.server).unwrap();
-        loop {
-            let r = self.recv()?;
-            if r.transaction_id != m.transaction_id {
-                continue;
-            }
-            if let Ok(nonce) = TextAttribute::get_from_as(&r, ATTR_NONCE) {
-                self.nonce = nonce.text;
-            }
-            return Some(match r.typ.class {
-                CLASS_SUCCESS_RESPONSE => Answer::Success(r),
-                _ => {
-                    let mut e = ErrorCodeAttribute::default();
-                    e.get_from(&r).unwrap();
-                    Answer::Error(e.code.0)
-                }
-            });
+        let r = self.response_to(m)?;
+        if let Ok(nonce) = TextAttribute::get_from_as(&r, ATTR_NONCE) {
+            self.nonce = nonce.text;
         }
+        Some(answer(r))
+    }
+
+    /// An Allocate request for a UDP relay, with this client's credentials if `auth`.
+    pub fn allocate_request(&self, auth: bool) -> Message {
+        self.build(METHOD_ALLOCATE, CLASS_REQUEST, vec![udp_transport()], auth)
     }
 
     pub fn allocate(&mut self) -> Result<SocketAddr, u16> {
-        match self.request(METHOD_ALLOCATE, || {
-            vec![Box::new(RequestedTransport {
-                protocol: turn::proto::PROTO_UDP,
-            })]
-        }) {
+        match self.request(METHOD_ALLOCATE, || vec![udp_transport()]) {
             Answer::Success(m) => {
                 let mut relayed = RelayedAddress::default();
                 relayed.get_from(&m).unwrap();
@@ -252,5 +257,24 @@ impl Client {
             }
         }
         None
+    }
+}
+
+/// REQUESTED-TRANSPORT UDP, what every Allocate carries.
+pub fn udp_transport() -> Box<dyn Setter> {
+    Box::new(RequestedTransport {
+        protocol: turn::proto::PROTO_UDP,
+    })
+}
+
+fn answer(r: Message) -> Answer {
+    match r.typ.class {
+        CLASS_SUCCESS_RESPONSE => Answer::Success(r),
+        CLASS_ERROR_RESPONSE => {
+            let mut e = ErrorCodeAttribute::default();
+            e.get_from(&r).unwrap();
+            Answer::Error(e.code.0)
+        }
+        other => panic!("unexpected class {other:?}"),
     }
 }

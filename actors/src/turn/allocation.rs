@@ -7,7 +7,6 @@
 //! the server instead of a task per permission; every packet, both ways, passes the peer policy
 //! ([`super::policy::PeerPolicy`]) and a per-allocation token bucket, and is counted.
 
-use super::policy::PeerPolicy;
 use super::{RelayState, TurnStats};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -40,6 +39,13 @@ struct Bindings {
     /// Channel number → (peer, expiry).
     channels: HashMap<u16, (SocketAddr, Instant)>,
     bucket: TokenBucket,
+}
+
+/// Where a client's datagram goes: the peer of a Send indication, or a bound channel's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Peer(SocketAddr),
+    Channel(u16),
 }
 
 /// Why a binding request was refused.
@@ -137,25 +143,30 @@ impl Allocation {
         self.permit(peer.ip(), now)
     }
 
-    /// The peer bound to channel `number`, if the binding is alive.
-    pub fn channel_peer(&self, number: u16, now: Instant) -> Option<SocketAddr> {
-        let b = self.bindings.lock();
-        b.channels.get(&number).filter(|(_, e)| *e > now).map(|(p, _)| *p)
-    }
-
     fn permitted(b: &Bindings, ip: IpAddr, now: Instant) -> bool {
         b.permissions.get(&ip).is_some_and(|e| *e > now)
     }
 
-    /// Relays `data` from the client to `peer`. The one place a relay socket sends: the peer
-    /// policy is checked here whatever the caller checked before (defence in depth).
-    pub fn send_to_peer(&self, data: &[u8], peer: SocketAddr, policy: &PeerPolicy, stats: &TurnStats, now: Instant) {
-        if !policy.allows(peer) {
-            stats.refused_peers.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        {
+    /// Relays `data` from the client to `to`. The one place a relay socket sends: the peer
+    /// policy is read from `state` and checked here whatever the caller checked before (defence
+    /// in depth). The channel, the permission and the bandwidth are checked under one lock.
+    pub fn send_to_peer(&self, data: &[u8], to: Destination, state: &RelayState, stats: &TurnStats, now: Instant) {
+        let peer = {
             let mut b = self.bindings.lock();
+            let peer = match to {
+                Destination::Peer(peer) => peer,
+                Destination::Channel(number) => match b.channels.get(&number).filter(|(_, e)| *e > now) {
+                    Some((peer, _)) => *peer,
+                    None => {
+                        stats.dropped_no_permission.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                },
+            };
+            if !state.allows(peer) {
+                stats.refused_peers.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             if !Self::permitted(&b, peer.ip(), now) {
                 stats.dropped_no_permission.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -164,7 +175,8 @@ impl Allocation {
                 stats.dropped_over_bandwidth.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-        }
+            peer
+        };
         // A full socket buffer drops the datagram, as the network would.
         if self.sender.send_to(data, peer).is_ok() {
             stats.packets_to_peers.fetch_add(1, Ordering::Relaxed);
@@ -190,7 +202,7 @@ impl Allocation {
                 Err(_) => return,
             };
             let now = Instant::now();
-            if !state.policy().allows(peer) {
+            if !state.allows(peer) {
                 stats.refused_peers.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -233,17 +245,12 @@ impl Allocation {
         b.channels.retain(|_, (_, e)| *e > now);
     }
 
-    /// Stops relaying; the socket closes when the last reference goes.
+    /// Stops relaying; the socket closes when the last reference goes (the reader task holds one,
+    /// so this must be called when the allocation is removed).
     pub fn close(&self) {
         if let Some(task) = self.reader.lock().take() {
             task.abort();
         }
-    }
-}
-
-impl Drop for Allocation {
-    fn drop(&mut self) {
-        self.close();
     }
 }
 

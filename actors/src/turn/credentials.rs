@@ -97,20 +97,22 @@ pub fn parse_username(username: &str, now_s: u64) -> Result<(u64, &str), Usernam
     Ok((expiry, identity))
 }
 
-/// The long-term keys (RFC 8489 §9.2.2, `MD5(username:realm:password)`) a request from
-/// `username` may be signed with: one per secret still valid at `now_ms`.
-pub fn long_term_keys(
+/// The identity in `username` and the long-term keys (RFC 8489 §9.2.2,
+/// `MD5(username:realm:password)`) a request from it may be signed with: one per secret still
+/// valid at `now_ms`.
+pub fn long_term_keys<'a>(
     secrets: &TurnSecrets,
     grace_ms: u64,
-    username: &str,
+    username: &'a str,
     realm: &str,
     now_ms: u64,
-) -> Result<Vec<Vec<u8>>, UsernameError> {
-    parse_username(username, now_ms / 1000)?;
-    Ok(secrets
+) -> Result<(&'a str, Vec<Vec<u8>>), UsernameError> {
+    let (_, identity) = parse_username(username, now_ms / 1000)?;
+    let keys = secrets
         .valid_at(now_ms, grace_ms)
         .map(|secret| turn::auth::generate_auth_key(username, realm, &password(secret, username)))
-        .collect())
+        .collect();
+    Ok((identity, keys))
 }
 
 #[cfg(test)]
@@ -124,6 +126,8 @@ mod tests {
         assert_eq!(c.username, "1700000000:alice");
         assert_eq!(c.password, password("secret", "1700000000:alice"));
         assert_eq!(c.password.len(), 28);
+        // Computed independently: printf %s 1700000000:alice | openssl dgst -sha1 -hmac secret -binary | base64
+        assert_eq!(c.password, "d8soP47RbdIKLDUOpnJPVQyq5Ts=");
     }
 
     #[test]

@@ -115,6 +115,11 @@ impl RelayState {
     pub fn policy(&self) -> Arc<PeerPolicy> {
         Arc::clone(&self.policy.read())
     }
+
+    /// Whether the current policy allows `addr` (per datagram: no clone of the policy).
+    pub fn allows(&self, addr: SocketAddr) -> bool {
+        self.policy.read().allows(addr)
+    }
 }
 
 /// A relay clients may be offered.
@@ -192,18 +197,17 @@ impl TurnHandle {
         }
         let expires_at_s = unix_ms() / 1000 + self.credential_ttl.as_secs();
         let region = preferred_region.unwrap_or(&self.region);
+        // Every relay verifies with the same secret: one credential serves them all.
+        let c = credentials::mint(&secrets.current, identity, expires_at_s);
         let mut relays = self.state.relays.read().clone();
         // Stable: within a region the order of `relays` (this node first) is kept.
         relays.sort_by_key(|r| r.region != region);
         relays
             .into_iter()
-            .map(|r| {
-                let c = credentials::mint(&secrets.current, identity, expires_at_s);
-                IceServer {
-                    url: format!("turn:{}?transport=udp", r.addr),
-                    username: c.username,
-                    credential: c.password,
-                }
+            .map(|r| IceServer {
+                url: format!("turn:{}?transport=udp", r.addr),
+                username: c.username.clone(),
+                credential: c.password.clone(),
             })
             .collect()
     }
@@ -231,6 +235,9 @@ pub struct TurnRelay {
     state: Arc<RelayState>,
     directory: Arc<dyn TurnDirectory>,
     read_loop: Option<tokio::task::JoinHandle<()>>,
+    /// Number of the latest refresh started; only its result is applied.
+    refresh_generation: u64,
+    /// A refresh is in flight (the periodic one then waits for it).
     refreshing: bool,
 }
 
@@ -268,21 +275,26 @@ impl TurnRelay {
             state,
             directory,
             read_loop: None,
+            refresh_generation: 0,
             refreshing: false,
         };
         let addr = Actor::start(actor);
         Ok((addr, handle))
     }
 
+    /// Re-reads the store. A refresh in flight is superseded: its result, possibly read before a
+    /// rotation, is dropped when it comes back.
     fn refresh(&mut self, ctx: &mut Context<Self>) {
-        if self.refreshing {
-            return;
-        }
+        self.refresh_generation += 1;
         self.refreshing = true;
+        let generation = self.refresh_generation;
         let directory = Arc::clone(&self.directory);
         async move { (directory.secrets().await, directory.mesh().await) }
             .into_actor(self)
-            .map(|(secrets, mesh), this, _| {
+            .map(move |(secrets, mesh), this, _| {
+                if generation != this.refresh_generation {
+                    return;
+                }
                 this.refreshing = false;
                 match secrets {
                     Ok(s) if !s.current.is_empty() => *this.state.secrets.write() = s,
@@ -357,7 +369,9 @@ impl Actor for TurnRelay {
         self.refresh(ctx);
         ctx.run_interval(REFRESH_INTERVAL, |this, ctx| {
             this.server.sweep(Instant::now());
-            this.refresh(ctx);
+            if !this.refreshing {
+                this.refresh(ctx);
+            }
         });
         tracing::info!(
             addr = %self.config.public_addr,
@@ -379,17 +393,14 @@ impl Handler<TurnRequest> for TurnRelay {
 
     fn handle(&mut self, request: TurnRequest, ctx: &mut Context<Self>) {
         match request {
-            TurnRequest::Refresh => {
-                // A refresh already running may have read the store before the rotation.
-                self.refreshing = false;
-                self.refresh(ctx);
-            }
+            TurnRequest::Refresh => self.refresh(ctx),
             TurnRequest::Stop => ctx.stop(),
         }
     }
 }
 
-fn unix_ms() -> u64 {
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -13,17 +13,16 @@
 //! - the handling is synchronous and returns the response, so it can be driven without a socket
 //!   loop (the fuzz test does); datagrams it cannot parse are dropped and counted, never answered.
 
-use super::allocation::{Allocation, BindError};
+use super::allocation::{Allocation, BindError, Destination};
 use super::credentials::{self, UsernameError};
-use super::policy::PeerPolicy;
-use super::{RelayConfig, RelayState, TurnStats};
+use super::{RelayConfig, RelayState, TurnStats, unix_ms};
 use parking_lot::Mutex;
 use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use stun::attributes::{
     ATTR_DONT_FRAGMENT, ATTR_EVEN_PORT, ATTR_MESSAGE_INTEGRITY, ATTR_NONCE, ATTR_REALM, ATTR_RESERVATION_TOKEN,
     ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS,
@@ -121,22 +120,25 @@ impl RelayServer {
 
     /// Ends expired allocations, permissions, channels and nonces.
     pub fn sweep(&self, now: Instant) {
+        // Each allocation's expiry is read once: one refreshed meanwhile is either kept or closed,
+        // never closed and kept.
         let expired: Vec<Arc<Allocation>> = {
             let mut allocations = self.allocations.lock();
-            let expired = allocations.values().filter(|a| a.expired(now)).cloned().collect();
-            allocations.retain(|_, a| !a.expired(now));
+            let expired = allocations.extract_if(|_, a| a.expired(now)).map(|(_, a)| a).collect();
+            for a in allocations.values() {
+                a.sweep(now);
+            }
+            self.stats
+                .allocations
+                .store(allocations.len() as u64, Ordering::Relaxed);
             expired
         };
         for a in &expired {
             a.close();
         }
-        for a in self.allocations.lock().values() {
-            a.sweep(now);
-        }
         self.nonces
             .lock()
             .retain(|_, at| now.duration_since(*at) < NONCE_LIFETIME);
-        self.publish_count();
     }
 
     /// Ends every allocation (the relay stops).
@@ -235,26 +237,30 @@ impl RelayServer {
         }
         let now_ms = unix_ms();
         let secrets = self.state.secrets();
-        let keys = match credentials::long_term_keys(
+        let (identity, keys) = match credentials::long_term_keys(
             &secrets,
             self.config.secret_grace_ms,
             &username.text,
             &realm.text,
             now_ms,
         ) {
-            Ok(keys) => keys,
+            Ok(found) => found,
             Err(UsernameError::Malformed | UsernameError::Expired) => {
                 self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                 return Err(self.challenge(m, method, CODE_UNAUTHORIZED, now));
             }
         };
-        for key in keys {
-            let mut copy = Message::new();
-            if m.clone_to(&mut copy).is_ok() && MessageIntegrity(key.clone()).check(&mut copy).is_ok() {
-                let identity = credentials::parse_username(&username.text, now_ms / 1000)
-                    .map(|(_, identity)| identity.to_string())
-                    .unwrap_or_default();
-                return Ok(Authenticated { key, identity });
+        // `check` puts the message back as it found it: one copy serves every key.
+        let mut copy = Message::new();
+        if m.clone_to(&mut copy).is_ok() {
+            for key in keys {
+                let integrity = MessageIntegrity(key);
+                if integrity.check(&mut copy).is_ok() {
+                    return Ok(Authenticated {
+                        key: integrity.0,
+                        identity: identity.to_string(),
+                    });
+                }
             }
         }
         self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -320,18 +326,18 @@ impl RelayServer {
             return error(m, METHOD_ALLOCATE, CODE_UNSUPPORTED_TRANS_PROTO, "UDP only", key);
         }
         if m.contains(ATTR_DONT_FRAGMENT) {
-            let mut response = Message::new();
-            let setters: Vec<Box<dyn Setter>> = vec![
-                Box::new(m.clone()),
-                Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_ERROR_RESPONSE)),
-                Box::new(ErrorCodeAttribute {
-                    code: CODE_UNKNOWN_ATTRIBUTE,
-                    reason: b"Unknown Attribute".to_vec(),
-                }),
-                Box::new(UnknownAttributes(vec![ATTR_DONT_FRAGMENT])),
-                Box::new(MessageIntegrity(auth.key.clone())),
-            ];
-            return response.build(&setters).ok().map(|_| response.raw);
+            return build(
+                m,
+                MessageType::new(METHOD_ALLOCATE, CLASS_ERROR_RESPONSE),
+                vec![
+                    Box::new(ErrorCodeAttribute {
+                        code: CODE_UNKNOWN_ATTRIBUTE,
+                        reason: b"Unknown Attribute".to_vec(),
+                    }),
+                    Box::new(UnknownAttributes(vec![ATTR_DONT_FRAGMENT])),
+                    Box::new(MessageIntegrity(auth.key)),
+                ],
+            );
         }
         let mut family = RequestedAddressFamily::default();
         match family.get_from(m) {
@@ -556,7 +562,7 @@ impl RelayServer {
             );
         }
         // A channel names one port, so the whole address is checked (a permission only has an IP).
-        if !self.state.policy().allows(peer) {
+        if !self.state.allows(peer) {
             self.stats.refused_peers.fetch_add(1, Ordering::Relaxed);
             return error(m, method, CODE_FORBIDDEN, "Forbidden IP", key);
         }
@@ -582,20 +588,15 @@ impl RelayServer {
             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let policy: Arc<PeerPolicy> = self.state.policy();
-        allocation.send_to_peer(&data.0, SocketAddr::new(peer.ip, peer.port), &policy, &self.stats, now);
+        let to = Destination::Peer(SocketAddr::new(peer.ip, peer.port));
+        allocation.send_to_peer(&data.0, to, &self.state, &self.stats, now);
     }
 
     fn handle_channel_data(&self, number: u16, data: &[u8], src: SocketAddr, now: Instant) {
         let Some(allocation) = self.allocation(src) else {
             return;
         };
-        let Some(peer) = allocation.channel_peer(number, now) else {
-            self.stats.dropped_no_permission.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let policy = self.state.policy();
-        allocation.send_to_peer(data, peer, &policy, &self.stats, now);
+        allocation.send_to_peer(data, Destination::Channel(number), &self.state, &self.stats, now);
     }
 }
 
@@ -619,12 +620,6 @@ fn requested_lifetime(m: &Message) -> Duration {
     } else {
         DEFAULT_LIFETIME
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn reason_of(code: ErrorCode) -> &'static str {
