@@ -29,6 +29,8 @@ pub struct MetricSources {
     pub telemetry: Arc<Telemetry>,
     /// The node's tokio runtimes, whose live tasks are counted.
     pub runtimes: Vec<tokio::runtime::Handle>,
+    /// The TURN relay's counters (None: `--turn off`).
+    pub turn: Option<Arc<mediamesh_actors::turn::TurnStats>>,
 }
 
 pub struct Metrics {
@@ -98,6 +100,7 @@ impl Metrics {
             store,
             telemetry,
             runtimes,
+            turn,
         } = sources;
         let registry = Registry::new();
         register(&registry, Ok(counters.histograms.rtt_seconds.clone()));
@@ -259,18 +262,12 @@ impl Metrics {
             leak: LeakDetector::default(),
             telemetry,
             runtimes,
-            turn: None,
+            turn: turn.map(|stats| crate::turn::TurnMetrics::new(&registry, stats)),
             registry,
             stats,
             counters,
             ports,
         }
-    }
-
-    /// Adds the TURN relay's metrics (`mediamesh_turn_*`).
-    pub fn with_turn(mut self, stats: Arc<mediamesh_actors::turn::TurnStats>) -> Self {
-        self.turn = Some(crate::turn::TurnMetrics::new(&self.registry, stats));
-        self
     }
 
     pub(crate) fn sync_counter(counter: &IntCounter, value: u64) {
@@ -336,7 +333,8 @@ impl Metrics {
         self.signal_sessions
             .with_label_values(&["grpc"])
             .set(signal.grpc_sessions.load(Ordering::Relaxed));
-        Self::sync_counter(&self.signal_resumes, signal.resumes.load(Ordering::Relaxed));
+        let resumed = &signal.resume_outcomes[ResumeOutcome::Resumed as usize];
+        Self::sync_counter(&self.signal_resumes, resumed.load(Ordering::Relaxed));
         for (code, count) in ErrorCode::ALL.iter().zip(&signal.errors) {
             Self::sync_counter(
                 &self.signal_errors.with_label_values(&[code.as_str()]),

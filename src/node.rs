@@ -200,7 +200,7 @@ pub async fn run(
     let signal_data = web::Data::new(Arc::clone(&signal));
     let heartbeat = tokio::spawn(report_load(store.clone(), Arc::clone(&stats)));
     let telemetry = crate::telemetry::init(&config.telemetry());
-    let mut metrics = Metrics::new(MetricSources {
+    let metrics = Arc::new(Metrics::new(MetricSources {
         stats: Arc::clone(&stats),
         counters,
         ports,
@@ -208,11 +208,8 @@ pub async fn run(
         store: store.store_metrics().clone(),
         telemetry: Arc::clone(&telemetry),
         runtimes: vec![tokio::runtime::Handle::current(), ingress_runtime.handle().clone()],
-    });
-    if let Some((_, handle)) = &turn {
-        metrics = metrics.with_turn(Arc::clone(&handle.stats));
-    }
-    let metrics = Arc::new(metrics);
+        turn: turn.as_ref().map(|(_, handle)| Arc::clone(&handle.stats)),
+    }));
     let otlp_metrics = telemetry.otlp_endpoint().map(|endpoint| {
         let metrics = Arc::clone(&metrics);
         tokio::spawn(crate::telemetry::otlp_metrics::push_forever(

@@ -140,7 +140,6 @@ impl ResumeOutcome {
 pub struct SignalStats {
     pub websocket_sessions: AtomicI64,
     pub grpc_sessions: AtomicI64,
-    pub resumes: AtomicU64,
     /// Resume attempts, indexed by `ResumeOutcome as usize`.
     pub resume_outcomes: [AtomicU64; ResumeOutcome::ALL.len()],
     /// Error replies, indexed by `ErrorCode as usize`.

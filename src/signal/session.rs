@@ -545,13 +545,7 @@ impl Session {
             }
         }
         let viewer = match &resumed {
-            Some(state) => {
-                self.ctx
-                    .stats
-                    .resumes
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                state.viewer.as_str().to_string()
-            }
+            Some(state) => state.viewer.as_str().to_string(),
             None => SessionId::generate().to_string(),
         };
         let resume_token = self.ctx.resume.sign(&ResumeClaims {
