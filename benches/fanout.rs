@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
 use mediamesh_sdk::{ConnectOptions, PlayOptions, PlaySession, PublishOptions, PublishSession};
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -257,13 +257,9 @@ impl Drop for NodeProcess {
     }
 }
 
-fn free_tcp_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl NodeProcess {
     fn start(args: &Args, label: &str, telemetry: &str) -> Result<Self> {
-        let http: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+        let http: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port()?).parse()?;
         let data_dir = std::env::temp_dir().join(format!("mediamesh-fanout-{}-{label}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
         std::fs::create_dir_all(&data_dir)?;
@@ -281,8 +277,8 @@ impl NodeProcess {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--http", &http.to_string()])
-            .args(["--grpc", &format!("127.0.0.1:{}", free_tcp_port()?)])
-            .args(["--cluster", &format!("127.0.0.1:{}", free_tcp_port()?)])
+            .args(["--grpc", &format!("127.0.0.1:{}", common::free_tcp_port()?)])
+            .args(["--cluster", &format!("127.0.0.1:{}", common::free_tcp_port()?)])
             .args(["--turn", "off"]) // fan-out only; its media ports overlap the default relay range
             .args(["--advertise", "127.0.0.1"])
             .args(["--media-ports", &media_ports])
@@ -372,23 +368,7 @@ fn metric_value(exposition: &str, name: &str) -> Option<f64> {
     })
 }
 
-fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
-}
-
 fn process_usage(pid: u32) -> Result<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .ok_or_else(|| anyhow!("bad /proc stat"))?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12th and 13th after the name.
-    let utime: f64 = fields.get(11).ok_or_else(|| anyhow!("short /proc stat"))?.parse()?;
-    let stime: f64 = fields.get(12).ok_or_else(|| anyhow!("short /proc stat"))?.parse()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib: u64 = status
         .lines()
@@ -396,7 +376,7 @@ fn process_usage(pid: u32) -> Result<(f64, u64)> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    Ok(((utime + stime) / clock_ticks_per_second(), rss_kib * 1_024))
+    Ok((common::process_cpu_seconds(pid), rss_kib * 1_024))
 }
 
 /// (busy, total) jiffies of one core from /proc/stat; busy includes irq and softirq time,
@@ -422,25 +402,6 @@ fn core_busy(before: (u64, u64), after: (u64, u64)) -> f64 {
     } else {
         after.0.saturating_sub(before.0) as f64 / total as f64
     }
-}
-
-/// UDP error counters of the whole machine (/proc/net/snmp): receive-buffer overflows,
-/// send-buffer failures.
-fn udp_errors() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
-    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        return (0, 0);
-    };
-    let find = |field: &str| {
-        names
-            .split_whitespace()
-            .position(|n| n == field)
-            .and_then(|i| values.split_whitespace().nth(i))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (find("RcvbufErrors"), find("SndbufErrors"))
 }
 
 fn create_token(args: &Args, identity: &str, grant: &str) -> Result<String> {
@@ -636,11 +597,11 @@ async fn run_one(args: &Args, n: usize, telemetry: &str, http: &reqwest::Client)
     let published_0 = publisher.stats();
     let node_core_0 = core_jiffies(args.node_core)?;
     let client_core_0 = core_jiffies(args.client_core)?;
-    let udp_0 = udp_errors();
+    let udp_0 = common::udp_errors();
     tokio::time::sleep(args.duration).await;
     let node_core_1 = core_jiffies(args.node_core)?;
     let client_core_1 = core_jiffies(args.client_core)?;
-    let udp_1 = udp_errors();
+    let udp_1 = common::udp_errors();
     let forwarded_1 = node.metric(http, "mediamesh_rtp_packets_forwarded_total").await?;
     let dropped_1 = node
         .metric(http, "mediamesh_rtp_packets_dropped_total")
@@ -806,27 +767,6 @@ fn machine() -> serde_json::Value {
     })
 }
 
-fn git_commit() -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let commit = Command::new("git")
-        .args(["-C", root, "rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    match commit {
-        None => "uncommitted".into(),
-        Some(commit) => {
-            let dirty = Command::new("git")
-                .args(["-C", root, "status", "--porcelain", "--untracked-files=no"])
-                .output()
-                .map(|o| !o.stdout.is_empty())
-                .unwrap_or(false);
-            if dirty { format!("{commit}-dirty") } else { commit }
-        }
-    }
-}
-
 /// `YYYY-MM-DDTHH-MM-SSZ` of a time (civil-from-days, Howard Hinnant's algorithm).
 fn utc_stamp(time: SystemTime, separator: char) -> String {
     let seconds = time.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -888,7 +828,7 @@ fn write_telemetry_cost(md: &mut String, results: &[RunResult]) -> Result<()> {
 
 fn write_report(args: &Args, started: SystemTime, results: &[RunResult]) -> Result<()> {
     let machine = machine();
-    let commit = git_commit();
+    let commit = common::git_commit(&[]);
     let date = utc_stamp(started, ':');
     let parameters = serde_json::json!({
         "subscribers": args.subscribers,

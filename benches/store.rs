@@ -121,30 +121,6 @@ fn parse_args() -> Result<Args, String> {
 
 // ----- measurement -----
 
-/// CPU seconds (user + system) used so far by process `pid` (0: this process), from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let path = if pid == 0 {
-        "/proc/self/stat".to_string()
-    } else {
-        format!("/proc/{pid}/stat")
-    };
-    let Ok(stat) = std::fs::read_to_string(path) else {
-        return 0.0;
-    };
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let Some((_, rest)) = stat.rsplit_once(") ") else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    if per_second > 0.0 { ticks / per_second } else { 0.0 }
-}
-
 /// CPU use over the measured window, in cores: of the server processes and of this process
 /// (the bench clients; for the in-process rows also the stores).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -165,17 +141,17 @@ impl CpuSampler {
         CpuSampler {
             pids: pids.to_vec(),
             at: Instant::now(),
-            server: pids.iter().map(|&p| cpu_seconds(p)).sum(),
-            own: cpu_seconds(0),
+            server: pids.iter().map(|&p| common::process_cpu_seconds(p)).sum(),
+            own: common::process_cpu_seconds(0),
         }
     }
 
     fn stop(self) -> CpuUse {
         let elapsed = self.at.elapsed().as_secs_f64().max(1e-3);
-        let server: f64 = self.pids.iter().map(|&p| cpu_seconds(p)).sum();
+        let server: f64 = self.pids.iter().map(|&p| common::process_cpu_seconds(p)).sum();
         CpuUse {
             server_cores: (!self.pids.is_empty()).then(|| (server - self.server) / elapsed),
-            bench_process_cores: (cpu_seconds(0) - self.own) / elapsed,
+            bench_process_cores: (common::process_cpu_seconds(0) - self.own) / elapsed,
         }
     }
 }

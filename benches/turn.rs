@@ -17,7 +17,7 @@
 mod common;
 use anyhow::{Context, Result, bail};
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -66,10 +66,6 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-fn free_tcp_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// A UDP port free on loopback (and the next one), outside the relay range.
 fn free_udp_port() -> Result<u16> {
     for _ in 0..100 {
@@ -104,16 +100,7 @@ impl Process {
 
     /// utime + stime of the process, in seconds.
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
-            .sum();
-        // SAFETY: sysconf only reads a system constant.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        ticks as f64 / hz
+        common::process_cpu_seconds(self.child.id())
     }
 }
 
@@ -158,7 +145,7 @@ fn wait_stun(addr: SocketAddr) -> Result<()> {
 
 fn start_mediamesh(args: &Args, turn_port: u16, peer_port: u16) -> Result<Process> {
     let dir = std::env::temp_dir().join(format!("mediamesh-turn-bench-{}-{turn_port}", std::process::id()));
-    let http = free_tcp_port()?;
+    let http = common::free_tcp_port()?;
     let mut command = Command::new(&args.binary);
     command
         .arg("node")
@@ -166,8 +153,8 @@ fn start_mediamesh(args: &Args, turn_port: u16, peer_port: u16) -> Result<Proces
         .arg("--data-dir")
         .arg(&dir)
         .args(["--http", &format!("127.0.0.1:{http}")])
-        .args(["--grpc", &format!("127.0.0.1:{}", free_tcp_port()?)])
-        .args(["--cluster", &format!("127.0.0.1:{}", free_tcp_port()?)])
+        .args(["--grpc", &format!("127.0.0.1:{}", common::free_tcp_port()?)])
+        .args(["--cluster", &format!("127.0.0.1:{}", common::free_tcp_port()?)])
         .args(["--advertise", "127.0.0.1"])
         .args(["--media-ports", "30000-30099"])
         .args(["--api-secret", API_SECRET])
@@ -237,21 +224,6 @@ fn start_coturn(turn_port: u16) -> Result<Process> {
     Ok(process)
 }
 
-/// Machine-wide UDP receive-buffer overflows (`RcvbufErrors` in /proc/net/snmp).
-fn udp_rcvbuf_errors() -> u64 {
-    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
-    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
-        return 0;
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "RcvbufErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[derive(Debug, serde::Serialize)]
 struct RunResult {
     server: &'static str,
@@ -297,7 +269,7 @@ fn run(args: &Args, server: &'static str, clients: usize) -> Result<RunResult> {
     )?;
     std::thread::sleep(Duration::from_millis(300));
     let cpu_before = process.cpu_seconds();
-    let rcvbuf_before = udp_rcvbuf_errors();
+    let rcvbuf_before = common::udp_errors().0;
     let started = Instant::now();
     let output = Command::new("turnutils_uclient")
         .args(["-W", SECRET, "-u", "bench", "-c"])
@@ -345,7 +317,7 @@ fn run(args: &Args, server: &'static str, clients: usize) -> Result<RunResult> {
         } else {
             f64::NAN
         },
-        udp_rcvbuf_errors: udp_rcvbuf_errors().saturating_sub(rcvbuf_before),
+        udp_rcvbuf_errors: common::udp_errors().0.saturating_sub(rcvbuf_before),
         exit_code: output.status.code().unwrap_or(-1),
     };
     eprintln!("turn bench: {result:?}");
@@ -387,27 +359,8 @@ fn write_report(args: &Args, started: SystemTime, results: &[RunResult]) -> Resu
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let date = mediamesh::clock::rfc3339_ms(ms);
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(["-C", env!("CARGO_MANIFEST_DIR")])
-            .args(args)
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
     // The server is what is measured: a change under src/ or actors/ not committed yet shows.
-    let dirty = git(&[
-        "status",
-        "--porcelain",
-        "--untracked-files=no",
-        "--",
-        "src",
-        "actors",
-        "cluster",
-    ])
-    .is_some_and(|s| !s.is_empty());
-    let commit = if dirty { format!("{commit}-dirty") } else { commit };
+    let commit = common::git_commit(&["src", "actors", "cluster"]);
     let coturn_version = Command::new("turnserver")
         .arg("--version")
         .output()

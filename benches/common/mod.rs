@@ -1,4 +1,7 @@
-//! What every benchmark reports about the machine it ran on, read from /proc.
+//! What every benchmark measures and reports the same way: the machine it ran on, process CPU
+//! time and machine-wide UDP errors from /proc, free loopback ports, and the commit measured.
+
+#![allow(dead_code)] // each benchmark uses a different part of this module
 
 /// CPU model, logical cores and memory of this machine.
 pub struct MachineFacts {
@@ -29,5 +32,74 @@ pub fn machine_facts() -> MachineFacts {
         cpu_model,
         cores,
         memory_gib: (memory_kib as f64 / 1_048_576.0 * 10.0).round() / 10.0,
+    }
+}
+
+/// A TCP port free on loopback now.
+pub fn free_tcp_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// User + system CPU seconds used so far by process `pid` (0: this process); 0 when unreadable.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let path = if pid == 0 {
+        "/proc/self/stat".to_string()
+    } else {
+        format!("/proc/{pid}/stat")
+    };
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces; utime and
+    // stime are the 12th and 13th after it.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+/// Machine-wide UDP error counters (/proc/net/snmp): receive-buffer overflows and send-buffer
+/// failures.
+pub fn udp_errors() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return (0, 0);
+    };
+    let find = |field: &str| {
+        names
+            .split_whitespace()
+            .position(|n| n == field)
+            .and_then(|i| values.split_whitespace().nth(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (find("RcvbufErrors"), find("SndbufErrors"))
+}
+
+/// The short commit of this checkout, with `-dirty` when tracked files under `paths` (the whole
+/// tree when empty) have uncommitted changes; `uncommitted` outside git.
+pub fn git_commit(paths: &[&str]) -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR")])
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(commit) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "uncommitted".into();
+    };
+    let mut status = vec!["status", "--porcelain", "--untracked-files=no", "--"];
+    status.extend_from_slice(paths);
+    if git(&status).is_some_and(|s| !s.is_empty()) {
+        format!("{commit}-dirty")
+    } else {
+        commit
     }
 }
