@@ -104,6 +104,18 @@ pub struct NodeArgs {
     /// A signal session that sends nothing for this many milliseconds is ended [default: 30000]
     #[arg(long, env = "MEDIAMESH_SIGNAL_IDLE_TIMEOUT_MS")]
     pub signal_idle_timeout_ms: Option<u64>,
+    /// The node reports its load (and that it is alive) this often, in milliseconds [default: 500]
+    #[arg(long, env = "MEDIAMESH_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// The leader declares a node dead, and re-places its rooms, after this many missed heartbeats [default: 3]
+    #[arg(long, env = "MEDIAMESH_DEAD_AFTER_MISSED")]
+    pub dead_after_missed: Option<u32>,
+    /// A drain (admin call or SIGTERM) moves everything off the node within this many milliseconds [default: 30000]
+    #[arg(long, env = "MEDIAMESH_DRAIN_DEADLINE_MS")]
+    pub drain_deadline_ms: Option<u64>,
+    /// New rooms avoid nodes above this CPU use, a fraction of their cores [default: 0.85]
+    #[arg(long, env = "MEDIAMESH_PLACEMENT_CPU_MAX")]
+    pub placement_cpu_max: Option<f32>,
     /// Signal sessions (WebSocket and gRPC) this node holds at most [default: 2 × sessions per node]
     #[arg(long, env = "MEDIAMESH_SIGNAL_SESSIONS_MAX")]
     pub signal_sessions_max: Option<usize>,
@@ -153,6 +165,10 @@ struct FileConfig {
     viewer_ttl_ms: Option<u64>,
     resume_window_ms: Option<u64>,
     signal_idle_timeout_ms: Option<u64>,
+    heartbeat_interval_ms: Option<u64>,
+    dead_after_missed: Option<u32>,
+    drain_deadline_ms: Option<u64>,
+    placement_cpu_max: Option<f32>,
     signal_sessions_max: Option<usize>,
     otlp_endpoint: Option<String>,
     trace_sample_floor: Option<f64>,
@@ -191,6 +207,10 @@ pub struct NodeConfig {
     pub viewer_ttl_ms: u64,
     pub resume_window_ms: u64,
     pub signal_idle_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub dead_after_missed: u32,
+    pub drain_deadline_ms: u64,
+    pub placement_cpu_max: f32,
     pub signal_sessions_max: usize,
     pub otlp_endpoint: Option<String>,
     pub trace_sample_floor: f64,
@@ -405,6 +425,28 @@ impl NodeArgs {
                     .or(file.signal_idle_timeout_ms)
                     .unwrap_or(30_000) as usize,
             )? as u64,
+            heartbeat_interval_ms: positive(
+                "heartbeat_interval_ms",
+                self.heartbeat_interval_ms.or(file.heartbeat_interval_ms).unwrap_or(500) as usize,
+            )? as u64,
+            dead_after_missed: positive(
+                "dead_after_missed",
+                self.dead_after_missed.or(file.dead_after_missed).unwrap_or(3) as usize,
+            )? as u32,
+            drain_deadline_ms: positive(
+                "drain_deadline_ms",
+                self.drain_deadline_ms.or(file.drain_deadline_ms).unwrap_or(30_000) as usize,
+            )? as u64,
+            placement_cpu_max: {
+                let cpu = self.placement_cpu_max.or(file.placement_cpu_max).unwrap_or(0.85);
+                if !(cpu > 0.0 && cpu <= 1.0) {
+                    return Err(ConfigError::Invalid {
+                        name: "placement_cpu_max",
+                        message: format!("must be in (0, 1], not {cpu}"),
+                    });
+                }
+                cpu
+            },
             signal_sessions_max: positive(
                 "signal_sessions_max",
                 self.signal_sessions_max

@@ -7,6 +7,7 @@ pub mod config;
 pub mod directory;
 pub mod http;
 pub mod loadtest;
+pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod signal;

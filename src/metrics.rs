@@ -31,6 +31,8 @@ pub struct MetricSources {
     pub runtimes: Vec<tokio::runtime::Handle>,
     /// The TURN relay's counters (None: `--turn off`).
     pub turn: Option<Arc<mediamesh_actors::turn::TurnStats>>,
+    /// The mesh's relay, migration and failover counters.
+    pub relay: Arc<crate::mesh::RelayStats>,
 }
 
 pub struct Metrics {
@@ -68,6 +70,7 @@ pub struct Metrics {
     telemetry: Arc<Telemetry>,
     runtimes: Vec<tokio::runtime::Handle>,
     turn: Option<crate::turn::TurnMetrics>,
+    mesh: crate::mesh::MeshMetrics,
 }
 
 /// Registers a metric built from static names; both steps fail only on a programming error.
@@ -101,6 +104,7 @@ impl Metrics {
             telemetry,
             runtimes,
             turn,
+            relay,
         } = sources;
         let registry = Registry::new();
         register(&registry, Ok(counters.histograms.rtt_seconds.clone()));
@@ -263,6 +267,7 @@ impl Metrics {
             telemetry,
             runtimes,
             turn: turn.map(|stats| crate::turn::TurnMetrics::new(&registry, stats)),
+            mesh: crate::mesh::MeshMetrics::new(&registry, relay),
             registry,
             stats,
             counters,
@@ -344,6 +349,7 @@ impl Metrics {
         if let Some(turn) = &self.turn {
             turn.sync();
         }
+        self.mesh.sync();
         self.resident_memory.set(process_resident_bytes() as i64);
         let cpu = process_cpu_seconds();
         let counted = self.cpu_seconds.get();

@@ -5,6 +5,8 @@ use crate::auth::{Grants, TokenKeys};
 use crate::config::NodeConfig;
 use crate::directory::StoreDirectory;
 use crate::http::{self, AppState};
+use crate::mesh::service::MeshSlot;
+use crate::mesh::{Mesh, relay::Relay};
 use crate::metrics::{MetricSources, Metrics};
 use crate::signal::SignalContext;
 use actix_web::{App, HttpServer, web};
@@ -13,6 +15,7 @@ use mediamesh_actors::media::engine::{MediaConfig, PeerFactory};
 use mediamesh_actors::turn::policy::{IpNet, PeerRule, PortRange};
 use mediamesh_actors::turn::{RelayConfig, TurnConfig, TurnRelay, TurnRequest};
 use mediamesh_actors::{NodeId, NodeStats, RoomContext, RoomLimits, RoomRegistry};
+use mediamesh_cluster::mesh::placement::Thresholds;
 use mediamesh_cluster::{NodeLoad, Store, StoreConfig};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -58,15 +61,23 @@ impl NodeListeners {
     }
 }
 
-/// Load reports to the store this often.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How a node is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Stop now (SIGINT): clients reconnect elsewhere and resume.
+    Now,
+    /// Drain first (SIGTERM): move every room and client off within the drain deadline, leave
+    /// the cluster, then stop.
+    Drain,
+}
 
-/// Runs a node until `shutdown` resolves. Must be called inside an actix `System` whose
+/// Runs a node until `shutdown` resolves (and, for [`Stop::Drain`], the drain is done), or a
+/// drain asked through the admin API finishes. Must be called inside an actix `System` whose
 /// runtime is a multi-thread tokio runtime (the media plane runs on it).
 pub async fn run(
     config: NodeConfig,
     listeners: NodeListeners,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = Stop>,
 ) -> anyhow::Result<()> {
     // Identity hashes in logs match across nodes that share the cluster secret.
     mediamesh_actors::pii::set_identity_salt(format!("mediamesh-pii:{}", config.cluster_secret).as_bytes());
@@ -101,9 +112,17 @@ pub async fn run(
     store_config.viewer_ttl_ms = config.viewer_ttl_ms;
     store_config.capacity = u32::try_from(config.sessions_per_node_max).unwrap_or(u32::MAX);
     store_config.heartbeat_interval_ms = 0; // the node reports its load itself, below
-    let store = Store::start(store_config, cluster_listener, store_shutdown.clone().cancelled_owned())
-        .await
-        .map_err(|e| anyhow::anyhow!("store: {e}"))?;
+    store_config.node_dead_after_ms = config.heartbeat_interval_ms * u64::from(config.dead_after_missed);
+    let mesh_slot = Arc::new(MeshSlot::default());
+    let mesh_routes = crate::mesh::service::routes(Arc::clone(&mesh_slot), &config.cluster_secret);
+    let store = Store::start_with_services(
+        store_config,
+        cluster_listener,
+        store_shutdown.clone().cancelled_owned(),
+        Some(mesh_routes),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("store: {e}"))?;
     let ingress_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(INGRESS_THREADS)
         .thread_name("mediamesh-ingress")
@@ -135,11 +154,25 @@ pub async fn run(
         media_runtime: tokio::runtime::Handle::current(),
         ingress_runtime: ingress_runtime.handle().clone(),
     });
+    let thresholds = Thresholds {
+        cpu_max: config.placement_cpu_max,
+        ..Thresholds::default()
+    };
+    let mesh = Mesh::new(
+        store.clone(),
+        config.region.clone(),
+        thresholds,
+        &config.cluster_secret,
+        Arc::clone(&counters),
+    )?;
     let registry = RoomRegistry::new(
         context,
-        Arc::new(StoreDirectory::new(store.clone())),
+        Arc::new(StoreDirectory::new(store.clone(), config.region.clone(), thresholds)),
+        Arc::new(Relay(Arc::clone(&mesh))),
         arbiters.iter().map(|a| a.handle()).collect(),
     );
+    mesh.set_registry(Arc::clone(&registry));
+    let _ = mesh_slot.mesh.set(Arc::clone(&mesh));
     let turn = match (&config.turn, listeners.turn, turn_public) {
         (Some(settings), Some(socket), Some(public_addr)) => {
             let turn_config = TurnConfig {
@@ -198,7 +231,34 @@ pub async fn run(
             ),
     );
     let signal_data = web::Data::new(Arc::clone(&signal));
-    let heartbeat = tokio::spawn(report_load(store.clone(), Arc::clone(&stats)));
+    let heartbeat_interval = Duration::from_millis(config.heartbeat_interval_ms);
+    let heartbeat = tokio::spawn(report_load(store.clone(), Arc::clone(&stats), heartbeat_interval));
+    let failover = tokio::spawn(crate::mesh::failover::run(
+        Arc::clone(&mesh),
+        heartbeat_interval,
+        config.dead_after_missed,
+    ));
+    // A drain (admin API or SIGTERM) runs once; the node stops when it is done.
+    let drained = tokio_util::sync::CancellationToken::new();
+    let drain_started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let start_drain: crate::mesh::service::DrainStarter = {
+        let (mesh, drained, started) = (Arc::clone(&mesh), drained.clone(), Arc::clone(&drain_started));
+        let signal_stats = Arc::clone(&signal.stats);
+        let deadline = Duration::from_millis(config.drain_deadline_ms);
+        Arc::new(move || {
+            if started.swap(true, Ordering::AcqRel) {
+                return false;
+            }
+            let (mesh, drained, signal_stats) = (Arc::clone(&mesh), drained.clone(), Arc::clone(&signal_stats));
+            tokio::spawn(async move {
+                let open = Arc::new(move || signal_stats.open_sessions());
+                crate::mesh::migrate::drain(mesh, deadline, open).await;
+                drained.cancel();
+            });
+            true
+        })
+    };
+    let _ = mesh_slot.drain.set(Arc::clone(&start_drain));
     let telemetry = crate::telemetry::init(&config.telemetry());
     let metrics = Arc::new(Metrics::new(MetricSources {
         stats: Arc::clone(&stats),
@@ -209,7 +269,9 @@ pub async fn run(
         telemetry: Arc::clone(&telemetry),
         runtimes: vec![tokio::runtime::Handle::current(), ingress_runtime.handle().clone()],
         turn: turn.as_ref().map(|(_, handle)| Arc::clone(&handle.stats)),
+        relay: Arc::clone(&mesh.stats),
     }));
+    let _ = mesh.metrics.set(Arc::clone(&metrics));
     let otlp_metrics = telemetry.otlp_endpoint().map(|endpoint| {
         let metrics = Arc::clone(&metrics);
         tokio::spawn(crate::telemetry::otlp_metrics::push_forever(
@@ -231,6 +293,8 @@ pub async fn run(
         turn: turn.clone(),
         body_bytes_max: config.body_bytes_max,
         store: store.clone(),
+        mesh: Arc::clone(&mesh),
+        start_drain: Arc::clone(&start_drain),
     });
     let server = HttpServer::new(move || {
         App::new()
@@ -270,7 +334,17 @@ pub async fn run(
     );
     let handle = server.handle();
     let server_task = tokio::spawn(server);
-    shutdown.await;
+    tokio::select! {
+        stop = shutdown => {
+            if stop == Stop::Drain && !drain_started.load(Ordering::Acquire) {
+                start_drain();
+            }
+            if stop == Stop::Drain {
+                drained.cancelled().await;
+            }
+        }
+        _ = drained.cancelled() => {}
+    }
     tracing::info!("shutting down");
     handle.stop(true).await;
     let _ = server_task.await;
@@ -285,6 +359,7 @@ pub async fn run(
         arbiter.stop();
     }
     heartbeat.abort();
+    failover.abort();
     if let Some(task) = otlp_metrics {
         task.abort();
     }
@@ -308,8 +383,9 @@ fn turn_public_addr(listen: SocketAddr, advertise: IpAddr) -> SocketAddr {
 
 /// Reports this node's load (CPU, connections, rooms) to the store, which also keeps it alive in
 /// the membership.
-async fn report_load(store: Store, stats: Arc<NodeStats>) {
-    let mut interval = tokio::time::interval(HEARTBEAT_INTERVAL);
+async fn report_load(store: Store, stats: Arc<NodeStats>, every: Duration) {
+    let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    let mut interval = tokio::time::interval(every);
     let mut last_cpu = crate::metrics::process_cpu_seconds();
     let mut last_at = std::time::Instant::now();
     loop {
@@ -317,7 +393,7 @@ async fn report_load(store: Store, stats: Arc<NodeStats>) {
         let cpu = crate::metrics::process_cpu_seconds();
         let elapsed = last_at.elapsed().as_secs_f64().max(1e-3);
         let load = NodeLoad {
-            cpu: ((cpu - last_cpu) / elapsed) as f32,
+            cpu: ((cpu - last_cpu) / elapsed / cores) as f32,
             connections: stats.active_connections.load(Ordering::Relaxed).max(0) as u64,
             rooms: stats.rooms.load(Ordering::Relaxed).max(0) as u64,
         };
@@ -328,8 +404,8 @@ async fn report_load(store: Store, stats: Arc<NodeStats>) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Resolves on SIGINT ([`Stop::Now`]) or SIGTERM ([`Stop::Drain`]).
+pub async fn shutdown_signal() -> Stop {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
     else {
@@ -337,7 +413,7 @@ pub async fn shutdown_signal() {
         return std::future::pending().await;
     };
     tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
+        _ = interrupt.recv() => Stop::Now,
+        _ = terminate.recv() => Stop::Drain,
     }
 }

@@ -20,5 +20,7 @@ pub mod subscriber;
 pub mod turn;
 
 pub use ids::{Identity, NodeId, RoomId, SessionId};
-pub use registry::{NodeStats, RoomContext, RoomLimits, RoomRegistry};
-pub use room::{RoomError, RoomInfo, RoomNotice, SessionAnswer, SessionInfo, SessionKind, TrackInfo};
+pub use registry::{Access, NodeStats, RoomContext, RoomLimits, RoomRegistry};
+pub use room::{
+    RelayNotice, RoomError, RoomInfo, RoomMode, RoomNotice, SessionAnswer, SessionInfo, SessionKind, TrackInfo,
+};

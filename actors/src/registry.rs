@@ -5,8 +5,8 @@ use crate::ids::{NodeId, RoomId};
 use crate::media::bwe::BweConfig;
 use crate::media::engine::PeerFactory;
 use crate::media::track::MediaCounters;
-use crate::ports::RoomDirectory;
-use crate::room::{Room, RoomError};
+use crate::ports::{Location, RelaySource, RoomDirectory};
+use crate::room::{Room, RoomError, RoomMode, RoomRequest};
 use actix::{Actor, Addr, ArbiterHandle};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -93,12 +93,28 @@ impl RoomContext {
     }
 }
 
+/// What a caller of [`RoomRegistry::get_or_create`] wants to do in the room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Publish: only on the room's host (elsewhere the caller is sent there).
+    Publish,
+    /// Watch or subscribe: on any node (a node that does not host the room relays it).
+    View,
+}
+
+struct RoomSlot {
+    addr: Addr<Room>,
+    /// Whether the room is hosted here (else it relays from the host).
+    hosted: bool,
+}
+
 pub struct RoomRegistry {
     context: Arc<RoomContext>,
     directory: Arc<dyn RoomDirectory>,
+    relay: Arc<dyn RelaySource>,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: AtomicUsize,
-    rooms: Mutex<HashMap<RoomId, Addr<Room>>>,
+    rooms: Mutex<HashMap<RoomId, RoomSlot>>,
     /// Serializes room creation so two first joins of one room make one room.
     creating: tokio::sync::Mutex<()>,
 }
@@ -107,12 +123,14 @@ impl RoomRegistry {
     pub fn new(
         context: Arc<RoomContext>,
         directory: Arc<dyn RoomDirectory>,
+        relay: Arc<dyn RelaySource>,
         arbiters: Vec<ArbiterHandle>,
     ) -> Arc<Self> {
         assert!(!arbiters.is_empty(), "the node starts at least one arbiter");
         Arc::new(Self {
             context,
             directory,
+            relay,
             arbiters,
             next_arbiter: AtomicUsize::new(0),
             rooms: Mutex::new(HashMap::new()),
@@ -124,55 +142,147 @@ impl RoomRegistry {
         &self.context
     }
 
+    pub fn directory(&self) -> &Arc<dyn RoomDirectory> {
+        &self.directory
+    }
+
+    pub(crate) fn relay(&self) -> &Arc<dyn RelaySource> {
+        &self.relay
+    }
+
     pub fn get(&self, room: &RoomId) -> Option<Addr<Room>> {
-        self.rooms.lock().get(room).filter(|addr| addr.connected()).cloned()
+        self.rooms
+            .lock()
+            .get(room)
+            .filter(|slot| slot.addr.connected())
+            .map(|slot| slot.addr.clone())
+    }
+
+    /// The room's actor if it is hosted here.
+    pub fn get_hosted(&self, room: &RoomId) -> Option<Addr<Room>> {
+        self.rooms
+            .lock()
+            .get(room)
+            .filter(|slot| slot.hosted && slot.addr.connected())
+            .map(|slot| slot.addr.clone())
     }
 
     pub fn list(&self) -> Vec<(RoomId, Addr<Room>)> {
-        let mut rooms: Vec<_> = self.rooms.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut rooms: Vec<_> = self
+            .rooms
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.addr.clone()))
+            .collect();
         rooms.sort_by(|a, b| a.0.cmp(&b.0));
         rooms
     }
 
-    /// The room's actor, created (and claimed in the directory) on first use.
-    pub async fn get_or_create(self: &Arc<Self>, room: &RoomId) -> Result<Addr<Room>, RoomError> {
-        if let Some(addr) = self.get(room) {
+    /// The rooms hosted here (not the ones relayed from elsewhere).
+    pub fn hosted(&self) -> Vec<(RoomId, Addr<Room>)> {
+        let mut rooms: Vec<_> = self
+            .rooms
+            .lock()
+            .iter()
+            .filter(|(_, v)| v.hosted)
+            .map(|(k, v)| (k.clone(), v.addr.clone()))
+            .collect();
+        rooms.sort_by(|a, b| a.0.cmp(&b.0));
+        rooms
+    }
+
+    fn usable(&self, room: &RoomId, access: Access) -> Option<Addr<Room>> {
+        match access {
+            Access::View => self.get(room),
+            Access::Publish => self.get_hosted(room),
+        }
+    }
+
+    /// The room's actor for `access`, created on first use: hosted here when the directory
+    /// places the room here (by `region` preference and load), relaying from its host when it
+    /// lives elsewhere. Publishing elsewhere is refused with [`RoomError::Elsewhere`].
+    pub async fn get_or_create(
+        self: &Arc<Self>,
+        room: &RoomId,
+        access: Access,
+        region: Option<&str>,
+    ) -> Result<Addr<Room>, RoomError> {
+        if let Some(addr) = self.usable(room, access) {
             return Ok(addr);
         }
         let _creating = self.creating.lock().await;
-        if let Some(addr) = self.get(room) {
+        if let Some(addr) = self.usable(room, access) {
             return Ok(addr);
         }
+        let location = self
+            .directory
+            .locate(room.clone(), self.context.node.clone(), region.map(str::to_string))
+            .instrument(tracing::info_span!("room.claim", room = %room))
+            .await
+            .map_err(RoomError::Directory)?;
+        let mode = match location {
+            Location::Here { epoch } => {
+                if let Some(addr) = self.get(room) {
+                    // A relay of this room becomes its host (failover or migration chose us).
+                    addr.send(RoomRequest::Promote { epoch })
+                        .await
+                        .map_err(|_| RoomError::Closing)??;
+                    return Ok(addr);
+                }
+                RoomMode::Host { epoch }
+            }
+            Location::There(host) => {
+                if access == Access::Publish {
+                    return Err(RoomError::Elsewhere(host));
+                }
+                if let Some(addr) = self.get(room) {
+                    return Ok(addr);
+                }
+                RoomMode::Relay { host }
+            }
+        };
         let max = self.context.limits.rooms_per_node_max;
         if self.rooms.lock().len() >= max {
             return Err(RoomError::NodeFull("rooms per node", max));
         }
-        let epoch = self
-            .directory
-            .claim(room.clone(), self.context.node.clone())
-            .instrument(tracing::info_span!("room.claim", room = %room))
-            .await
-            .map_err(RoomError::Directory)?;
+        let hosted = matches!(mode, RoomMode::Host { .. });
         let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
         let registry = Arc::clone(self);
         let room_id = room.clone();
-        let addr = Room::start_in_arbiter(&self.arbiters[index], move |_| Room::new(room_id, epoch, registry));
-        self.rooms.lock().insert(room.clone(), addr.clone());
+        let addr = Room::start_in_arbiter(&self.arbiters[index], move |_| Room::new(room_id, mode, registry));
+        self.rooms.lock().insert(
+            room.clone(),
+            RoomSlot {
+                addr: addr.clone(),
+                hosted,
+            },
+        );
         self.context.stats.rooms.fetch_add(1, Ordering::Relaxed);
         Ok(addr)
     }
 
+    /// Called by a room whose mode changed (promoted to host, or no longer the host).
+    pub(crate) fn set_hosted(&self, room: &RoomId, addr: &Addr<Room>, hosted: bool) {
+        if let Some(slot) = self.rooms.lock().get_mut(room)
+            && slot.addr == *addr
+        {
+            slot.hosted = hosted;
+        }
+    }
+
     /// Called by a room that has closed.
-    pub(crate) fn closed(&self, room: &RoomId, addr: &Addr<Room>, epoch: u64) {
+    pub(crate) fn closed(&self, room: &RoomId, addr: &Addr<Room>, hosted_epoch: Option<u64>) {
         let removed = {
             let mut rooms = self.rooms.lock();
             // A newer room of the same name may already stand in the map: remove only ourselves.
-            rooms.get(room) == Some(addr) && rooms.remove(room).is_some()
+            rooms.get(room).is_some_and(|slot| slot.addr == *addr) && rooms.remove(room).is_some()
         };
         if removed {
             self.context.stats.rooms.fetch_sub(1, Ordering::Relaxed);
         }
-        let release = self.directory.release(room.clone(), self.context.node.clone(), epoch);
-        tokio::spawn(release);
+        if let Some(epoch) = hosted_epoch {
+            let release = self.directory.release(room.clone(), self.context.node.clone(), epoch);
+            tokio::spawn(release);
+        }
     }
 }

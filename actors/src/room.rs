@@ -6,6 +6,7 @@ use crate::media::codec::Codec;
 use crate::media::engine::MediaError;
 use crate::media::track::{MediaKind, PublishedTrack};
 use crate::peer::{PatchOutcome, PatchSession, PeerEvents, StopSession};
+use crate::ports::{Host, RelayGuard};
 use crate::publisher::Publisher;
 use crate::registry::{RoomContext, RoomRegistry};
 use crate::subscriber::{SlotControl, SlotHandle, SubscribeRequest, Subscriber};
@@ -38,6 +39,44 @@ pub enum RoomError {
     Directory(String),
     #[error("the room is closing; retry")]
     Closing,
+    /// The room is hosted on another node: publish there.
+    #[error("the room is hosted on node {}", .0.node)]
+    Elsewhere(Host),
+}
+
+/// Whether a room is hosted on this node or relayed here from its host.
+#[derive(Debug, Clone)]
+pub enum RoomMode {
+    /// This node hosts the room under `epoch`: publishers come here.
+    Host { epoch: u64 },
+    /// `host` hosts it; this node pulls its tracks for the viewers here.
+    Relay { host: Host },
+}
+
+/// How often a hosted room checks the directory still names this node under its epoch.
+const FENCE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A track pulled from another node.
+struct RelayedTrack {
+    info: TrackInfo,
+    track: Arc<PublishedTrack>,
+    /// The node its publisher is on.
+    origin: NodeId,
+}
+
+/// What a room tells another node's relay about the tracks it may pull from here.
+#[derive(Debug, Clone)]
+pub enum RelayNotice {
+    Published {
+        info: TrackInfo,
+        track: Arc<PublishedTrack>,
+        origin: NodeId,
+    },
+    Unpublished(String),
+    Muted {
+        track_id: String,
+        muted: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,7 +118,12 @@ pub struct TrackInfo {
 pub enum RoomNotice {
     Published(TrackInfo),
     Unpublished(String),
-    Muted { track_id: String, muted: bool },
+    Muted {
+        track_id: String,
+        muted: bool,
+    },
+    /// The room moved to another host: clients of this node should go there (they resume).
+    Moved(Host),
 }
 
 /// Bound of a watcher's notice queue; a watcher that lets it fill up is dropped.
@@ -90,6 +134,12 @@ pub struct RoomInfo {
     pub room: String,
     pub node: String,
     pub epoch: u64,
+    /// Whether this node hosts the room (else it relays it from the host).
+    pub hosted: bool,
+    /// Tracks pulled from other nodes.
+    pub relayed_tracks: usize,
+    /// Signal sessions watching the room here.
+    pub watchers: usize,
     pub publishers: Vec<SessionInfo>,
     pub subscribers: Vec<SessionInfo>,
 }
@@ -133,6 +183,37 @@ pub enum RoomRequest {
     Unwatch {
         watcher: SessionId,
     },
+    /// Another node's relay: the tracks it may pull from here now, then notices of changes.
+    /// Keeps the room open while it watches.
+    RelayWatch {
+        watcher: SessionId,
+        requester: NodeId,
+        notices: tokio::sync::mpsc::Sender<RelayNotice>,
+    },
+    RelayUnwatch {
+        watcher: SessionId,
+    },
+    /// One track another node may pull from here (by room-wide id).
+    RelayTrack {
+        requester: NodeId,
+        track_id: String,
+    },
+    /// The directory names this node the host under `epoch`.
+    Promote {
+        epoch: u64,
+    },
+    /// `host` now hosts the room: this node's clients are told to move and the room relays.
+    Demote {
+        host: Host,
+    },
+    /// Keeps an empty room open until `until` (a room made for a handoff waits for its clients).
+    Hold {
+        until: std::time::Instant,
+    },
+    /// The node drains: signal sessions of a relayed room are told to move to the host.
+    Evacuate,
+    /// Ends every session and closes the room.
+    Close,
     /// The room's tracks now.
     Tracks,
     Patch {
@@ -159,6 +240,14 @@ impl RoomRequest {
             RoomRequest::Mute { .. } => "room.mute",
             RoomRequest::Watch { .. } => "room.watch",
             RoomRequest::Unwatch { .. } => "room.unwatch",
+            RoomRequest::RelayWatch { .. } => "room.relay_watch",
+            RoomRequest::RelayUnwatch { .. } => "room.relay_unwatch",
+            RoomRequest::RelayTrack { .. } => "room.relay_track",
+            RoomRequest::Promote { .. } => "room.promote",
+            RoomRequest::Demote { .. } => "room.demote",
+            RoomRequest::Hold { .. } => "room.hold",
+            RoomRequest::Evacuate => "room.evacuate",
+            RoomRequest::Close => "room.close",
             RoomRequest::Tracks => "room.tracks",
             RoomRequest::Patch { .. } => "room.patch",
             RoomRequest::End { .. } => "room.end",
@@ -188,6 +277,9 @@ pub enum RoomReply {
     Ended,
     Info(RoomInfo),
     Tracks(Vec<TrackInfo>),
+    /// Tracks another node may pull, with their origin nodes.
+    Relayable(Vec<RelayNotice>),
+    Track(Arc<PublishedTrack>),
     Done,
 }
 
@@ -205,6 +297,20 @@ pub enum RoomEvent {
     },
     SessionClosed {
         session: SessionId,
+    },
+    /// A track pulled from another node opened (`info.id` is the room-wide id).
+    RelayPublished {
+        info: TrackInfo,
+        track: Arc<PublishedTrack>,
+        origin: NodeId,
+    },
+    /// A pulled track ended.
+    RelayUnpublished {
+        track: Arc<PublishedTrack>,
+    },
+    RelayMuted {
+        track_id: String,
+        muted: bool,
     },
 }
 
@@ -243,7 +349,7 @@ fn track_id(session: &SessionId, track: &PublishedTrack) -> String {
 
 pub struct Room {
     id: RoomId,
-    epoch: u64,
+    mode: RoomMode,
     registry: Arc<RoomRegistry>,
     context: Arc<RoomContext>,
     /// Ordered by session id, which is time-ordered (UUIDv7): the oldest publisher first.
@@ -254,14 +360,23 @@ pub struct Room {
     pending_subscribers: usize,
     /// Signal sessions told about track changes; they keep the room open.
     watchers: BTreeMap<SessionId, tokio::sync::mpsc::Sender<RoomNotice>>,
+    /// Tracks pulled from other nodes, by room-wide id.
+    relays: BTreeMap<String, RelayedTrack>,
+    /// Other nodes' relays pulling from here; they keep the room open.
+    relay_watchers: BTreeMap<SessionId, (NodeId, tokio::sync::mpsc::Sender<RelayNotice>)>,
+    /// The relay pulling this room's tracks from its host (relay mode, and a promoted room
+    /// until its last source ends).
+    follow: Option<RelayGuard>,
+    /// An empty room stays open until then.
+    hold_until: Option<std::time::Instant>,
 }
 
 impl Room {
-    pub fn new(id: RoomId, epoch: u64, registry: Arc<RoomRegistry>) -> Self {
+    pub fn new(id: RoomId, mode: RoomMode, registry: Arc<RoomRegistry>) -> Self {
         let context = Arc::clone(registry.context());
         Self {
             id,
-            epoch,
+            mode,
             registry,
             context,
             publishers: BTreeMap::new(),
@@ -269,7 +384,168 @@ impl Room {
             pending_publishers: 0,
             pending_subscribers: 0,
             watchers: BTreeMap::new(),
+            relays: BTreeMap::new(),
+            relay_watchers: BTreeMap::new(),
+            follow: None,
+            hold_until: None,
         }
+    }
+
+    /// The epoch under which this node hosts the room (`None`: it relays).
+    fn hosted_epoch(&self) -> Option<u64> {
+        match &self.mode {
+            RoomMode::Host { epoch } => Some(*epoch),
+            RoomMode::Relay { .. } => None,
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        match &self.mode {
+            RoomMode::Host { epoch } => *epoch,
+            RoomMode::Relay { host } => host.epoch,
+        }
+    }
+
+    /// Whether `requester` may pull a track of `origin` from here: a node never gets its own
+    /// tracks back, and only the host serves tracks it relays itself (so relays form no loop).
+    fn servable(&self, origin: &NodeId, requester: &NodeId) -> bool {
+        origin != requester && (origin == self.node() || self.hosted_epoch().is_some())
+    }
+
+    /// The tracks `requester` may pull from here now.
+    fn relayable(&self, requester: &NodeId) -> Vec<RelayNotice> {
+        let node = self.node().clone();
+        let local = self.publishers.iter().flat_map(|(session, p)| {
+            p.tracks
+                .iter()
+                .map(move |t| (Self::track_info(session, p, t), Arc::clone(t)))
+        });
+        let local = local.map(|(info, track)| RelayNotice::Published {
+            info,
+            track,
+            origin: node.clone(),
+        });
+        let relayed = self
+            .relays
+            .values()
+            .filter(|r| self.servable(&r.origin, requester))
+            .map(|r| RelayNotice::Published {
+                info: r.info.clone(),
+                track: Arc::clone(&r.track),
+                origin: r.origin.clone(),
+            });
+        let mut all: Vec<RelayNotice> = if self.node() == requester {
+            Vec::new()
+        } else {
+            local.collect()
+        };
+        all.extend(relayed);
+        all
+    }
+
+    /// Tells every relay watcher allowed to see a track of `origin`; one whose queue is full or
+    /// closed is dropped (its stream ends and the other node pulls again).
+    fn notify_relays(&mut self, origin: Option<&NodeId>, notice: RelayNotice) {
+        let node = self.node().clone();
+        let hosted = self.hosted_epoch().is_some();
+        self.relay_watchers.retain(|watcher, (requester, queue)| {
+            if let Some(origin) = origin
+                && !(origin != requester && (*origin == node || hosted))
+            {
+                return true;
+            }
+            match queue.try_send(notice.clone()) {
+                Ok(()) => true,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(watcher = %watcher, "relay notices not read; relay dropped");
+                    false
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+
+    /// Becomes the host under `epoch`.
+    fn promote(&mut self, epoch: u64, ctx: &mut Context<Self>) {
+        if self.hosted_epoch().is_some_and(|current| current >= epoch) {
+            return;
+        }
+        let was_relay = self.hosted_epoch().is_none();
+        tracing::info!(room = %self.id, epoch, "room hosted here");
+        self.mode = RoomMode::Host { epoch };
+        self.registry.set_hosted(&self.id, &ctx.address(), true);
+        if was_relay {
+            // Relayed tracks become servable to the other nodes' relays.
+            let watchers: Vec<(SessionId, NodeId)> = self
+                .relay_watchers
+                .iter()
+                .map(|(w, (requester, _))| (w.clone(), requester.clone()))
+                .collect();
+            for (watcher, requester) in watchers {
+                let notices: Vec<RelayNotice> = self
+                    .relays
+                    .values()
+                    .filter(|r| r.origin != requester)
+                    .map(|r| RelayNotice::Published {
+                        info: r.info.clone(),
+                        track: Arc::clone(&r.track),
+                        origin: r.origin.clone(),
+                    })
+                    .collect();
+                if let Some((_, queue)) = self.relay_watchers.get(&watcher) {
+                    for notice in notices {
+                        let _ = queue.try_send(notice);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Another node hosts the room now: clients here are told to move, and the room relays.
+    fn demote(&mut self, host: Host, ctx: &mut Context<Self>) {
+        let Some(epoch) = self.hosted_epoch() else {
+            if let RoomMode::Relay { host: current } = &mut self.mode
+                && host.epoch >= current.epoch
+            {
+                *current = host;
+            }
+            return;
+        };
+        if host.epoch < epoch {
+            return;
+        }
+        tracing::info!(room = %self.id, epoch, to = %host.node, new_epoch = host.epoch, "room moved; relaying from its new host");
+        self.mode = RoomMode::Relay { host: host.clone() };
+        self.registry.set_hosted(&self.id, &ctx.address(), false);
+        let not_own: Vec<String> = self
+            .relays
+            .iter()
+            .filter(|(_, r)| r.origin != *self.node())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in not_own {
+            self.notify_relays(None, RelayNotice::Unpublished(id));
+        }
+        self.notify(RoomNotice::Moved(host));
+        if self.follow.is_none() {
+            self.follow = Some(self.registry.relay().follow(self.id.clone(), ctx.address()));
+        }
+    }
+
+    fn check_fence(&mut self, ctx: &mut Context<Self>) {
+        if self.hosted_epoch().is_none() {
+            return;
+        }
+        let current = self.registry.directory().current(self.id.clone());
+        ctx.spawn(current.into_actor(self).map(|current, room, ctx| {
+            let Some(epoch) = room.hosted_epoch() else { return };
+            match current {
+                Ok(Some(host)) if host.node != *room.node() && host.epoch > epoch => room.demote(host, ctx),
+                Ok(Some(host)) if host.node == *room.node() && host.epoch > epoch => room.promote(host.epoch, ctx),
+                Ok(_) => {}
+                Err(error) => tracing::debug!(room = %room.id, %error, "fence check failed"),
+            }
+        }));
     }
 
     fn node(&self) -> &NodeId {
@@ -282,23 +558,32 @@ impl Room {
             && self.pending_publishers == 0
             && self.pending_subscribers == 0
             && self.watchers.is_empty()
+            && self.relay_watchers.is_empty()
     }
 
     fn stop_if_empty(&self, ctx: &mut Context<Self>) {
-        if self.is_empty() {
+        let held = self.hold_until.is_some_and(|until| std::time::Instant::now() < until);
+        if self.is_empty() && !held {
             ctx.stop();
         }
     }
 
-    /// Every published track that is not muted, with its room-wide id, oldest publisher first.
+    /// Every published track that is not muted, with its room-wide id: the tracks relayed from
+    /// other nodes first (their publishers came first: a publisher that moves here keeps its
+    /// viewers on the relayed copy until that ends), then this node's, oldest publisher first.
     fn live_tracks(&self) -> impl Iterator<Item = (String, &Arc<PublishedTrack>)> {
-        self.publishers.iter().flat_map(|(session, publisher)| {
+        let relayed = self
+            .relays
+            .iter()
+            .filter(|(_, r)| !r.info.muted)
+            .map(|(id, r)| (id.clone(), &r.track));
+        relayed.chain(self.publishers.iter().flat_map(|(session, publisher)| {
             publisher
                 .tracks
                 .iter()
                 .filter(|t| !publisher.muted[t.kind.index()])
                 .map(move |t| (track_id(session, t), t))
-        })
+        }))
     }
 
     /// The track a viewer's slot of `kind` should forward: the first of its chosen tracks that is
@@ -394,9 +679,13 @@ impl Room {
     }
 
     fn track_infos(&self) -> Vec<TrackInfo> {
-        self.publishers
-            .iter()
-            .flat_map(|(session, p)| p.tracks.iter().map(move |t| Self::track_info(session, p, t)))
+        let relayed = self.relays.values().map(|r| r.info.clone());
+        relayed
+            .chain(
+                self.publishers
+                    .iter()
+                    .flat_map(|(session, p)| p.tracks.iter().map(move |t| Self::track_info(session, p, t))),
+            )
             .collect()
     }
 
@@ -428,8 +717,10 @@ impl Room {
         if let Some(publisher) = self.publishers.remove(session) {
             tracing::info!(room = %self.id, session = %session, "publisher session ended");
             stop_session(&publisher.addr);
+            let node = self.node().clone();
             for track in &publisher.tracks {
                 self.notify(RoomNotice::Unpublished(track_id(session, track)));
+                self.notify_relays(Some(&node), RelayNotice::Unpublished(track_id(session, track)));
                 self.rebind(track.kind);
             }
             return true;
@@ -446,7 +737,10 @@ impl Room {
         RoomInfo {
             room: self.id.to_string(),
             node: self.node().to_string(),
-            epoch: self.epoch,
+            epoch: self.epoch(),
+            hosted: self.hosted_epoch().is_some(),
+            relayed_tracks: self.relays.len(),
+            watchers: self.watchers.len(),
             publishers: self
                 .publishers
                 .iter()
@@ -488,15 +782,26 @@ impl Actor for Room {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(ROOM_MAILBOX_MAX);
+        if let RoomMode::Relay { host } = &self.mode {
+            tracing::info!(room = %self.id, host = %host.node, epoch = host.epoch, "room relayed from its host");
+            self.follow = Some(self.registry.relay().follow(self.id.clone(), ctx.address()));
+        }
+        ctx.run_interval(FENCE_INTERVAL, |room, ctx| {
+            room.check_fence(ctx);
+            if room.hold_until.is_some() {
+                room.stop_if_empty(ctx);
+            }
+        });
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
-        tracing::info!(room = %self.id, epoch = self.epoch, "room closed");
+        tracing::info!(room = %self.id, epoch = self.epoch(), "room closed");
+        self.follow = None;
         let session_ids: Vec<SessionId> = self.publishers.keys().chain(self.subscribers.keys()).cloned().collect();
         for session in session_ids {
             self.remove_session(&session);
         }
-        self.registry.closed(&self.id, &ctx.address(), self.epoch);
+        self.registry.closed(&self.id, &ctx.address(), self.hosted_epoch());
     }
 }
 
@@ -508,6 +813,9 @@ impl Handler<RoomRequest> for Room {
         let room = ctx.address();
         match msg {
             RoomRequest::Publish { identity, offer } => {
+                if let RoomMode::Relay { host } = &self.mode {
+                    return ActorResponse::reply(Err(RoomError::Elsewhere(host.clone())));
+                }
                 let max = context.limits.publishers_per_room_max;
                 if self.publishers.len() + self.pending_publishers >= max {
                     return ActorResponse::reply(Err(RoomError::RoomFull("publishers", max)));
@@ -693,8 +1001,13 @@ impl Handler<RoomRequest> for Room {
                         .filter(|t| t.kind == kind)
                         .map(|t| track_id(&session, t))
                         .collect();
+                    let node = self.node().clone();
                     for track_id in ids {
-                        self.notify(RoomNotice::Muted { track_id, muted });
+                        self.notify(RoomNotice::Muted {
+                            track_id: track_id.clone(),
+                            muted,
+                        });
+                        self.notify_relays(Some(&node), RelayNotice::Muted { track_id, muted });
                     }
                     self.rebind(kind);
                 }
@@ -705,6 +1018,50 @@ impl Handler<RoomRequest> for Room {
                 ActorResponse::reply(Ok(RoomReply::Tracks(self.track_infos())))
             }
             RoomRequest::Tracks => ActorResponse::reply(Ok(RoomReply::Tracks(self.track_infos()))),
+            RoomRequest::RelayWatch {
+                watcher,
+                requester,
+                notices,
+            } => {
+                let now = self.relayable(&requester);
+                self.relay_watchers.insert(watcher, (requester, notices));
+                ActorResponse::reply(Ok(RoomReply::Relayable(now)))
+            }
+            RoomRequest::RelayUnwatch { watcher } => {
+                self.relay_watchers.remove(&watcher);
+                self.stop_if_empty(ctx);
+                ActorResponse::reply(Ok(RoomReply::Done))
+            }
+            RoomRequest::RelayTrack { requester, track_id } => {
+                let found = self.relayable(&requester).into_iter().find_map(|notice| match notice {
+                    RelayNotice::Published { info, track, .. } if info.id == track_id => Some(track),
+                    _ => None,
+                });
+                ActorResponse::reply(found.map(RoomReply::Track).ok_or(RoomError::UnknownSession))
+            }
+            RoomRequest::Promote { epoch } => {
+                self.promote(epoch, ctx);
+                ActorResponse::reply(Ok(RoomReply::Done))
+            }
+            RoomRequest::Demote { host } => {
+                self.demote(host, ctx);
+                ActorResponse::reply(Ok(RoomReply::Done))
+            }
+            RoomRequest::Hold { until } => {
+                self.hold_until = Some(until);
+                ActorResponse::reply(Ok(RoomReply::Done))
+            }
+            RoomRequest::Evacuate => {
+                if let RoomMode::Relay { host } = &self.mode {
+                    let host = host.clone();
+                    self.notify(RoomNotice::Moved(host));
+                }
+                ActorResponse::reply(Ok(RoomReply::Done))
+            }
+            RoomRequest::Close => {
+                ctx.stop();
+                ActorResponse::reply(Ok(RoomReply::Done))
+            }
             RoomRequest::Unwatch { watcher } => {
                 self.watchers.remove(&watcher);
                 self.stop_if_empty(ctx);
@@ -718,7 +1075,7 @@ impl Handler<Traced> for Room {
     type Result = ActorResponse<Self, Result<RoomReply, RoomError>>;
 
     fn handle(&mut self, Traced(request, parent): Traced, ctx: &mut Self::Context) -> Self::Result {
-        let span = tracing::info_span!(parent: &parent, "room", otel.name = request.name(), room = %self.id, epoch = i64::try_from(self.epoch).unwrap_or(i64::MAX));
+        let span = tracing::info_span!(parent: &parent, "room", otel.name = request.name(), room = %self.id, epoch = i64::try_from(self.epoch()).unwrap_or(i64::MAX));
         let _entered = span.enter();
         <Self as Handler<RoomRequest>>::handle(self, request, ctx)
     }
@@ -735,13 +1092,22 @@ impl Handler<RoomEvent> for Room {
                 };
                 publisher.tracks.push(Arc::clone(&track));
                 let info = Self::track_info(&session, publisher, &track);
-                self.notify(RoomNotice::Published(info));
+                self.notify(RoomNotice::Published(info.clone()));
+                let node = self.node().clone();
+                let relayed = RelayNotice::Published {
+                    info,
+                    track: Arc::clone(&track),
+                    origin: node.clone(),
+                };
+                self.notify_relays(Some(&node), relayed);
                 self.rebind(track.kind);
             }
             RoomEvent::TrackUnpublished { session, track } => {
                 if let Some(publisher) = self.publishers.get_mut(&session) {
                     publisher.tracks.retain(|t| !Arc::ptr_eq(t, &track));
                     self.notify(RoomNotice::Unpublished(track_id(&session, &track)));
+                    let node = self.node().clone();
+                    self.notify_relays(Some(&node), RelayNotice::Unpublished(track_id(&session, &track)));
                     self.rebind(track.kind);
                 }
             }
@@ -749,6 +1115,54 @@ impl Handler<RoomEvent> for Room {
                 tracing::debug!(room = %self.id, session = %session, "connection closed");
                 self.remove_session(&session);
                 self.stop_if_empty(ctx);
+            }
+            RoomEvent::RelayPublished { info, track, origin } => {
+                if origin == *self.node() {
+                    return; // never our own track back
+                }
+                let id = info.id.clone();
+                let kind = track.kind;
+                self.notify(RoomNotice::Published(info.clone()));
+                self.notify_relays(
+                    Some(&origin),
+                    RelayNotice::Published {
+                        info: info.clone(),
+                        track: Arc::clone(&track),
+                        origin: origin.clone(),
+                    },
+                );
+                self.relays.insert(id, RelayedTrack { info, track, origin });
+                self.rebind(kind);
+            }
+            RoomEvent::RelayUnpublished { track } => {
+                let found = self
+                    .relays
+                    .iter()
+                    .find(|(_, r)| Arc::ptr_eq(&r.track, &track))
+                    .map(|(id, _)| id.clone());
+                if let Some(id) = found
+                    && let Some(gone) = self.relays.remove(&id)
+                {
+                    self.notify(RoomNotice::Unpublished(id.clone()));
+                    self.notify_relays(Some(&gone.origin), RelayNotice::Unpublished(id));
+                    self.rebind(gone.track.kind);
+                }
+            }
+            RoomEvent::RelayMuted { track_id, muted } => {
+                let Some(relayed) = self.relays.get_mut(&track_id) else {
+                    return;
+                };
+                if relayed.info.muted == muted {
+                    return;
+                }
+                relayed.info.muted = muted;
+                let (kind, origin) = (relayed.track.kind, relayed.origin.clone());
+                self.notify(RoomNotice::Muted {
+                    track_id: track_id.clone(),
+                    muted,
+                });
+                self.notify_relays(Some(&origin), RelayNotice::Muted { track_id, muted });
+                self.rebind(kind);
             }
         }
     }

@@ -36,6 +36,7 @@ pub mod command;
 pub mod driver;
 pub mod error;
 pub mod ids;
+pub mod mesh;
 pub mod metrics;
 pub mod server;
 pub mod state_machine;

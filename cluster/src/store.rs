@@ -277,6 +277,17 @@ impl Store {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Store, StoreError> {
+        Self::start_with_services(config, listener, shutdown, None).await
+    }
+
+    /// [`Store::start`], serving `services` (already wrapped in their own secret check) on the
+    /// cluster port next to the store's own.
+    pub async fn start_with_services(
+        config: StoreConfig,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        services: Option<tonic::service::Routes>,
+    ) -> Result<Store, StoreError> {
         config.validate()?;
         let node_id = NodeId::new(config.node_id.clone());
         let raft_id = raft_id_for(&node_id);
@@ -377,8 +388,9 @@ impl Store {
         let server_token = token.clone();
         tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let routes = services.unwrap_or_default().add_service(service);
             let result = tonic::transport::Server::builder()
-                .add_service(service)
+                .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, server_token.cancelled_owned())
                 .await;
             if let Err(e) = result {

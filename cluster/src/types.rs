@@ -77,7 +77,7 @@ impl NodeRegistration {
 /// A node's load as reported in its heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 pub struct NodeLoad {
-    /// CPU use, 0.0..=1.0 per core summed (so 2.0 is two busy cores).
+    /// CPU use as a fraction of the node's cores, 0.0..=1.0.
     pub cpu: f32,
     /// Open media connections.
     pub connections: u64,

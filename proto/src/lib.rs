@@ -110,6 +110,14 @@ pub mod cluster {
     }
 }
 
+/// Node ↔ node media relay and room handoff (`--cluster` port, next to `cluster::v1`).
+pub mod mesh {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("mediamesh.mesh.v1");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::signal::v1::json::{self, DecodeError};

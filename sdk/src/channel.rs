@@ -25,6 +25,8 @@ use tokio_tungstenite::tungstenite;
 
 /// Queue bounds: commands to the driver, and events to the application.
 const COMMAND_QUEUE_MAX: usize = 64;
+/// `moved` replies to a join followed in a row at most.
+const MOVES_MAX: usize = 4;
 const EVENT_QUEUE_MAX: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +154,8 @@ enum Command {
 
 struct Inner {
     base: Mutex<Url>,
+    /// Other nodes (from `joined`) to try when the current one cannot be reached.
+    alternates: Mutex<Vec<Url>>,
     token: String,
     options: ClientOptions,
     commands: mpsc::Sender<Command>,
@@ -211,6 +215,7 @@ impl Client {
         let (events, _) = broadcast::channel(EVENT_QUEUE_MAX);
         let inner = Arc::new(Inner {
             base: Mutex::new(base),
+            alternates: Mutex::new(Vec::new()),
             token: token.to_string(),
             options,
             commands,
@@ -474,8 +479,19 @@ impl Inner {
         }
     }
 
-    /// Opens a transport to the current node and joins (with the resume token, if any).
+    /// Opens a transport to the current node and joins (with the resume token, if any),
+    /// following `moved` replies to the node that hosts the room.
     async fn open(&self) -> Result<Link, Error> {
+        for _ in 0..MOVES_MAX {
+            match self.open_once().await {
+                Err(Error::Moved { url }) => tracing::debug!(%url, "joined elsewhere: moved"),
+                other => return other,
+            }
+        }
+        Err(Error::Channel(format!("moved more than {MOVES_MAX} times in a row")))
+    }
+
+    async fn open_once(&self) -> Result<Link, Error> {
         let timeout = self.options.request_timeout;
         let opened = tokio::time::timeout(timeout, async {
             let mut link = self.open_transport().await?;
@@ -497,7 +513,15 @@ impl Inner {
                     return Err(Error::Channel("the node closed the channel before joined".into()));
                 };
                 match message.body {
+                    Some(Out::Moved(moved)) => {
+                        let url = Url::parse(&moved.url)
+                            .map_err(|e| Error::BadAnswer(format!("moved to {:?}: {e}", moved.url)))?;
+                        *self.base.lock() = url;
+                        self.joined.lock().resume_token = moved.resume_token;
+                        return Err(Error::Moved { url: moved.url });
+                    }
                     Some(Out::Joined(joined)) => {
+                        *self.alternates.lock() = joined.alternates.iter().filter_map(|u| Url::parse(u).ok()).collect();
                         *self.tracks.lock() = joined.tracks.iter().map(|t| (t.id.clone(), t.clone())).collect();
                         *self.joined.lock() = Joined {
                             session: joined.session,
@@ -674,7 +698,14 @@ impl Inner {
         loop {
             match self.open().await {
                 Ok(link) => return Some(link),
-                Err(error) => tracing::debug!(%error, "reconnect failed"),
+                Err(error) => {
+                    tracing::debug!(%error, "reconnect failed");
+                    // The node may be gone: the next attempt goes to another one (the resume
+                    // token works on every node).
+                    if matches!(error, Error::Channel(_) | Error::Http { .. } | Error::Timeout { .. }) {
+                        self.next_node();
+                    }
+                }
             }
             if started.elapsed() >= self.options.give_up_after {
                 return None;
@@ -682,6 +713,17 @@ impl Inner {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.options.backoff_max);
         }
+    }
+
+    /// Points the client at the next alternate node (round robin, the current one last).
+    fn next_node(&self) {
+        let mut alternates = self.alternates.lock();
+        if alternates.is_empty() {
+            return;
+        }
+        let next = alternates.remove(0);
+        let current = std::mem::replace(&mut *self.base.lock(), next);
+        alternates.push(current);
     }
 
     fn on_message(&self, message: pb::ServerMessage, pending: &mut HashMap<u64, oneshot::Sender<Result<Out, Error>>>) {

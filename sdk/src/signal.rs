@@ -11,7 +11,16 @@ const ERROR_BODY_BYTES_MAX: usize = 512;
 /// The client used when the caller gives none: one connection pool per process.
 pub fn default_http_client() -> Client {
     static CLIENT: OnceLock<Client> = OnceLock::new();
-    CLIENT.get_or_init(Client::new).clone()
+    // Redirects are followed by hand (`post_offer`): reqwest would drop the bearer token on a
+    // redirect to another node.
+    CLIENT
+        .get_or_init(|| {
+            Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_else(|_| Client::new())
+        })
+        .clone()
 }
 
 pub(crate) fn parse_url(url: &str) -> Result<Url, Error> {
@@ -35,6 +44,9 @@ pub(crate) struct Created {
     pub answer_sdp: String,
 }
 
+/// Redirects a POST of an offer follows at most.
+const REDIRECTS_MAX: usize = 3;
+
 pub(crate) async fn post_offer(
     http: &Client,
     url: &Url,
@@ -42,19 +54,43 @@ pub(crate) async fn post_offer(
     offer_sdp: String,
     timeout: Duration,
 ) -> Result<Created, Error> {
+    let mut url = url.clone();
+    let mut redirects = 0;
+    let response = loop {
+        let response = http
+            .post(url.clone())
+            .bearer_auth(token)
+            .header("content-type", "application/sdp")
+            .timeout(timeout)
+            .body(offer_sdp.clone())
+            .send()
+            .await
+            .map_err(|source| Error::Http {
+                url: url.to_string(),
+                source,
+            })?;
+        let status = response.status();
+        // A WHIP endpoint may send the publisher to the node that hosts the room (RFC 9725 §4.5).
+        if matches!(status, StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT)
+            && redirects < REDIRECTS_MAX
+        {
+            let next = response
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| url.join(l).ok())
+                .ok_or_else(|| Error::BadAnswer(format!("{status} without a usable Location header")))?;
+            redirects += 1;
+            url = next;
+            continue;
+        }
+        break response;
+    };
+    let url = &url;
     let http_error = |source| Error::Http {
         url: url.to_string(),
         source,
     };
-    let response = http
-        .post(url.clone())
-        .bearer_auth(token)
-        .header("content-type", "application/sdp")
-        .timeout(timeout)
-        .body(offer_sdp)
-        .send()
-        .await
-        .map_err(http_error)?;
     let status = response.status();
     if status != StatusCode::CREATED {
         return Err(refusal("POST", url, response).await);

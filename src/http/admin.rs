@@ -38,18 +38,128 @@ pub async fn rooms(state: web::Data<AppState>, request: HttpRequest) -> Result<H
     Ok(HttpResponse::Ok().json(json!({ "rooms": rooms })))
 }
 
-/// `GET /admin/v1/rooms/{room}`
+/// `GET /admin/v1/rooms/{room}`: the room on this node (its sessions here), with its placement
+/// in the directory (`placement.node` hosts it under `placement.epoch`).
 pub async fn room(
     state: web::Data<AppState>,
     request: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     authorize_admin(&state, &request)?;
-    let not_found = || ApiError::NotFound(format!("no room {:.128?} on this node", path.as_str()));
+    let not_found = || ApiError::NotFound(format!("no room {:.128?} in the cluster", path.as_str()));
     let room = RoomId::parse(&path).ok_or_else(not_found)?;
-    let addr = state.rooms.get(&room).ok_or_else(not_found)?;
-    let info = room_info(&addr).await.ok_or_else(not_found)?;
-    Ok(HttpResponse::Ok().json(info))
+    let placement = state
+        .store
+        .room(
+            &mediamesh_cluster::RoomId::new(room.to_string()),
+            Consistency::Linearizable,
+        )
+        .await?;
+    let info = match state.rooms.get(&room) {
+        Some(addr) => room_info(&addr).await,
+        None => None,
+    };
+    if placement.is_none() && info.is_none() {
+        return Err(not_found());
+    }
+    let mut body = match info {
+        Some(info) => serde_json::to_value(info).unwrap_or_default(),
+        None => {
+            json!({ "room": room.as_str(), "node": state.node_id, "hosted": false, "publishers": [], "subscribers": [] })
+        }
+    };
+    if let Some(placement) = placement {
+        body["placement"] = json!({ "node": placement.node.as_str(), "epoch": placement.epoch });
+    }
+    Ok(HttpResponse::Ok().json(body))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateBody {
+    to: String,
+}
+
+fn status_error(status: tonic::Status) -> ApiError {
+    use tonic::Code;
+    let message = status.message().to_string();
+    match status.code() {
+        Code::InvalidArgument => ApiError::BadRequest(message),
+        Code::NotFound => ApiError::NotFound(message),
+        Code::FailedPrecondition | Code::Aborted | Code::AlreadyExists => ApiError::Conflict(message),
+        _ => ApiError::Unavailable(message),
+    }
+}
+
+/// `POST /admin/v1/rooms/{room}/migrate` with `{"to": "<node id>"}`: moves the room to that
+/// node (run by the room's host; any node forwards it there). Answers when the room's clients
+/// have moved: `{room, from, to, epoch, elapsed_ms}`.
+pub async fn migrate(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    authorize_admin(&state, &request)?;
+    let room = RoomId::parse(&path).ok_or_else(|| ApiError::BadRequest("invalid room name".into()))?;
+    let body: MigrateBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("body must be {{\"to\": \"<node id>\"}}: {e}")))?;
+    let placement = state
+        .store
+        .room(
+            &mediamesh_cluster::RoomId::new(room.to_string()),
+            Consistency::Linearizable,
+        )
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("room {room} is not placed on any node")))?;
+    let moved = if placement.node.as_str() == state.node_id {
+        crate::mesh::migrate::migrate(&state.mesh, &room, &body.to)
+            .await
+            .map_err(|e| status_error(e.into()))?
+    } else {
+        let mut client = state
+            .mesh
+            .client(placement.node.as_str())
+            .map_err(ApiError::Unavailable)?;
+        let request = mediamesh_proto::mesh::v1::MigrateRequest {
+            room: room.to_string(),
+            to: body.to.clone(),
+        };
+        let reply = client.migrate(request).await.map_err(status_error)?.into_inner();
+        crate::mesh::migrate::Moved {
+            room: room.to_string(),
+            from: placement.node.as_str().to_string(),
+            to: reply.to,
+            epoch: reply.epoch,
+            elapsed_ms: reply.elapsed_ms,
+        }
+    };
+    Ok(HttpResponse::Ok().json(moved))
+}
+
+/// `POST /admin/v1/nodes/{id}/drain`: the node moves every room and client off within its drain
+/// deadline, leaves the cluster, and stops. Answers `202 Accepted` once the drain started.
+pub async fn drain(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize_admin(&state, &request)?;
+    let node = path.into_inner();
+    if node == state.node_id {
+        if !(state.start_drain)() {
+            return Err(ApiError::Conflict("this node is already draining".into()));
+        }
+    } else {
+        let known = state.store.status().nodes.iter().any(|n| n.id.as_str() == node);
+        if !known {
+            return Err(ApiError::NotFound(format!("no node {node:.64?} in the cluster")));
+        }
+        let mut client = state.mesh.client(&node).map_err(ApiError::Unavailable)?;
+        let request = mediamesh_proto::mesh::v1::DrainRequest { node: node.clone() };
+        client.drain(request).await.map_err(status_error)?;
+    }
+    Ok(HttpResponse::Accepted().json(json!({ "node": node, "draining": true })))
 }
 
 /// `GET /admin/v1/cluster`: the store's view: leader, term, commit index, nodes, digest.

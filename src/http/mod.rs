@@ -26,6 +26,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub body_bytes_max: usize,
     pub store: mediamesh_cluster::Store,
+    /// The mesh between nodes (migration, drain, relay stats).
+    pub mesh: Arc<crate::mesh::Mesh>,
+    /// Starts a drain of this node (false: one is running already).
+    pub start_drain: crate::mesh::service::DrainStarter,
     /// The TURN relay (None: `--turn off`).
     pub turn: Option<(
         actix::Addr<mediamesh_actors::turn::TurnRelay>,
@@ -68,6 +72,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/admin/v1/turn/rotate", web::post().to(admin::turn_rotate))
         .route("/admin/v1/rooms", web::get().to(admin::rooms))
         .route("/admin/v1/rooms/{room}", web::get().to(admin::room))
+        .route("/admin/v1/rooms/{room}/migrate", web::post().to(admin::migrate))
+        .route("/admin/v1/nodes/{id}/drain", web::post().to(admin::drain))
         .service(
             web::resource("/admin/v1/viewers/{viewer}")
                 .route(web::get().to(admin::viewer_get))

@@ -35,6 +35,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl ApiError {
@@ -61,7 +63,7 @@ impl ResponseError for ApiError {
             ApiError::Auth(e) if e.is_forbidden() => StatusCode::FORBIDDEN,
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             ApiError::Room(e) => match e {
-                RoomError::NodeFull(..) | RoomError::Closing | RoomError::Directory(_) => {
+                RoomError::NodeFull(..) | RoomError::Closing | RoomError::Directory(_) | RoomError::Elsewhere(_) => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
                 RoomError::RoomFull(..) => StatusCode::TOO_MANY_REQUESTS,
@@ -89,6 +91,7 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 

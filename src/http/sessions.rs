@@ -8,7 +8,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use mediamesh_actors::media::layer::layer_named;
 use mediamesh_actors::room::{RoomReply, RoomRequest, Traced};
-use mediamesh_actors::{Identity, RoomError, RoomId, SessionId, SessionKind};
+use mediamesh_actors::{Access, Identity, RoomError, RoomId, SessionId, SessionKind};
 use serde::Deserialize;
 
 const SDP: &str = "application/sdp";
@@ -17,6 +17,15 @@ const TRICKLE: &str = "application/trickle-ice-sdpfrag";
 #[derive(Debug, Deserialize)]
 pub struct PlayQuery {
     layer: Option<String>,
+    /// WHEP: a resume token from an earlier session (its layer choice comes back).
+    resume: Option<String>,
+}
+
+/// The client's region preference: `x-region-preference`, then `x-korean-region`; `None`
+/// places a new room by the region of this node.
+pub fn region_preference(request: &HttpRequest) -> Option<String> {
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+    mediamesh_cluster::mesh::placement::region_preference(&[header("x-region-preference"), header("x-korean-region")])
 }
 
 fn path_prefix(kind: SessionKind) -> &'static str {
@@ -70,9 +79,26 @@ pub async fn create(
     let room = room_id(&path)?;
     let identity = authorize(&state, &request, kind, &room)?;
     require_content_type(&request, SDP)?;
-    let layer = match kind {
+    let mut layer = match kind {
         SessionKind::Subscriber => parse_layer(&query)?,
         SessionKind::Publisher => None,
+    };
+    let mut tracks = None;
+    if kind == SessionKind::Subscriber
+        && let Some(token) = query.resume.as_deref()
+        && let Some(signal) = request.app_data::<web::Data<std::sync::Arc<crate::signal::SignalContext>>>()
+        && let Some(state) = signal
+            .resume_state(token, room.as_str(), &identity.0)
+            .await
+            .map_err(|refused| ApiError::BadRequest(format!("resume: {refused}")))?
+    {
+        layer = layer.or_else(|| state.layers.get("video").and_then(|l| layer_named(l)));
+        tracks = (!state.subscriptions.is_empty()).then(|| state.subscriptions.clone());
+    }
+    let region = region_preference(&request);
+    let access = match kind {
+        SessionKind::Publisher => Access::Publish,
+        SessionKind::Subscriber => Access::View,
     };
     let body = read_body(&request, payload, state.body_bytes_max).await?;
     let offer =
@@ -87,13 +113,26 @@ pub async fn create(
             identity: identity.clone(),
             offer: offer.clone(),
             layer,
-            tracks: None,
+            tracks: tracks.clone(),
         },
     };
     // A room that is closing refuses its mailbox; the second attempt makes a fresh room.
     let mut reply = None;
     for _ in 0..2 {
-        let addr = state.rooms.get_or_create(&room).await?;
+        let addr = match state.rooms.get_or_create(&room, access, region.as_deref()).await {
+            Ok(addr) => addr,
+            Err(RoomError::Elsewhere(host)) => {
+                // RFC 9725 §4.5: a WHIP endpoint may redirect to the one that serves the room.
+                let location = match request.query_string() {
+                    "" => format!("{}/{}/{}", host.http_url, path_prefix(kind), room),
+                    query => format!("{}/{}/{}?{query}", host.http_url, path_prefix(kind), room),
+                };
+                return Ok(HttpResponse::TemporaryRedirect()
+                    .insert_header(("Location", location))
+                    .finish());
+            }
+            Err(error) => return Err(error.into()),
+        };
         match addr.send(Traced::here(make_request())).await {
             Ok(result) => {
                 reply = Some(result?);

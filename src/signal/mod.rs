@@ -151,6 +151,12 @@ impl SignalStats {
         self.resume_outcomes[outcome as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Signal sessions open now, both transports.
+    pub fn open_sessions(&self) -> usize {
+        let open = self.websocket_sessions.load(Ordering::Relaxed) + self.grpc_sessions.load(Ordering::Relaxed);
+        usize::try_from(open).unwrap_or(0)
+    }
+
     fn sessions(&self, transport: Transport) -> &AtomicI64 {
         match transport {
             Transport::WebSocket => &self.websocket_sessions,
@@ -183,6 +189,78 @@ pub struct SignalContext {
     pub sessions_max: usize,
     /// The TURN relay whose ICE servers `joined` carries (None: `--turn off`).
     pub turn: Option<mediamesh_actors::turn::TurnHandle>,
+}
+
+/// Why a resume token was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeRefused {
+    /// Well-formed and signed, but for another room or identity.
+    #[error("the resume token is for another room or identity")]
+    Mismatch,
+    /// Malformed, or not signed by this cluster.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl SignalContext {
+    /// Checks a resume token for `room` and `identity`, and gives back the viewer's stored state
+    /// when it was updated within the resume window (`None`: too old or gone, a new session).
+    /// Every outcome is counted in `mediamesh_viewer_resumes_total`.
+    pub async fn resume_state(
+        &self,
+        token: &str,
+        room: &str,
+        identity: &str,
+    ) -> Result<Option<mediamesh_cluster::ViewerState>, ResumeRefused> {
+        let claims = match self.resume.verify(token) {
+            Ok(claims) => claims,
+            Err(reason) => {
+                self.stats.count_resume(ResumeOutcome::Refused);
+                return Err(ResumeRefused::Invalid(reason.to_string()));
+            }
+        };
+        if claims.room != room || claims.identity != identity {
+            self.stats.count_resume(ResumeOutcome::Refused);
+            return Err(ResumeRefused::Mismatch);
+        }
+        let id = mediamesh_cluster::ViewerId::new(claims.viewer);
+        let state = match self
+            .store
+            .viewer(&id, mediamesh_cluster::Consistency::Linearizable)
+            .await
+        {
+            Ok(Some(state)) => {
+                let age_ms = session::now_ms().saturating_sub(state.updated_at_ms);
+                (age_ms <= self.resume_window.as_millis() as u64).then_some(state)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                tracing::warn!(%error, "viewer state not readable; a new session instead of a resume");
+                None
+            }
+        };
+        self.stats.count_resume(if state.is_some() {
+            ResumeOutcome::Resumed
+        } else {
+            ResumeOutcome::Expired
+        });
+        Ok(state)
+    }
+}
+
+impl SignalContext {
+    /// The other available nodes' HTTP base URLs, `region`'s first: where a client goes when
+    /// this node cannot be reached.
+    pub fn alternates(&self, region: Option<&str>) -> Vec<String> {
+        let status = self.store.status();
+        let mut nodes: Vec<_> = status
+            .nodes
+            .iter()
+            .filter(|n| n.id.as_str() != self.node_id && n.state == mediamesh_cluster::NodeState::Alive)
+            .collect();
+        nodes.sort_by_key(|n| (region.is_some_and(|r| !n.region.eq_ignore_ascii_case(r)), n.id.clone()));
+        nodes.into_iter().map(|n| n.http_url.clone()).collect()
+    }
 }
 
 /// A place among the node's signal sessions; given back on drop.

@@ -4,14 +4,15 @@
 //! closes its connection).
 
 use super::resume::ResumeClaims;
-use super::{ErrorCode as Code, Inbound, QUEUE_MAX, ResumeOutcome, SignalContext};
+use super::{ErrorCode as Code, Inbound, QUEUE_MAX, SignalContext};
 use crate::auth::{AuthError, Claims, Grant};
 use mediamesh_actors::media::layer::{LAYER_NAMES, layer_named};
 use mediamesh_actors::media::track::MediaKind;
 use mediamesh_actors::pii::Pii;
+use mediamesh_actors::ports::Host;
 use mediamesh_actors::room::{RoomReply, RoomRequest, Traced};
-use mediamesh_actors::{Identity, RoomError, RoomId, RoomNotice, SessionId, SessionKind, TrackInfo};
-use mediamesh_cluster::{Consistency, ViewerState};
+use mediamesh_actors::{Access, Identity, RoomError, RoomId, RoomNotice, SessionId, SessionKind, TrackInfo};
+use mediamesh_cluster::ViewerState;
 use mediamesh_proto::signal::v1 as pb;
 use pb::client_message::Body as In;
 use pb::server_message::Body as Out;
@@ -61,7 +62,9 @@ impl From<RoomError> for Refusal {
             RoomError::BadOffer(_) | RoomError::BadFragment(_) => Code::BadRequest,
             RoomError::UnknownSession => Code::NotFound,
             RoomError::PreconditionFailed => Code::OutOfOrder,
-            RoomError::Closing | RoomError::Directory(_) | RoomError::Media(_) => Code::Internal,
+            RoomError::Closing | RoomError::Directory(_) | RoomError::Media(_) | RoomError::Elsewhere(_) => {
+                Code::Internal
+            }
         };
         Refusal::new(code, error.to_string())
     }
@@ -164,7 +167,7 @@ fn check_track_ids(ids: &[String]) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -203,6 +206,10 @@ struct Joined {
     persist: Option<watch::Sender<Option<ViewerState>>>,
     persister: Option<tokio::task::JoinHandle<()>>,
     registration: super::Registration,
+    /// The session's resume token (given again in `moved`).
+    resume_token: String,
+    /// The client's region preference (`join.region`), for placing the room.
+    region: Option<String>,
 }
 
 impl Joined {
@@ -282,7 +289,12 @@ pub async fn run(
                     break flow;
                 }
             }
-            notice = next_notice(&mut session.joined) => session.on_notice(notice).await,
+            notice = next_notice(&mut session.joined) => {
+                let flow = session.on_notice(notice).await;
+                if flow != Flow::Continue {
+                    break flow;
+                }
+            }
             _ = idle_check.tick() => {
                 if last_heard.elapsed() >= ctx.idle_timeout {
                     let message = format!("nothing received for {} ms", ctx.idle_timeout.as_millis());
@@ -364,6 +376,11 @@ impl Session {
             }
         };
         match result {
+            Ok(Some(reply @ Out::Moved(_))) => {
+                // Joined on a node that does not host the room for a publisher: go there.
+                self.send(id, reply).await;
+                Flow::Stop
+            }
             Ok(Some(reply)) => {
                 self.send(id, reply).await;
                 Flow::Continue
@@ -518,31 +535,17 @@ impl Session {
         // A resume token gives an earlier viewer session back while its state is in the window.
         let mut resumed: Option<ViewerState> = None;
         if !join.resume_token.is_empty() {
-            match self.ctx.resume.verify(&join.resume_token) {
-                Ok(ResumeClaims {
-                    viewer,
-                    room: token_room,
-                    identity: token_identity,
-                }) if token_room == room.as_str() && token_identity == identity.0 => {
-                    resumed = self.resumable(&viewer).await;
-                    self.ctx.stats.count_resume(if resumed.is_some() {
-                        ResumeOutcome::Resumed
-                    } else {
-                        ResumeOutcome::Expired
-                    });
+            resumed = match self
+                .ctx
+                .resume_state(&join.resume_token, room.as_str(), &identity.0)
+                .await
+            {
+                Ok(state) => state,
+                Err(refused @ super::ResumeRefused::Mismatch) => {
+                    return Err(Refusal::new(Code::Forbidden, refused.to_string()));
                 }
-                Ok(_) => {
-                    self.ctx.stats.count_resume(ResumeOutcome::Refused);
-                    return Err(Refusal::new(
-                        Code::Forbidden,
-                        "the resume token is for another room or identity",
-                    ));
-                }
-                Err(reason) => {
-                    self.ctx.stats.count_resume(ResumeOutcome::Refused);
-                    return Err(Refusal::new(Code::BadRequest, reason));
-                }
-            }
+                Err(refused) => return Err(Refusal::new(Code::BadRequest, refused.to_string())),
+            };
         }
         let viewer = match &resumed {
             Some(state) => state.viewer.as_str().to_string(),
@@ -570,6 +573,8 @@ impl Session {
             persist: None,
             persister: None,
             registration,
+            resume_token: resume_token.clone(),
+            region: (!join.region.is_empty()).then(|| join.region.clone()),
         };
         if let Some(state) = &resumed {
             joined.selection = (!state.subscriptions.is_empty()).then(|| state.subscriptions.clone());
@@ -598,7 +603,16 @@ impl Session {
         self.joined = Some(joined);
         self.persist();
         // Joined without a room to watch is no session: the client should try elsewhere.
-        let tracks = self.watch(notice_tx, notice_rx).await.map_err(Refusal::fatal)?;
+        let tracks = match self.watch(notice_tx, notice_rx).await {
+            Ok(tracks) => tracks,
+            Err(WatchError::Moved(host)) => {
+                return Ok(Out::Moved(pb::Moved {
+                    url: host.http_url,
+                    resume_token,
+                }));
+            }
+            Err(WatchError::Refused(refusal)) => return Err(refusal.fatal()),
+        };
         Ok(Out::Joined(pb::Joined {
             session: viewer,
             resume_token,
@@ -611,23 +625,10 @@ impl Session {
             tracks: tracks.iter().map(track_message).collect(),
             idle_timeout_ms: u32::try_from(self.ctx.idle_timeout.as_millis()).unwrap_or(u32::MAX),
             resume_window_ms: u32::try_from(self.ctx.resume_window.as_millis()).unwrap_or(u32::MAX),
+            alternates: self
+                .ctx
+                .alternates((!join.region.is_empty()).then_some(join.region.as_str())),
         }))
-    }
-
-    /// The stored state of `viewer` if it was updated within the resume window.
-    async fn resumable(&self, viewer: &str) -> Option<ViewerState> {
-        let id = mediamesh_cluster::ViewerId::new(viewer);
-        match self.ctx.store.viewer(&id, Consistency::Linearizable).await {
-            Ok(Some(state)) => {
-                let age_ms = now_ms().saturating_sub(state.updated_at_ms);
-                (age_ms <= self.ctx.resume_window.as_millis() as u64).then_some(state)
-            }
-            Ok(None) => None,
-            Err(error) => {
-                tracing::warn!(%error, "viewer state not readable; a new session instead of a resume");
-                None
-            }
-        }
     }
 
     /// Hands the current viewer state to the persister (subscribers only).
@@ -644,14 +645,22 @@ impl Session {
         &mut self,
         notice_tx: mpsc::Sender<RoomNotice>,
         notice_rx: mpsc::Receiver<RoomNotice>,
-    ) -> Result<Vec<TrackInfo>, Refusal> {
+    ) -> Result<Vec<TrackInfo>, WatchError> {
         let viewer = SessionId(self.joined()?.viewer.clone());
-        let reply = self
-            .room_request(RoomRequest::Watch {
+        let (room, access, region) = self.room_access()?;
+        let addr = match self.ctx.rooms.get_or_create(&room, access, region.as_deref()).await {
+            Ok(addr) => addr,
+            Err(RoomError::Elsewhere(host)) => return Err(WatchError::Moved(host)),
+            Err(error) => return Err(WatchError::Refused(error.into())),
+        };
+        let reply = addr
+            .send(Traced::here(RoomRequest::Watch {
                 watcher: viewer,
                 notices: notice_tx,
-            })
-            .await?;
+            }))
+            .await
+            .map_err(|_| Refusal::from(RoomError::Closing))?
+            .map_err(Refusal::from)?;
         self.joined()?.notices = Some(notice_rx);
         match reply {
             RoomReply::Tracks(tracks) => Ok(tracks),
@@ -668,10 +677,21 @@ impl Session {
 
     /// Sends a request to the room, creating it (or a fresh one, if it was closing) as needed,
     /// and re-watching it when the room this session watched has closed.
+    /// The session's room, what it does there, and its region preference.
+    fn room_access(&mut self) -> Result<(RoomId, Access, Option<String>), Refusal> {
+        let joined = self.joined()?;
+        let access = if joined.role.publish {
+            Access::Publish
+        } else {
+            Access::View
+        };
+        Ok((joined.room.clone(), access, joined.region.clone()))
+    }
+
     async fn room_request(&mut self, request: RoomRequest) -> Result<RoomReply, Refusal> {
-        let room = self.joined()?.room.clone();
         let rewatch = self.joined.as_ref().is_some_and(|j| j.notices.is_none()) && !is_watch(&request);
-        let addr = self.ctx.rooms.get_or_create(&room).await?;
+        let (room, access, region) = self.room_access()?;
+        let addr = self.ctx.rooms.get_or_create(&room, access, region.as_deref()).await?;
         // A room that stopped between the lookup and the send refuses the message: the client
         // retries (the next lookup makes a fresh room).
         let reply = addr
@@ -798,8 +818,18 @@ impl Session {
         Ok(Some(Out::Ack(pb::Ack {})))
     }
 
-    async fn on_notice(&mut self, notice: Option<RoomNotice>) {
+    async fn on_notice(&mut self, notice: Option<RoomNotice>) -> Flow {
         let body = match notice {
+            Some(RoomNotice::Moved(host)) => {
+                let resume_token = self.joined.as_ref().map(|j| j.resume_token.clone()).unwrap_or_default();
+                tracing::debug!(to = %host.node, "room moved; client sent there");
+                let moved = pb::Moved {
+                    url: host.http_url,
+                    resume_token,
+                };
+                self.send(0, Out::Moved(moved)).await;
+                return Flow::Stop;
+            }
             Some(RoomNotice::Published(track)) => Out::TrackPublished(pb::TrackPublished {
                 track: Some(track_message(&track)),
             }),
@@ -810,10 +840,11 @@ impl Session {
                 if let Some(joined) = self.joined.as_mut() {
                     joined.notices = None;
                 }
-                return;
+                return Flow::Continue;
             }
         };
         self.send(0, body).await;
+        Flow::Continue
     }
 
     /// Ends the media sessions and the watch; keeps the viewer state for a resume unless the
@@ -853,6 +884,19 @@ impl Session {
             tracing::debug!(%error, "viewer state of a leaving viewer not deleted; it expires");
         }
         tracing::info!(room = %joined.room, viewer = %joined.viewer, left, "signal session ended");
+    }
+}
+
+/// Why watching the room failed.
+enum WatchError {
+    /// The room is hosted elsewhere and this session publishes: the client goes there.
+    Moved(Host),
+    Refused(Refusal),
+}
+
+impl From<Refusal> for WatchError {
+    fn from(refusal: Refusal) -> Self {
+        WatchError::Refused(refusal)
     }
 }
 

@@ -28,7 +28,7 @@ const TCP_PORTS_HIGH: u16 = 19_999;
 /// Media UDP ports (never bound by these tests, but each node gets its own range).
 const UDP_PORTS_LOW: u16 = 20_000;
 const UDP_PORTS_HIGH: u16 = 29_999;
-const MEDIA_PORTS_PER_NODE: u16 = 20;
+const MEDIA_PORTS_PER_NODE: u16 = 160;
 /// Lines of each node's log printed when a test fails.
 const LOG_TAIL_LINES: usize = 40;
 
@@ -76,10 +76,19 @@ impl ClusterNode {
     }
 }
 
+/// Clusters started so far by this process: several tests of one binary run at once, and each
+/// picks its ports from a different place.
+static PICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn pick_offset(multiplier: u64, span: u16) -> u16 {
+    let pick = PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ((std::process::id() as u64 * multiplier + pick * 997) % u64::from(span)) as u16
+}
+
 /// Distinct loopback TCP ports that are free now, below the ephemeral range.
 fn pick_tcp_ports(count: usize) -> Vec<u16> {
     let span = TCP_PORTS_HIGH - TCP_PORTS_LOW;
-    let offset = (std::process::id() as u64 * 7919 % u64::from(span)) as u16;
+    let offset = pick_offset(7919, span);
     let mut ports = Vec::with_capacity(count);
     for step in 0..span {
         let port = TCP_PORTS_LOW + (offset + step) % span;
@@ -97,7 +106,7 @@ fn pick_tcp_ports(count: usize) -> Vec<u16> {
 fn pick_udp_ranges(count: usize) -> Vec<(u16, u16)> {
     let span = UDP_PORTS_HIGH - UDP_PORTS_LOW;
     let blocks = span / MEDIA_PORTS_PER_NODE;
-    let offset = (std::process::id() as u64 * 104_729 % u64::from(blocks)) as u16;
+    let offset = pick_offset(104_729, blocks);
     let mut ranges = Vec::with_capacity(count);
     for step in 0..blocks {
         let start = UDP_PORTS_LOW + ((offset + step) % blocks) * MEDIA_PORTS_PER_NODE;

@@ -277,6 +277,23 @@ impl PublishedTrack {
         replay
     }
 
+    /// Attaches a relay to another node: every layer's cached GOP comes first (lowest layer
+    /// first), then the live packets of every layer the sink wants.
+    pub fn attach_all(&self, sink: Arc<Sink>) -> Vec<ForwardPacket> {
+        let mut inner = self.inner.lock();
+        let mut replay = Vec::new();
+        for layer in 0..self.layer_count().min(LAYERS_MAX) {
+            let cached = inner.caches[layer].snapshot();
+            replay.extend(cached.into_iter().enumerate().map(|(i, packet)| ForwardPacket {
+                layer: layer as u8,
+                keyframe_start: i == 0,
+                packet,
+            }));
+        }
+        inner.sinks.push(sink);
+        replay
+    }
+
     pub fn detach(&self, sink: &Arc<Sink>) {
         self.inner.lock().sinks.retain(|s| !Arc::ptr_eq(s, sink));
     }

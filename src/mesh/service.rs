@@ -1,0 +1,118 @@
+//! The `mediamesh.mesh.v1.Mesh` gRPC service on the cluster port: relay, handoff, promote,
+//! migrate and drain between nodes. Every call carries the cluster secret (checked by the same
+//! interceptor as the store's service).
+
+use super::{Mesh, migrate, relay};
+use mediamesh_actors::RoomId;
+use mediamesh_cluster::transport::{SecretCheck, TransportMetrics};
+use mediamesh_proto::mesh::v1 as pb;
+use mediamesh_proto::mesh::v1::mesh_server::MeshServer;
+use std::sync::{Arc, OnceLock};
+use tonic::{Request, Response, Status};
+
+/// Starts a drain of this node (set by the node wiring; it also stops the process after).
+pub type DrainStarter = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Filled by the node wiring once the store (which serves this service) and the rooms exist;
+/// calls before that are answered `unavailable`.
+#[derive(Default)]
+pub struct MeshSlot {
+    pub mesh: OnceLock<Arc<Mesh>>,
+    pub drain: OnceLock<DrainStarter>,
+}
+
+pub struct MeshService {
+    slot: Arc<MeshSlot>,
+}
+
+impl MeshService {
+    fn mesh(&self) -> Result<&Arc<Mesh>, Status> {
+        self.slot
+            .mesh
+            .get()
+            .ok_or_else(|| Status::unavailable("the node is starting"))
+    }
+}
+
+/// The service, wrapped in the cluster-secret check, ready for the store's server.
+pub fn routes(slot: Arc<MeshSlot>, cluster_secret: &str) -> tonic::service::Routes {
+    let service = MeshServer::new(MeshService { slot })
+        .max_decoding_message_size(super::MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(super::MESSAGE_BYTES_MAX);
+    let checked = tonic::service::interceptor::InterceptedService::new(
+        service,
+        SecretCheck::new(cluster_secret, Arc::new(TransportMetrics::default())),
+    );
+    tonic::service::Routes::new(checked)
+}
+
+fn room_id(name: &str) -> Result<RoomId, Status> {
+    RoomId::parse(name).ok_or_else(|| Status::invalid_argument("invalid room name"))
+}
+
+#[tonic::async_trait]
+impl pb::mesh_server::Mesh for MeshService {
+    type WatchRoomStream = relay::EventStream;
+    type PullTrackStream = relay::PacketStream;
+
+    async fn watch_room(
+        &self,
+        request: Request<pb::WatchRoomRequest>,
+    ) -> Result<Response<Self::WatchRoomStream>, Status> {
+        relay::watch_room(self.mesh()?, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn pull_track(
+        &self,
+        request: Request<pb::PullTrackRequest>,
+    ) -> Result<Response<Self::PullTrackStream>, Status> {
+        relay::pull(Arc::clone(self.mesh()?), request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn request_keyframe(
+        &self,
+        request: Request<pb::KeyframeRequest>,
+    ) -> Result<Response<pb::KeyframeAck>, Status> {
+        relay::request_keyframe(self.mesh()?, request.into_inner()).await?;
+        Ok(Response::new(pb::KeyframeAck {}))
+    }
+
+    async fn handoff(&self, request: Request<pb::HandoffRequest>) -> Result<Response<pb::HandoffResponse>, Status> {
+        let tracks = migrate::handoff(self.mesh()?, request.into_inner()).await?;
+        Ok(Response::new(pb::HandoffResponse { tracks }))
+    }
+
+    async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
+        migrate::promote(self.mesh()?, request.into_inner()).await?;
+        Ok(Response::new(pb::PromoteResponse {}))
+    }
+
+    async fn migrate(&self, request: Request<pb::MigrateRequest>) -> Result<Response<pb::MigrateResponse>, Status> {
+        let request = request.into_inner();
+        let moved = migrate::migrate(self.mesh()?, &room_id(&request.room)?, &request.to).await?;
+        Ok(Response::new(pb::MigrateResponse {
+            epoch: moved.epoch,
+            elapsed_ms: moved.elapsed_ms,
+            to: moved.to,
+        }))
+    }
+
+    async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        if request.into_inner().node != self.mesh()?.node {
+            return Err(Status::invalid_argument("a drain goes to the node it drains"));
+        }
+        let drain = self
+            .slot
+            .drain
+            .get()
+            .ok_or_else(|| Status::unavailable("the node is starting"))?;
+        if !drain() {
+            return Err(Status::already_exists("this node is already draining"));
+        }
+        Ok(Response::new(pb::DrainResponse {}))
+    }
+}

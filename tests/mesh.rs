@@ -1,0 +1,353 @@
+//! The mesh with three node processes on loopback (seoul-1, seoul-2, busan-1), driven by the
+//! Rust SDK: cross-region viewing through one relay stream per track, live migration through
+//! the admin API, drain on SIGTERM, failover after SIGKILL, and a publish to a node that does
+//! not host the room (WHIP 307, signal `moved`).
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use cluster::ProcessCluster;
+use mediamesh::auth::{Grants, TokenKeys};
+use mediamesh_sdk::{Client, ClientOptions, PlayOptions, PublishOptions, Role, Transport};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const NODES: [(&str, &str); 3] = [("seoul-1", "seoul"), ("seoul-2", "seoul"), ("busan-1", "busan")];
+const CLUSTER_START_MAX: Duration = Duration::from_secs(30);
+
+async fn start_cluster(extra: &'static [&'static str]) -> ProcessCluster {
+    tokio::task::spawn_blocking(move || {
+        ProcessCluster::start(
+            std::path::Path::new(env!("CARGO_BIN_EXE_mediamesh")),
+            &NODES,
+            extra,
+            CLUSTER_START_MAX,
+        )
+    })
+    .await
+    .expect("cluster started")
+}
+
+fn token(cluster: &ProcessCluster, room: &str, identity: &str, role: Role) -> String {
+    let grants = Grants {
+        publish: role != Role::Subscriber,
+        subscribe: role != Role::Publisher,
+        admin: false,
+    };
+    TokenKeys::new(&cluster.secret).create(identity, room, grants, Duration::from_secs(3600))
+}
+
+fn options(room: &str, role: Role, region: &str) -> ClientOptions {
+    ClientOptions {
+        transport: Transport::WebSocket,
+        room: room.to_string(),
+        role,
+        region: region.to_string(),
+        position_interval: Some(Duration::from_millis(500)),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(500),
+        ..Default::default()
+    }
+}
+
+fn publish_options() -> PublishOptions {
+    PublishOptions {
+        video_bitrate_bps: 200_000,
+        keyframe_interval_frames: 30,
+        ..Default::default()
+    }
+}
+
+async fn publisher(cluster: &ProcessCluster, node: usize, room: &str) -> Client {
+    let base = cluster.nodes[node].base_url();
+    let client = Client::connect(
+        &base,
+        &token(cluster, room, "publisher-1", Role::Publisher),
+        options(room, Role::Publisher, &cluster.nodes[node].spec.region),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("publisher joins {room} at {base}: {e}"));
+    client.publish(publish_options()).await.expect("publishes");
+    client
+}
+
+/// `count` viewers joined at `node`, playing; each waits for its first frame.
+async fn viewers(cluster: &ProcessCluster, node: usize, room: &str, count: usize) -> Vec<Client> {
+    let base = cluster.nodes[node].base_url();
+    let region = cluster.nodes[node].spec.region.clone();
+    let joins = (0..count).map(|i| {
+        let (base, region) = (base.clone(), region.clone());
+        let token = token(cluster, room, &format!("viewer-{i}"), Role::Subscriber);
+        let room = room.to_string();
+        async move {
+            let client = Client::connect(&base, &token, options(&room, Role::Subscriber, &region))
+                .await
+                .unwrap_or_else(|e| panic!("viewer {i} joins at {base}: {e}"));
+            client.play(PlayOptions::default()).await.expect("plays");
+            client
+        }
+    });
+    let clients = futures::future::join_all(joins).await;
+    for (i, client) in clients.iter().enumerate() {
+        client
+            .wait_first_frame(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("viewer {i} at {base}: no first frame: {e}"));
+    }
+    clients
+}
+
+async fn get_json(url: String, token: String) -> Value {
+    let response = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert!(response.status().is_success(), "GET {url}: {}", response.status());
+    response.json().await.expect("JSON body")
+}
+
+/// The room's placement `(node, epoch)` as the store has it.
+async fn placement(cluster: &ProcessCluster, via: usize, room: &str) -> (String, u64) {
+    let url = format!("{}/admin/v1/rooms/{room}", cluster.nodes[via].base_url());
+    let body = get_json(url, cluster.admin_token.clone()).await;
+    let placement = &body["placement"];
+    (
+        placement["node"].as_str().expect("placed").to_string(),
+        placement["epoch"].as_u64().expect("epoch"),
+    )
+}
+
+/// One sample of a metric family with `label` (e.g. `direction="in"`), or 0.
+async fn metric(cluster: &ProcessCluster, node: usize, name: &str, label: &str) -> f64 {
+    let url = format!("{}/metrics", cluster.nodes[node].base_url());
+    let text = reqwest::get(&url).await.expect("scrape").text().await.expect("text");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn frames(client: &Client) -> u64 {
+    client.play_stats().await.video.frames
+}
+
+/// Whether every viewer gets frames now (each at least `min` in `window`).
+async fn all_flowing(clients: &[Client], window: Duration, min: u64) -> Result<(), String> {
+    let before = futures::future::join_all(clients.iter().map(frames)).await;
+    tokio::time::sleep(window).await;
+    let after = futures::future::join_all(clients.iter().map(frames)).await;
+    let stalled: Vec<usize> = (0..clients.len()).filter(|&i| after[i] - before[i] < min).collect();
+    if stalled.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("viewers {stalled:?} got fewer than {min} frames in {window:?}"))
+    }
+}
+
+fn dump_logs(cluster: &ProcessCluster) {
+    for i in 0..cluster.nodes.len() {
+        eprintln!("--- {} ---", cluster.nodes[i].spec.id);
+        for line in cluster.log_tail(i, 30) {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// Percentile of sorted durations.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busan_viewers_watch_a_seoul_room_through_one_relay_stream_per_track() {
+    let cluster = start_cluster(&[]).await;
+    let room = "mesh-cross";
+    let source = publisher(&cluster, 0, room).await;
+    let (host, _) = placement(&cluster, 2, room).await;
+    assert!(
+        host.starts_with("seoul-"),
+        "a publisher preferring seoul lands in seoul, not {host}"
+    );
+    let busan = cluster.index_of("busan-1").expect("busan-1");
+    let watchers = viewers(&cluster, busan, room, 20).await;
+    if let Err(e) = all_flowing(&watchers, Duration::from_secs(2), 20).await {
+        dump_logs(&cluster);
+        panic!("{e}");
+    }
+    // One stream per track (video and audio) into busan-1, however many viewers.
+    let streams_in = metric(&cluster, busan, "mediamesh_relay_streams", "direction=\"in\"").await;
+    assert_eq!(streams_in, 2.0, "busan-1 pulls one stream per track");
+    let host_index = cluster.index_of(&host).expect("host");
+    let streams_out = metric(&cluster, host_index, "mediamesh_relay_streams", "direction=\"out\"").await;
+    assert_eq!(streams_out, 2.0, "{host} serves one stream per track");
+    let relayed = metric(&cluster, busan, "mediamesh_relay_packets_total", "direction=\"in\"").await;
+    assert!(relayed > 100.0, "{relayed} packets relayed into busan-1");
+    for client in &watchers {
+        let stats = client.play_stats().await;
+        assert!(stats.video.loss_fraction() < 0.02, "{stats:?}");
+    }
+    for client in watchers {
+        client.close().await;
+    }
+    source.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_a_node_that_does_not_host_the_room_goes_to_the_host() {
+    let cluster = start_cluster(&[]).await;
+    let room = "mesh-redirect";
+    let source = publisher(&cluster, 0, room).await;
+    let (host, epoch) = placement(&cluster, 0, room).await;
+    let other = (0..3)
+        .find(|&i| cluster.nodes[i].spec.id != host)
+        .expect("another node");
+    // WHIP: 307 to the host's WHIP URL, with the query kept.
+    let url = format!("{}/whip/{room}?x=1", cluster.nodes[other].base_url());
+    let response = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .post(&url)
+        .bearer_auth(token(&cluster, room, "publisher-2", Role::Publisher))
+        .header("content-type", "application/sdp")
+        .body(common::sample_offer())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 307);
+    let host_index = cluster.index_of(&host).expect("host");
+    let location = response.headers()["location"].to_str().expect("ascii").to_string();
+    assert_eq!(
+        location,
+        format!("{}/whip/{room}?x=1", cluster.nodes[host_index].base_url())
+    );
+    // The SDK over the signal channel follows `moved` and publishes on the host.
+    let second = publisher(&cluster, other, room).await;
+    let (still, same_epoch) = placement(&cluster, other, room).await;
+    assert_eq!((still, same_epoch), (host.clone(), epoch), "nothing moved");
+    let url = format!("{}/admin/v1/rooms/{room}", cluster.nodes[host_index].base_url());
+    let info = get_json(url, cluster.admin_token.clone()).await;
+    assert_eq!(info["publishers"].as_array().map(Vec::len), Some(2), "{info}");
+    second.close().await;
+    source.close().await;
+}
+
+async fn post_json(url: String, token: String, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(token)
+        .json(&body)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn room_info(cluster: &ProcessCluster, node: usize, room: &str) -> Value {
+    let url = format!("{}/admin/v1/rooms/{room}", cluster.nodes[node].base_url());
+    get_json(url, cluster.admin_token.clone()).await
+}
+
+fn count(info: &Value, field: &str) -> usize {
+    info[field].as_array().map_or(0, Vec::len)
+}
+
+/// Waits until `check` passes, up to `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Largest gap between video frames per viewer, sorted: p50, p99, max.
+async fn gaps(clients: &[Client]) -> (Duration, Duration, Duration) {
+    let mut gaps: Vec<Duration> = futures::future::join_all(clients.iter().map(|c| c.play_stats()))
+        .await
+        .into_iter()
+        .map(|s| s.video.frame_gap_max)
+        .collect();
+    gaps.sort();
+    (percentile(&gaps, 0.5), percentile(&gaps, 0.99), gaps[gaps.len() - 1])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_with_50_viewers_migrates_to_busan_and_everyone_resumes_there() {
+    let cluster = start_cluster(&[]).await;
+    let room = "mesh-migrate";
+    let source = publisher(&cluster, 0, room).await;
+    let (host, epoch) = placement(&cluster, 0, room).await;
+    let from = cluster.index_of(&host).expect("host");
+    let watchers = viewers(&cluster, from, room, 50).await;
+    let sessions: Vec<String> = watchers.iter().map(Client::session).collect();
+    all_flowing(&watchers, Duration::from_secs(1), 10)
+        .await
+        .expect("flowing before");
+    let busan = cluster.index_of("busan-1").expect("busan-1");
+    let (status, moved) = post_json(
+        format!("{}/admin/v1/rooms/{room}/migrate", cluster.nodes[busan].base_url()),
+        cluster.admin_token.clone(),
+        serde_json::json!({ "to": "busan-1" }),
+    )
+    .await;
+    if status != 200 {
+        dump_logs(&cluster);
+    }
+    assert_eq!(status, 200, "{moved}");
+    assert_eq!(moved["epoch"].as_u64(), Some(epoch + 1), "{moved}");
+    // Everyone is on busan-1 with the same session, getting frames.
+    eventually(Duration::from_secs(20), "viewers resumed on busan-1", || async {
+        let elsewhere = watchers.iter().filter(|c| c.node() != "busan-1").count();
+        if elsewhere > 0 {
+            return Err(format!("{elsewhere} viewers not on busan-1"));
+        }
+        let info = room_info(&cluster, busan, room).await;
+        if count(&info, "subscribers") != 50 || count(&info, "publishers") != 1 {
+            return Err(format!("busan-1 room: {info}"));
+        }
+        Ok(())
+    })
+    .await;
+    for (client, session) in watchers.iter().zip(&sessions) {
+        assert_eq!(&client.session(), session, "same viewer session after the move");
+        assert!(client.resumed() && client.resumes() >= 1);
+    }
+    if let Err(e) = all_flowing(&watchers, Duration::from_secs(2), 20).await {
+        dump_logs(&cluster);
+        panic!("after the move: {e}");
+    }
+    assert_eq!(source.node(), "busan-1", "the publisher moved too");
+    // Nobody is left on the old host, and the epoch rose exactly once.
+    let old = room_info(&cluster, from, room).await;
+    assert_eq!(count(&old, "subscribers"), 0, "{old}");
+    assert_eq!(count(&old, "publishers"), 0, "{old}");
+    assert_eq!(
+        placement(&cluster, from, room).await,
+        ("busan-1".to_string(), epoch + 1)
+    );
+    let (p50, p99, max) = gaps(&watchers).await;
+    println!(
+        "migration of 50 viewers: {} ms; media gap per viewer p50 {p50:?} p99 {p99:?} max {max:?}",
+        moved["elapsed_ms"]
+    );
+    assert!(p99 < Duration::from_secs(3), "p99 media gap {p99:?}");
+    for client in watchers {
+        client.close().await;
+    }
+    source.close().await;
+}
