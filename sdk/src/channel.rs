@@ -154,8 +154,9 @@ enum Command {
 
 struct Inner {
     base: Mutex<Url>,
-    /// Other nodes (from `joined`) to try when the current one cannot be reached.
-    alternates: Mutex<Vec<Url>>,
+    /// Every node known (the one that answered `joined`, then its `alternates`): tried in turn
+    /// when the current one cannot be reached.
+    nodes: Mutex<Vec<Url>>,
     token: String,
     options: ClientOptions,
     commands: mpsc::Sender<Command>,
@@ -215,7 +216,7 @@ impl Client {
         let (events, _) = broadcast::channel(EVENT_QUEUE_MAX);
         let inner = Arc::new(Inner {
             base: Mutex::new(base),
-            alternates: Mutex::new(Vec::new()),
+            nodes: Mutex::new(Vec::new()),
             token: token.to_string(),
             options,
             commands,
@@ -521,7 +522,9 @@ impl Inner {
                         return Err(Error::Moved { url: moved.url });
                     }
                     Some(Out::Joined(joined)) => {
-                        *self.alternates.lock() = joined.alternates.iter().filter_map(|u| Url::parse(u).ok()).collect();
+                        let here = self.base.lock().clone();
+                        let others = joined.alternates.iter().filter_map(|u| Url::parse(u).ok());
+                        *self.nodes.lock() = std::iter::once(here).chain(others).collect();
                         *self.tracks.lock() = joined.tracks.iter().map(|t| (t.id.clone(), t.clone())).collect();
                         *self.joined.lock() = Joined {
                             session: joined.session,
@@ -715,15 +718,19 @@ impl Inner {
         }
     }
 
-    /// Points the client at the next alternate node (round robin, the current one last).
+    /// Points the client at the next known node after the current one (round robin; a `moved`
+    /// target not in the list is followed by the first node).
     fn next_node(&self) {
-        let mut alternates = self.alternates.lock();
-        if alternates.is_empty() {
+        let nodes = self.nodes.lock();
+        if nodes.is_empty() {
             return;
         }
-        let next = alternates.remove(0);
-        let current = std::mem::replace(&mut *self.base.lock(), next);
-        alternates.push(current);
+        let mut base = self.base.lock();
+        let next = match nodes.iter().position(|n| n.origin() == base.origin()) {
+            Some(i) => (i + 1) % nodes.len(),
+            None => 0,
+        };
+        *base = nodes[next].clone();
     }
 
     fn on_message(&self, message: pb::ServerMessage, pending: &mut HashMap<u64, oneshot::Sender<Result<Out, Error>>>) {

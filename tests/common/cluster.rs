@@ -278,6 +278,30 @@ impl ProcessCluster {
         let _ = child.wait();
     }
 
+    /// SIGTERM (a drain), then waits up to `within` for the process to exit: its exit status,
+    /// or `None` if it was still running (then it is killed).
+    pub fn terminate(&mut self, i: usize, within: Duration) -> Option<std::process::ExitStatus> {
+        let node = &mut self.nodes[i];
+        let mut child = node
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{} is not running", node.spec.id));
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts a killed node again with the same flags and data directory.
     pub fn restart(&mut self, i: usize) {
         self.spawn(i);
