@@ -116,6 +116,10 @@ pub struct NodeArgs {
     /// New rooms avoid nodes above this CPU use, a fraction of their cores [default: 0.85]
     #[arg(long, env = "MEDIAMESH_PLACEMENT_CPU_MAX")]
     pub placement_cpu_max: Option<f32>,
+    /// Tests only: serve `POST`/`DELETE /admin/v1/test/partition`, which cut this node's cluster
+    /// traffic to other nodes. Never on a production node.
+    #[arg(long, env = "MEDIAMESH_TEST_FAULTS", hide = true)]
+    pub test_faults: bool,
     /// Signal sessions (WebSocket and gRPC) this node holds at most [default: 2 × sessions per node]
     #[arg(long, env = "MEDIAMESH_SIGNAL_SESSIONS_MAX")]
     pub signal_sessions_max: Option<usize>,
@@ -211,6 +215,7 @@ pub struct NodeConfig {
     pub dead_after_missed: u32,
     pub drain_deadline_ms: u64,
     pub placement_cpu_max: f32,
+    pub test_faults: bool,
     pub signal_sessions_max: usize,
     pub otlp_endpoint: Option<String>,
     pub trace_sample_floor: f64,
@@ -447,6 +452,7 @@ impl NodeArgs {
                 }
                 cpu
             },
+            test_faults: self.test_faults,
             signal_sessions_max: positive(
                 "signal_sessions_max",
                 self.signal_sessions_max

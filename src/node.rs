@@ -295,6 +295,7 @@ pub async fn run(
         store: store.clone(),
         mesh: Arc::clone(&mesh),
         start_drain: Arc::clone(&start_drain),
+        test_faults: config.test_faults,
     });
     let server = HttpServer::new(move || {
         App::new()

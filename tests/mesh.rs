@@ -522,3 +522,108 @@ async fn a_viewer_away_10_s_resumes_one_away_40_s_starts_over_and_its_state_expi
     );
     source.close().await;
 }
+
+async fn set_partition(cluster: &ProcessCluster, node: usize, block: &[&str]) {
+    let url = format!("{}/admin/v1/test/partition", cluster.nodes[node].base_url());
+    let client = reqwest::Client::new();
+    let response = if block.is_empty() {
+        client.delete(&url).bearer_auth(&cluster.admin_token).send().await
+    } else {
+        client
+            .post(&url)
+            .bearer_auth(&cluster.admin_token)
+            .json(&serde_json::json!({ "block": block }))
+            .send()
+            .await
+    }
+    .unwrap_or_else(|e| panic!("partition {url}: {e}"));
+    assert!(response.status().is_success(), "partition {url}: {}", response.status());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_cut_off_from_the_majority_loses_its_room_and_stops_after_healing() {
+    let cluster = start_cluster(&["--test-faults"]).await;
+    let room = "mesh-split";
+    let busan = cluster.index_of("busan-1").expect("busan-1");
+    let source = publisher(&cluster, busan, room).await;
+    let (host, epoch) = placement(&cluster, 0, room).await;
+    assert_eq!(host, "busan-1");
+    let watchers = viewers(&cluster, busan, room, 10).await;
+    // Cut busan-1 off from both seoul nodes, both ways.
+    set_partition(&cluster, busan, &["seoul-1", "seoul-2"]).await;
+    set_partition(&cluster, 0, &["busan-1"]).await;
+    set_partition(&cluster, 1, &["busan-1"]).await;
+    // The majority declares busan-1 dead and re-places the room in seoul.
+    eventually(Duration::from_secs(15), "the majority re-placed the room", || async {
+        let (node, new_epoch) = placement(&cluster, 0, room).await;
+        if node != "busan-1" && new_epoch > epoch {
+            Ok(())
+        } else {
+            Err(format!("still {node} epoch {new_epoch}"))
+        }
+    })
+    .await;
+    let (new_host, new_epoch) = placement(&cluster, 0, room).await;
+    assert_eq!(new_epoch, epoch + 1, "one re-placement");
+    // The cut-off host does not know yet: it still hosts, its viewers still watch it.
+    let stale = room_info(&cluster, busan, room).await;
+    assert_eq!(stale["hosted"], true, "{stale}");
+    all_flowing(&watchers, Duration::from_secs(1), 10)
+        .await
+        .expect("the isolated host still serves its viewers");
+    let healed_at = Instant::now();
+    for node in 0..3 {
+        set_partition(&cluster, node, &[]).await;
+    }
+    // After healing, busan-1 sees its stale epoch: it stops hosting, its clients move.
+    eventually(Duration::from_secs(15), "busan-1 stepped down", || async {
+        let info = room_info(&cluster, busan, room).await;
+        if info["hosted"] == false && count(&info, "subscribers") == 0 && count(&info, "publishers") == 0 {
+            Ok(())
+        } else {
+            Err(format!("busan-1: {info}"))
+        }
+    })
+    .await;
+    let stepped_down = healed_at.elapsed();
+    eventually(Duration::from_secs(15), "everyone on the new host", || async {
+        let left = std::iter::once(&source)
+            .chain(&watchers)
+            .filter(|c| c.node() != new_host)
+            .count();
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} clients not on {new_host}"))
+        }
+    })
+    .await;
+    all_flowing(&watchers, Duration::from_secs(2), 20)
+        .await
+        .expect("frames from the new host");
+    // One host per epoch: the directory did not move again, and only the new host hosts.
+    assert_eq!(placement(&cluster, busan, room).await, (new_host.clone(), new_epoch));
+    let hosts: Vec<usize> = {
+        let mut hosts = Vec::new();
+        for i in 0..3 {
+            let url = format!("{}/admin/v1/rooms/{room}", cluster.nodes[i].base_url());
+            let info = get_json(url, cluster.admin_token.clone()).await;
+            if info["hosted"] == true {
+                hosts.push(i);
+            }
+        }
+        hosts
+    };
+    assert_eq!(
+        hosts,
+        vec![cluster.index_of(&new_host).expect("new host")],
+        "exactly one host"
+    );
+    println!(
+        "split brain: room re-placed on {new_host} (epoch {epoch} -> {new_epoch}); busan-1 stepped down {stepped_down:?} after healing"
+    );
+    for client in watchers {
+        client.close().await;
+    }
+    source.close().await;
+}

@@ -532,18 +532,39 @@ impl Room {
         }
     }
 
+    /// Compares the room's mode with the directory (this node's replica): a host whose epoch
+    /// went stale demotes itself, and a relay still pulling from a host the directory no longer
+    /// names starts over from the new one (so no viewer gets media from two hosts).
     fn check_fence(&mut self, ctx: &mut Context<Self>) {
-        if self.hosted_epoch().is_none() {
-            return;
-        }
         let current = self.registry.directory().current(self.id.clone());
         ctx.spawn(current.into_actor(self).map(|current, room, ctx| {
-            let Some(epoch) = room.hosted_epoch() else { return };
-            match current {
-                Ok(Some(host)) if host.node != *room.node() && host.epoch > epoch => room.demote(host, ctx),
-                Ok(Some(host)) if host.node == *room.node() && host.epoch > epoch => room.promote(host.epoch, ctx),
-                Ok(_) => {}
-                Err(error) => tracing::debug!(room = %room.id, %error, "fence check failed"),
+            let host = match current {
+                Ok(Some(host)) => host,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::debug!(room = %room.id, %error, "fence check failed");
+                    return;
+                }
+            };
+            match room.mode.clone() {
+                RoomMode::Host { epoch } if host.epoch > epoch => {
+                    if host.node == *room.node() {
+                        room.promote(host.epoch, ctx);
+                    } else {
+                        room.demote(host, ctx);
+                    }
+                }
+                RoomMode::Relay { host: followed } if host.epoch > followed.epoch && host.node != followed.node => {
+                    if host.node == *room.node() {
+                        room.promote(host.epoch, ctx);
+                    } else {
+                        tracing::info!(room = %room.id, from = %followed.node, to = %host.node, "room host changed; relaying from the new one");
+                        room.mode = RoomMode::Relay { host };
+                        room.follow = None;
+                        room.follow = Some(room.registry.relay().follow(room.id.clone(), ctx.address()));
+                    }
+                }
+                _ => {}
             }
         }));
     }

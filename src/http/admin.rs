@@ -38,6 +38,9 @@ pub async fn rooms(state: web::Data<AppState>, request: HttpRequest) -> Result<H
     Ok(HttpResponse::Ok().json(json!({ "rooms": rooms })))
 }
 
+/// How long the room endpoint waits for a linearizable placement read.
+const PLACEMENT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// `GET /admin/v1/rooms/{room}`: the room on this node (its sessions here), with its placement
 /// in the directory (`placement.node` hosts it under `placement.epoch`).
 pub async fn room(
@@ -48,13 +51,15 @@ pub async fn room(
     authorize_admin(&state, &request)?;
     let not_found = || ApiError::NotFound(format!("no room {:.128?} in the cluster", path.as_str()));
     let room = RoomId::parse(&path).ok_or_else(not_found)?;
-    let placement = state
-        .store
-        .room(
-            &mediamesh_cluster::RoomId::new(room.to_string()),
-            Consistency::Linearizable,
-        )
-        .await?;
+    // A node cut off from the majority cannot confirm a linearizable read: it answers from its
+    // own replica then, and says so (`placement_stale`).
+    let id = mediamesh_cluster::RoomId::new(room.to_string());
+    let confirmed =
+        tokio::time::timeout(PLACEMENT_READ_TIMEOUT, state.store.room(&id, Consistency::Linearizable)).await;
+    let (placement, stale) = match confirmed {
+        Ok(Ok(placement)) => (placement, false),
+        _ => (state.store.room(&id, Consistency::Local).await?, true),
+    };
     let info = match state.rooms.get(&room) {
         Some(addr) => room_info(&addr).await,
         None => None,
@@ -71,6 +76,7 @@ pub async fn room(
     if let Some(placement) = placement {
         body["placement"] = json!({ "node": placement.node.as_str(), "epoch": placement.epoch });
     }
+    body["placement_stale"] = json!(stale);
     Ok(HttpResponse::Ok().json(body))
 }
 
@@ -362,4 +368,48 @@ pub async fn turn_rotate(
         "rotated_at": clock::rfc3339_ms(secrets.rotated_at_ms),
         "rotated_at_ms": secrets.rotated_at_ms,
     })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionBody {
+    /// Node ids this node stops talking to (raft, forwarded proposals).
+    block: Vec<String>,
+}
+
+fn require_test_faults(state: &AppState) -> Result<(), ApiError> {
+    if state.test_faults {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound("the node was not started with --test-faults".into()))
+    }
+}
+
+/// `POST /admin/v1/test/partition` (`--test-faults` only): `{"block": ["node", ...]}` drops this
+/// node's cluster traffic to those nodes; give each side its half to cut the cluster in two.
+pub async fn partition(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_test_faults(&state)?;
+    authorize_admin(&state, &request)?;
+    let body: PartitionBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+    let ids: Vec<u64> = body
+        .block
+        .iter()
+        .map(|id| mediamesh_cluster::raft_id_for(&mediamesh_cluster::NodeId::new(id.clone())))
+        .collect();
+    state.store.fault_injector().block(&ids);
+    tracing::warn!(blocked = ?body.block, "test fault: cluster traffic to these nodes is dropped");
+    Ok(HttpResponse::Ok().json(json!({ "blocked": body.block })))
+}
+
+/// `DELETE /admin/v1/test/partition` (`--test-faults` only): heals every fault on this node.
+pub async fn heal(state: web::Data<AppState>, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    require_test_faults(&state)?;
+    authorize_admin(&state, &request)?;
+    state.store.fault_injector().heal();
+    tracing::warn!("test fault healed");
+    Ok(HttpResponse::NoContent().finish())
 }

@@ -30,6 +30,8 @@ pub struct AppState {
     pub mesh: Arc<crate::mesh::Mesh>,
     /// Starts a drain of this node (false: one is running already).
     pub start_drain: crate::mesh::service::DrainStarter,
+    /// `--test-faults`: the partition endpoint answers (else 404).
+    pub test_faults: bool,
     /// The TURN relay (None: `--turn off`).
     pub turn: Option<(
         actix::Addr<mediamesh_actors::turn::TurnRelay>,
@@ -74,6 +76,11 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/admin/v1/rooms/{room}", web::get().to(admin::room))
         .route("/admin/v1/rooms/{room}/migrate", web::post().to(admin::migrate))
         .route("/admin/v1/nodes/{id}/drain", web::post().to(admin::drain))
+        .service(
+            web::resource("/admin/v1/test/partition")
+                .route(web::post().to(admin::partition))
+                .route(web::delete().to(admin::heal)),
+        )
         .service(
             web::resource("/admin/v1/viewers/{viewer}")
                 .route(web::get().to(admin::viewer_get))
