@@ -23,6 +23,10 @@ pub struct Claims {
     pub room: String,
     pub grants: Grants,
     pub exp: u64,
+    /// Where the client would like new rooms placed (`seoul`, `busan`), after the
+    /// `x-region-preference` and `x-korean-region` headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +84,7 @@ impl TokenKeys {
             room: room.to_string(),
             grants,
             exp,
+            region: None,
         };
         // Encoding HS256 claims with an HMAC key has no failure mode but allocation.
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)

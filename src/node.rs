@@ -232,7 +232,12 @@ pub async fn run(
     );
     let signal_data = web::Data::new(Arc::clone(&signal));
     let heartbeat_interval = Duration::from_millis(config.heartbeat_interval_ms);
-    let heartbeat = tokio::spawn(report_load(store.clone(), Arc::clone(&stats), heartbeat_interval));
+    let heartbeat = tokio::spawn(report_load(
+        store.clone(),
+        Arc::clone(&stats),
+        Arc::clone(&counters),
+        heartbeat_interval,
+    ));
     let failover = tokio::spawn(crate::mesh::failover::run(
         Arc::clone(&mesh),
         heartbeat_interval,
@@ -384,21 +389,29 @@ fn turn_public_addr(listen: SocketAddr, advertise: IpAddr) -> SocketAddr {
 
 /// Reports this node's load (CPU, connections, rooms) to the store, which also keeps it alive in
 /// the membership.
-async fn report_load(store: Store, stats: Arc<NodeStats>, every: Duration) {
+async fn report_load(
+    store: Store,
+    stats: Arc<NodeStats>,
+    counters: Arc<mediamesh_actors::media::track::MediaCounters>,
+    every: Duration,
+) {
     let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
     let mut interval = tokio::time::interval(every);
     let mut last_cpu = crate::metrics::process_cpu_seconds();
     let mut last_at = std::time::Instant::now();
+    let mut last_bytes = counters.bytes_forwarded.load(Ordering::Relaxed);
     loop {
         interval.tick().await;
+        let bytes = counters.bytes_forwarded.load(Ordering::Relaxed);
         let cpu = crate::metrics::process_cpu_seconds();
         let elapsed = last_at.elapsed().as_secs_f64().max(1e-3);
         let load = NodeLoad {
             cpu: ((cpu - last_cpu) / elapsed / cores) as f32,
             connections: stats.active_connections.load(Ordering::Relaxed).max(0) as u64,
             rooms: stats.rooms.load(Ordering::Relaxed).max(0) as u64,
+            egress_bps: (bytes.saturating_sub(last_bytes) as f64 * 8.0 / elapsed) as u64,
         };
-        (last_cpu, last_at) = (cpu, std::time::Instant::now());
+        (last_cpu, last_at, last_bytes) = (cpu, std::time::Instant::now(), bytes);
         if let Err(error) = store.heartbeat(load).await {
             tracing::debug!(%error, "load report not committed");
         }

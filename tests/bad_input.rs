@@ -141,6 +141,7 @@ fn expired_token() -> String {
     // An `exp` an hour in the past, signed with the node's secret.
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
     let claims = mediamesh::auth::Claims {
+        region: None,
         sub: "late".into(),
         room: "*".into(),
         grants: Grants {

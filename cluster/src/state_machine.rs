@@ -699,6 +699,7 @@ mod tests {
                     cpu: 0.5,
                     connections: 3,
                     rooms: 1,
+                    egress_bps: 2_000_000,
                 },
                 at_ms: 7,
             },

@@ -83,6 +83,9 @@ pub struct NodeLoad {
     pub connections: u64,
     /// Rooms hosted.
     pub rooms: u64,
+    /// Media sent to viewers, bits per second.
+    #[serde(default)]
+    pub egress_bps: u64,
 }
 
 /// A node as the state machine stores it.

@@ -190,6 +190,7 @@ pub async fn cluster(state: web::Data<AppState>, request: HttpRequest) -> Result
                 "load": {
                     "cpu": node.last_load.as_ref().map_or(0.0, |l| l.cpu),
                     "connections": node.last_load.as_ref().map_or(0, |l| l.connections),
+                    "egress_bps": node.last_load.as_ref().map_or(0, |l| l.egress_bps),
                     "rooms": node.last_load.as_ref().map_or(0, |l| l.rooms),
                 },
                 "last_heartbeat": clock::rfc3339_ms(node.last_heartbeat_ms),

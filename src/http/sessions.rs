@@ -21,11 +21,15 @@ pub struct PlayQuery {
     resume: Option<String>,
 }
 
-/// The client's region preference: `x-region-preference`, then `x-korean-region`; `None`
-/// places a new room by the region of this node.
-pub fn region_preference(request: &HttpRequest) -> Option<String> {
+/// The client's region preference: `x-region-preference`, then `x-korean-region`, then the
+/// token's `region` claim; `None` places a new room by the region of this node.
+pub fn region_preference(request: &HttpRequest, claim: Option<&str>) -> Option<String> {
     let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
-    mediamesh_cluster::mesh::placement::region_preference(&[header("x-region-preference"), header("x-korean-region")])
+    mediamesh_cluster::mesh::placement::region_preference(&[
+        header("x-region-preference"),
+        header("x-korean-region"),
+        claim,
+    ])
 }
 
 fn path_prefix(kind: SessionKind) -> &'static str {
@@ -51,11 +55,14 @@ fn room_id(name: &str) -> Result<RoomId, ApiError> {
     })
 }
 
-fn authorize(state: &AppState, request: &HttpRequest, kind: SessionKind, room: &RoomId) -> Result<Identity, ApiError> {
+fn claims(state: &AppState, request: &HttpRequest, kind: SessionKind, room: &RoomId) -> Result<auth::Claims, ApiError> {
     let header = request.headers().get("authorization").and_then(|v| v.to_str().ok());
     let token = auth::bearer(header)?;
-    let claims = state.keys.authorize(token, grant(kind), Some(room.as_str()))?;
-    Ok(Identity(claims.sub))
+    Ok(state.keys.authorize(token, grant(kind), Some(room.as_str()))?)
+}
+
+fn authorize(state: &AppState, request: &HttpRequest, kind: SessionKind, room: &RoomId) -> Result<Identity, ApiError> {
+    claims(state, request, kind, room).map(|claims| Identity(claims.sub))
 }
 
 fn parse_layer(query: &PlayQuery) -> Result<Option<u8>, ApiError> {
@@ -77,7 +84,8 @@ pub async fn create(
     kind: SessionKind,
 ) -> Result<HttpResponse, ApiError> {
     let room = room_id(&path)?;
-    let identity = authorize(&state, &request, kind, &room)?;
+    let claims = claims(&state, &request, kind, &room)?;
+    let identity = Identity(claims.sub.clone());
     require_content_type(&request, SDP)?;
     let mut layer = match kind {
         SessionKind::Subscriber => parse_layer(&query)?,
@@ -95,7 +103,7 @@ pub async fn create(
         layer = layer.or_else(|| state.layers.get("video").and_then(|l| layer_named(l)));
         tracks = (!state.subscriptions.is_empty()).then(|| state.subscriptions.clone());
     }
-    let region = region_preference(&request);
+    let region = region_preference(&request, claims.region.as_deref());
     let access = match kind {
         SessionKind::Publisher => Access::Publish,
         SessionKind::Subscriber => Access::View,

@@ -574,7 +574,9 @@ impl Session {
             persister: None,
             registration,
             resume_token: resume_token.clone(),
-            region: (!join.region.is_empty()).then(|| join.region.clone()),
+            region: (!join.region.is_empty())
+                .then(|| join.region.clone())
+                .or_else(|| claims.region.clone()),
         };
         if let Some(state) = &resumed {
             joined.selection = (!state.subscriptions.is_empty()).then(|| state.subscriptions.clone());
