@@ -589,22 +589,24 @@ impl Room {
         }
     }
 
-    /// Every published track that is not muted, with its room-wide id: the tracks relayed from
-    /// other nodes first (their publishers came first: a publisher that moves here keeps its
-    /// viewers on the relayed copy until that ends), then this node's, oldest publisher first.
+    /// Every published track that is not muted, with its room-wide id: this node's, oldest
+    /// publisher first, then the tracks relayed from other nodes. A publisher that moves here
+    /// (make-before-break) takes its viewers over from its relayed copy with its first keyframe,
+    /// while the copy still flows.
     fn live_tracks(&self) -> impl Iterator<Item = (String, &Arc<PublishedTrack>)> {
         let relayed = self
             .relays
             .iter()
             .filter(|(_, r)| !r.info.muted)
             .map(|(id, r)| (id.clone(), &r.track));
-        relayed.chain(self.publishers.iter().flat_map(|(session, publisher)| {
+        let local = self.publishers.iter().flat_map(|(session, publisher)| {
             publisher
                 .tracks
                 .iter()
                 .filter(|t| !publisher.muted[t.kind.index()])
                 .map(move |t| (track_id(session, t), t))
-        }))
+        });
+        local.chain(relayed)
     }
 
     /// The track a viewer's slot of `kind` should forward: the first of its chosen tracks that is

@@ -25,6 +25,8 @@ use tokio_tungstenite::tungstenite;
 
 /// Queue bounds: commands to the driver, and events to the application.
 const COMMAND_QUEUE_MAX: usize = 64;
+/// After a move, the old node's playback runs at most this long next to the new one's.
+const MOVE_OVERLAP_MAX: Duration = Duration::from_secs(2);
 /// `moved` replies to a join followed in a row at most.
 const MOVES_MAX: usize = 4;
 const EVENT_QUEUE_MAX: usize = 256;
@@ -168,6 +170,17 @@ struct Inner {
     resumes: AtomicU64,
     publishing: tokio::sync::Mutex<Option<Publishing>>,
     playing: tokio::sync::Mutex<Option<Playing>>,
+    /// Set by `moved`: the media of the old node stay up until the new node's are (the old node
+    /// keeps them for a grace period), so a move costs no gap.
+    moving: std::sync::atomic::AtomicBool,
+    held: tokio::sync::Mutex<Held>,
+}
+
+/// Media sessions of the node a client moved away from, closed once their replacements run.
+#[derive(Default)]
+struct Held {
+    publish: Option<PublishSession>,
+    play: Option<PlaySession>,
 }
 
 struct Publishing {
@@ -233,6 +246,8 @@ impl Client {
             resumes: AtomicU64::new(0),
             publishing: tokio::sync::Mutex::new(None),
             playing: tokio::sync::Mutex::new(None),
+            moving: std::sync::atomic::AtomicBool::new(false),
+            held: tokio::sync::Mutex::new(Held::default()),
         });
         let link = inner.open().await?;
         let driver = tokio::spawn(Arc::clone(&inner).drive(link, command_rx));
@@ -668,7 +683,11 @@ impl Inner {
                 let _ = reply.send(Err(Error::Channel("the channel dropped".into())));
             }
             drop(link);
-            self.stop_media().await;
+            if self.moving.swap(false, Ordering::AcqRel) {
+                self.hold_media().await;
+            } else {
+                self.stop_media().await;
+            }
             let _ = self.events.send(Event::Disconnected);
             if !self.options.reconnect {
                 return;
@@ -776,6 +795,7 @@ impl Inner {
                     }
                     Err(error) => tracing::warn!(%error, url = %moved.url, "moved to an unusable URL"),
                 }
+                self.moving.store(true, Ordering::Release);
                 let _ = self.commands.try_send(Command::Cut { pause: Duration::ZERO });
                 Event::Moved { url: moved.url }
             }
@@ -821,6 +841,17 @@ impl Inner {
         }
     }
 
+    /// After `moved`: keeps the media sessions running while the client joins the new node.
+    async fn hold_media(&self) {
+        let mut held = self.held.lock().await;
+        if let Some(publishing) = self.publishing.lock().await.as_mut() {
+            held.publish = publishing.session.take();
+        }
+        if let Some(playing) = self.playing.lock().await.as_mut() {
+            held.play = playing.session.take();
+        }
+    }
+
     /// After a reconnect: the choices a fresh session lacks, then the media again.
     async fn restore(self: Arc<Self>) {
         let resumed = self.joined.lock().resumed;
@@ -853,12 +884,24 @@ impl Inner {
             }
         }
         drop(publishing);
+        // The new node has the media now (or never will): the old node's copy goes.
+        if let Some(old) = self.held.lock().await.publish.take() {
+            let _ = old.close().await;
+        }
         let mut playing = self.playing.lock().await;
         if let Some(p) = playing.as_mut() {
             match self.start_playing(p.options.clone(), p.shared.clone()).await {
                 Ok(session) => p.session = Some(session),
                 Err(error) => tracing::warn!(%error, "playing again after a reconnect failed"),
             }
+        }
+        let shared = playing.as_ref().map(|p| p.shared.clone());
+        drop(playing);
+        if let Some(old) = self.held.lock().await.play.take() {
+            if let Some(shared) = shared {
+                shared.wait_newest_counting(MOVE_OVERLAP_MAX).await;
+            }
+            let _ = old.close().await;
         }
     }
 }

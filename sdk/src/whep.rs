@@ -81,6 +81,12 @@ struct Shared {
     connected_at: Mutex<Option<Instant>>,
     video: Mutex<ReceiveStats>,
     audio: Mutex<ReceiveStats>,
+    /// Connections made so far: each numbers itself with the next value.
+    connections: std::sync::atomic::AtomicU64,
+    /// The connection whose packets count now, per kind (video, audio). A newer connection
+    /// takes over with its first packet; an older one, still open while a move completes
+    /// (make-before-break), stops counting then.
+    counting: [std::sync::atomic::AtomicU64; 2],
 }
 
 /// A live WHEP session; its statistics grow until [`PlaySession::close`].
@@ -151,11 +157,24 @@ impl PlayShared {
             connected_at: Mutex::new(None),
             video: Mutex::new(ReceiveStats::new(true)),
             audio: Mutex::new(ReceiveStats::new(false)),
+            connections: Default::default(),
+            counting: Default::default(),
         }))
     }
 
     pub fn stats(&self) -> PlayStats {
         self.0.stats()
+    }
+
+    /// Waits (up to `timeout`) until the newest connection's video counts, i.e. its first
+    /// packet arrived; an older connection may close then without a gap.
+    pub(crate) async fn wait_newest_counting(&self, timeout: Duration) {
+        use std::sync::atomic::Ordering;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let newest = self.0.connections.load(Ordering::Acquire);
+        while self.0.counting[1].load(Ordering::Acquire) < newest && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Waits until a whole video keyframe has arrived, or `failed` says it never will.
@@ -209,10 +228,9 @@ pub(crate) async fn play_over(
     options: PlayOptions,
     shared: PlayShared,
 ) -> Result<PlaySession, Error> {
-    // A new connection numbers its packets afresh.
-    shared.0.video.lock().restart();
-    shared.0.audio.lock().restart();
+    // This connection's packets count from its first one on (see `Shared::counting`).
     let shared = shared.0;
+    let connection = shared.connections.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
 
     let mut media_engine = codecs::media_engine(options.nack)?;
     let mut registry = Registry::new();
@@ -243,7 +261,11 @@ pub(crate) async fn play_over(
         tokio::spawn(async move {
             let mut readers = Vec::new();
             while let Some(track) = remote_tracks.recv().await {
-                readers.push(AbortOnDrop(tokio::spawn(read_track(track, Arc::clone(&shared)))));
+                readers.push(AbortOnDrop(tokio::spawn(read_track(
+                    track,
+                    Arc::clone(&shared),
+                    connection,
+                ))));
             }
             // Keep the readers alive until this task is aborted or the connection ends.
             std::future::pending::<()>().await;
@@ -274,9 +296,11 @@ impl Drop for AbortOnDrop {
 
 /// Reads one remote track until it ends, feeding its statistics; asks for a keyframe while
 /// none has arrived whole.
-async fn read_track(track: Arc<dyn TrackRemote>, shared: Arc<Shared>) {
+async fn read_track(track: Arc<dyn TrackRemote>, shared: Arc<Shared>, connection: u64) {
+    use std::sync::atomic::Ordering;
     let video = track.kind().await == RtpCodecKind::Video;
     let stats = if video { &shared.video } else { &shared.audio };
+    let counting = &shared.counting[usize::from(video)];
     let mut media_ssrc: Option<u32> = None;
     let (pli_due_tx, mut pli_due) = mpsc::channel::<()>(1);
     let mut pli_timer: Option<tokio::task::JoinHandle<()>> = None;
@@ -309,6 +333,15 @@ async fn read_track(track: Arc<dyn TrackRemote>, shared: Arc<Shared>) {
                             payload_bytes: packet.payload.len(),
                         };
                         let mut guard = stats.lock();
+                        let current = counting.load(Ordering::Acquire);
+                        if connection < current {
+                            continue; // an older connection, superseded by a newer one
+                        }
+                        if connection > current {
+                            // A new connection numbers its packets afresh.
+                            counting.store(connection, Ordering::Release);
+                            guard.restart();
+                        }
                         guard.on_packet(info, now);
                         if video && !have_keyframe {
                             have_keyframe = guard.snapshot().first_keyframe_at.is_some();

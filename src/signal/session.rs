@@ -243,7 +243,14 @@ enum Flow {
     Stop,
     /// A resume took the viewer over: end without writing its state, the new session owns it.
     Replaced,
+    /// `moved` was sent: end, keeping the viewer state for the resume on the other node and the
+    /// media sessions for [`MOVE_GRACE`], so the client's media run until the new node's do.
+    Moved,
 }
+
+/// How long the media sessions of a client told `moved` outlive its signal session (unless the
+/// client closes them first).
+const MOVE_GRACE: Duration = Duration::from_secs(3);
 
 struct Session {
     ctx: Arc<SignalContext>,
@@ -830,7 +837,7 @@ impl Session {
                     resume_token,
                 };
                 self.send(0, Out::Moved(moved)).await;
-                return Flow::Stop;
+                return Flow::Moved;
             }
             Some(RoomNotice::Published(track)) => Out::TrackPublished(pb::TrackPublished {
                 track: Some(track_message(&track)),
@@ -859,10 +866,25 @@ impl Session {
                 (SessionKind::Publisher, joined.publisher.take()),
                 (SessionKind::Subscriber, joined.subscriber.take()),
             ];
-            for (kind, session) in sessions {
-                if let Some(session) = session {
-                    let _ = addr.send(RoomRequest::End { kind, session }).await;
+            let sessions: Vec<_> = sessions
+                .into_iter()
+                .filter_map(|(kind, session)| session.map(|s| (kind, s)))
+                .collect();
+            let end = {
+                let addr = addr.clone();
+                async move {
+                    for (kind, session) in sessions {
+                        let _ = addr.send(RoomRequest::End { kind, session }).await;
+                    }
                 }
+            };
+            if flow == Flow::Moved {
+                tokio::spawn(async move {
+                    tokio::time::sleep(MOVE_GRACE).await;
+                    end.await;
+                });
+            } else {
+                end.await;
             }
             let _ = addr
                 .send(RoomRequest::Unwatch {
