@@ -169,6 +169,39 @@ async fn busan_viewers_watch_a_seoul_room_through_one_relay_stream_per_track() {
     all_flowing(&watchers, Duration::from_secs(2), 20)
         .await
         .expect("busan viewers get frames");
+    // 20 more viewers at busan-1, over WHEP, from `mediamesh loadtest`.
+    let (url, secret) = (cluster.nodes[busan].base_url(), cluster.secret.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mediamesh"))
+            .args([
+                "loadtest",
+                "--url",
+                &url,
+                "--room",
+                room,
+                "--publishers",
+                "0",
+                "--subscribers",
+                "20",
+            ])
+            .args(["--duration", "3s", "--mode", "whep", "--api-secret", &secret, "--json"])
+            .stdin(std::process::Stdio::null())
+            .output()
+    })
+    .await
+    .expect("loadtest task")
+    .expect("loadtest runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "loadtest: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("loadtest JSON summary");
+    assert_eq!(summary["subscribers_connected"], 20, "{summary}");
+    assert!(summary["frames"].as_u64().unwrap_or(0) > 20 * 30, "{summary}");
+    assert!(summary["loss"].as_f64().unwrap_or(1.0) < 0.02, "{summary}");
     // One stream per track (video and audio) into busan-1, however many viewers.
     let streams_in = metric(&cluster, busan, "mediamesh_relay_streams", "direction=\"in\"").await;
     assert_eq!(streams_in, 2.0, "busan-1 pulls one stream per track");
