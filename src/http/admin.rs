@@ -131,7 +131,11 @@ pub async fn migrate(
             room: room.to_string(),
             to: body.to.clone(),
         };
-        let reply = client.migrate(request).await.map_err(status_error)?.into_inner();
+        let reply = client
+            .migrate(crate::mesh::traced(request))
+            .await
+            .map_err(status_error)?
+            .into_inner();
         crate::mesh::migrate::Moved {
             room: room.to_string(),
             from: placement.node.as_str().to_string(),

@@ -10,7 +10,7 @@
 //! 3. clients: this node's room tells its signal sessions `moved` (they resume on the target)
 //!    and relays from the target for the WHIP/WHEP sessions that cannot move.
 
-use super::Mesh;
+use super::{Mesh, traced};
 use mediamesh_actors::ports::Host;
 use mediamesh_actors::room::{RoomReply, RoomRequest};
 use mediamesh_actors::{Access, RoomId, RoomInfo};
@@ -22,6 +22,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// The target must hold the room's tracks within this long, or the migration is called off.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
@@ -101,8 +102,14 @@ fn host(mesh: &Mesh, node: &str, epoch: u64) -> Option<Host> {
 }
 
 /// Moves `room`, hosted here, to node `to`. Returns when the room's clients have left this
-/// node (or the clients' deadline passed).
+/// node (or the clients' deadline passed). One `room.migrate` span; the target's handoff and
+/// promote spans join its trace.
 pub async fn migrate(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Moved, MigrateError> {
+    let span = tracing::info_span!("room.migrate", room = %room, to = %to, epoch = tracing::field::Empty);
+    migrate_in_span(mesh, room, to).instrument(span).await
+}
+
+async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Moved, MigrateError> {
     let registry = mesh
         .registry()
         .map_err(|s| MigrateError::Unavailable(s.message().to_string()))?;
@@ -126,8 +133,7 @@ pub async fn migrate(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Moved,
         }
         Some(_) => {}
     }
-    let span = tracing::info_span!("room.migrate", room = %room, to = %to, epoch = i64::try_from(info.epoch).unwrap_or(i64::MAX));
-    let _entered = span.enter();
+    tracing::Span::current().record("epoch", i64::try_from(info.epoch).unwrap_or(i64::MAX));
     let started = Instant::now();
     let now = || started.elapsed().as_millis() as u64 + 1;
     let mut machine = Migration::new(
@@ -173,7 +179,7 @@ pub async fn migrate(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Moved,
                     };
                     let handed = async {
                         let mut client = mesh.client(to.as_str())?;
-                        tokio::time::timeout(HANDOFF_TIMEOUT, client.handoff(request))
+                        tokio::time::timeout(HANDOFF_TIMEOUT, client.handoff(traced(request)))
                             .await
                             .map_err(|_| "the target did not take the room in time".to_string())?
                             .map_err(|status| status.message().to_string())
@@ -202,7 +208,7 @@ pub async fn migrate(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Moved,
                             room: room.to_string(),
                             epoch,
                         };
-                        if let Err(error) = tokio::time::timeout(CALL_TIMEOUT, client.promote(promote)).await {
+                        if let Err(error) = tokio::time::timeout(CALL_TIMEOUT, client.promote(traced(promote))).await {
                             // The target learns it from the directory anyway (its relay re-locates).
                             tracing::debug!(%error, "promote call timed out");
                         }

@@ -192,6 +192,13 @@ impl Mesh {
     }
 }
 
+/// A mesh request carrying the current trace context (the other node's spans join the trace).
+pub fn traced<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    mediamesh_cluster::trace_context::inject_current(request.metadata_mut());
+    request
+}
+
 /// The placement candidates of a cluster view: alive, not draining, voters or learners.
 pub fn candidates(status: &ClusterStatus) -> Vec<Candidate> {
     status

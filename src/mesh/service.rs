@@ -9,6 +9,7 @@ use mediamesh_proto::mesh::v1 as pb;
 use mediamesh_proto::mesh::v1::mesh_server::MeshServer;
 use std::sync::{Arc, OnceLock};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// Starts a drain of this node (set by the node wiring; it also stops the process after).
 pub type DrainStarter = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -44,6 +45,14 @@ pub fn routes(slot: Arc<MeshSlot>, cluster_secret: &str) -> tonic::service::Rout
         SecretCheck::new(cluster_secret, Arc::new(TransportMetrics::default())),
     );
     tonic::service::Routes::new(checked)
+}
+
+/// A server span continuing the caller's trace (W3C context in the metadata).
+fn server_span(name: &'static str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!("mesh", otel.name = name, otel.kind = "server");
+    let _ = span.set_parent(mediamesh_cluster::trace_context::extract(metadata));
+    span
 }
 
 fn room_id(name: &str) -> Result<RoomId, Status> {
@@ -82,18 +91,27 @@ impl pb::mesh_server::Mesh for MeshService {
     }
 
     async fn handoff(&self, request: Request<pb::HandoffRequest>) -> Result<Response<pb::HandoffResponse>, Status> {
-        let tracks = migrate::handoff(self.mesh()?, request.into_inner()).await?;
+        let span = server_span("room.handoff", request.metadata());
+        let tracks = migrate::handoff(self.mesh()?, request.into_inner())
+            .instrument(span)
+            .await?;
         Ok(Response::new(pb::HandoffResponse { tracks }))
     }
 
     async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
-        migrate::promote(self.mesh()?, request.into_inner()).await?;
+        let span = server_span("room.promote", request.metadata());
+        migrate::promote(self.mesh()?, request.into_inner())
+            .instrument(span)
+            .await?;
         Ok(Response::new(pb::PromoteResponse {}))
     }
 
     async fn migrate(&self, request: Request<pb::MigrateRequest>) -> Result<Response<pb::MigrateResponse>, Status> {
+        let span = server_span("mesh.migrate", request.metadata());
         let request = request.into_inner();
-        let moved = migrate::migrate(self.mesh()?, &room_id(&request.room)?, &request.to).await?;
+        let moved = migrate::migrate(self.mesh()?, &room_id(&request.room)?, &request.to)
+            .instrument(span)
+            .await?;
         Ok(Response::new(pb::MigrateResponse {
             epoch: moved.epoch,
             elapsed_ms: moved.elapsed_ms,
