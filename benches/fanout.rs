@@ -964,17 +964,9 @@ fn write_report(args: &Args, started: SystemTime, results: &[RunResult]) -> Resu
 
     write_telemetry_cost(&mut md, results)?;
 
-    std::fs::create_dir_all(&args.results_dir)?;
     let stamp = utc_stamp(started, '-');
-    let json_text = serde_json::to_string_pretty(&json)?;
-    for name in [format!("fanout-{stamp}"), "fanout-latest".to_string()] {
-        std::fs::write(args.results_dir.join(format!("{name}.md")), &md)?;
-        std::fs::write(args.results_dir.join(format!("{name}.json")), &json_text)?;
-    }
+    let written = common::write_results(&args.results_dir, "fanout", &stamp, &md, &json)?;
     println!("{md}");
-    eprintln!(
-        "fanout: results written to {}",
-        args.results_dir.join(format!("fanout-{stamp}.md")).display()
-    );
+    eprintln!("fanout: results written to {}", written.display());
     Ok(())
 }

@@ -906,18 +906,9 @@ fn write_report(args: &Args, started: SystemTime, machine: &Machine, redis_versi
         },
         "points": points,
     });
-    let json_text = serde_json::to_string_pretty(&report).expect("serializable");
-    if let Err(e) = std::fs::create_dir_all(&args.results_dir) {
-        eprintln!("cannot create {}: {e}", args.results_dir.display());
+    if let Err(e) = common::write_results(&args.results_dir, "store", &stamp, &md, &report) {
+        eprintln!("cannot write the results to {}: {e}", args.results_dir.display());
         return;
-    }
-    for name in [format!("store-{stamp}"), "store-latest".to_string()] {
-        for (ext, text) in [("md", &md), ("json", &json_text)] {
-            let path = args.results_dir.join(format!("{name}.{ext}"));
-            if let Err(e) = std::fs::write(&path, text) {
-                eprintln!("cannot write {}: {e}", path.display());
-            }
-        }
     }
     println!("\n{md}");
     println!(
@@ -934,13 +925,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if !args.binary.is_file() {
-        eprintln!(
-            "{} is missing: build it with `cargo build --release -p mediamesh`",
-            args.binary.display()
-        );
-        std::process::exit(2);
-    }
+    common::require_binary(&args.binary);
     let started = SystemTime::now();
     let machine = machine();
     println!(

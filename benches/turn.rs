@@ -425,15 +425,7 @@ fn write_report(args: &Args, started: SystemTime, results: &[RunResult]) -> Resu
                        "interval_ms": args.interval_ms, "command": command},
         "results": results,
     });
-    std::fs::create_dir_all(&args.results_dir)?;
-    let stamp = date.replace(':', "-");
-    for name in [format!("turn-{stamp}"), "turn-latest".to_string()] {
-        std::fs::write(args.results_dir.join(format!("{name}.md")), &md)?;
-        std::fs::write(
-            args.results_dir.join(format!("{name}.json")),
-            serde_json::to_string_pretty(&json)?,
-        )?;
-    }
+    common::write_results(&args.results_dir, "turn", &date.replace(':', "-"), &md, &json)?;
     println!("{md}");
     Ok(())
 }

@@ -8,8 +8,7 @@ mod cluster;
 mod common;
 
 use cluster::ProcessCluster;
-use mediamesh::auth::{Grants, TokenKeys};
-use mediamesh_sdk::{Client, ClientOptions, PlayOptions, PublishOptions, Role, Transport};
+use mediamesh_sdk::{Client, PlayOptions, PublishOptions, Role};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -29,28 +28,6 @@ async fn start_cluster(extra: &'static [&'static str]) -> ProcessCluster {
     .expect("cluster started")
 }
 
-fn token(cluster: &ProcessCluster, room: &str, identity: &str, role: Role) -> String {
-    let grants = Grants {
-        publish: role != Role::Subscriber,
-        subscribe: role != Role::Publisher,
-        admin: false,
-    };
-    TokenKeys::new(&cluster.secret).create(identity, room, grants, Duration::from_secs(3600))
-}
-
-fn options(room: &str, role: Role, region: &str) -> ClientOptions {
-    ClientOptions {
-        transport: Transport::WebSocket,
-        room: room.to_string(),
-        role,
-        region: region.to_string(),
-        position_interval: Some(Duration::from_millis(500)),
-        backoff_initial: Duration::from_millis(100),
-        backoff_max: Duration::from_millis(500),
-        ..Default::default()
-    }
-}
-
 fn publish_options() -> PublishOptions {
     PublishOptions {
         video_bitrate_bps: 200_000,
@@ -63,8 +40,8 @@ async fn publisher(cluster: &ProcessCluster, node: usize, room: &str) -> Client 
     let base = cluster.nodes[node].base_url();
     let client = Client::connect(
         &base,
-        &token(cluster, room, "publisher-1", Role::Publisher),
-        options(room, Role::Publisher, &cluster.nodes[node].spec.region),
+        &cluster::sdk_token(&cluster.secret, room, "publisher-1", Role::Publisher),
+        cluster::sdk_options(room, Role::Publisher, &cluster.nodes[node].spec.region),
     )
     .await
     .unwrap_or_else(|e| panic!("publisher joins {room} at {base}: {e}"));
@@ -78,10 +55,10 @@ async fn viewers(cluster: &ProcessCluster, node: usize, room: &str, count: usize
     let region = cluster.nodes[node].spec.region.clone();
     let joins = (0..count).map(|i| {
         let (base, region) = (base.clone(), region.clone());
-        let token = token(cluster, room, &format!("viewer-{i}"), Role::Subscriber);
+        let token = cluster::sdk_token(&cluster.secret, room, &format!("viewer-{i}"), Role::Subscriber);
         let room = room.to_string();
         async move {
-            let client = Client::connect(&base, &token, options(&room, Role::Subscriber, &region))
+            let client = Client::connect(&base, &token, cluster::sdk_options(&room, Role::Subscriber, &region))
                 .await
                 .unwrap_or_else(|e| panic!("viewer {i} joins at {base}: {e}"));
             client.play(PlayOptions::default()).await.expect("plays");
@@ -236,7 +213,12 @@ async fn a_publish_to_a_node_that_does_not_host_the_room_goes_to_the_host() {
         .build()
         .expect("client")
         .post(&url)
-        .bearer_auth(token(&cluster, room, "publisher-2", Role::Publisher))
+        .bearer_auth(cluster::sdk_token(
+            &cluster.secret,
+            room,
+            "publisher-2",
+            Role::Publisher,
+        ))
         .header("content-type", "application/sdp")
         .body(common::sample_offer())
         .send()
@@ -317,6 +299,10 @@ async fn a_room_with_50_viewers_migrates_to_busan_and_everyone_resumes_there() {
     let (host, epoch) = placement(&cluster, 0, room).await;
     let from = cluster.index_of(&host).expect("host");
     let watchers = viewers(&cluster, from, room, 50).await;
+    // Five more watch from the other seoul node, through its relay: they stay there and follow
+    // the room to its new host.
+    let relay_node = (0..2).find(|&i| i != from).expect("the other seoul node");
+    let relayed = viewers(&cluster, relay_node, room, 5).await;
     let sessions: Vec<String> = watchers.iter().map(Client::session).collect();
     all_flowing(&watchers, Duration::from_secs(1), 10)
         .await
@@ -370,13 +356,21 @@ async fn a_room_with_50_viewers_migrates_to_busan_and_everyone_resumes_there() {
         placement(&cluster, from, room).await,
         ("busan-1".to_string(), epoch + 1)
     );
+    all_flowing(&relayed, Duration::from_secs(2), 20)
+        .await
+        .expect("relayed viewers follow the room");
     let (p50, p99, max) = gaps(&watchers).await;
+    let (_, _, relayed_max) = gaps(&relayed).await;
     println!(
-        "migration of 50 viewers: {} ms; media gap per viewer p50 {p50:?} p99 {p99:?} max {max:?}",
+        "migration of 50 viewers: {} ms; media gap per viewer p50 {p50:?} p99 {p99:?} max {max:?}; 5 relayed viewers elsewhere: max {relayed_max:?}",
         moved["elapsed_ms"]
     );
     assert!(p99 < Duration::from_secs(3), "p99 media gap {p99:?}");
-    for client in watchers {
+    assert!(
+        relayed_max < Duration::from_secs(3),
+        "relayed viewers' gap {relayed_max:?}"
+    );
+    for client in watchers.into_iter().chain(relayed) {
         client.close().await;
     }
     source.close().await;

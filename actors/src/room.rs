@@ -53,6 +53,8 @@ pub enum RoomMode {
     Relay { host: Host },
 }
 
+/// When a relay switches hosts, the old relay runs this long next to the new one.
+const RELAY_OVERLAP: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often a hosted room checks the directory still names this node under its epoch.
 const FENCE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -560,8 +562,10 @@ impl Room {
                     } else {
                         tracing::info!(room = %room.id, from = %followed.node, to = %host.node, "room host changed; relaying from the new one");
                         room.mode = RoomMode::Relay { host };
-                        room.follow = None;
-                        room.follow = Some(room.registry.relay().follow(room.id.clone(), ctx.address()));
+                        // Make-before-break: the new host's copies replace the old ones track by
+                        // track (same room-wide ids); the old relay stops a little later.
+                        let old = room.follow.replace(room.registry.relay().follow(room.id.clone(), ctx.address()));
+                        ctx.run_later(RELAY_OVERLAP, move |_, _| drop(old));
                     }
                 }
                 _ => {}
@@ -590,14 +594,19 @@ impl Room {
     }
 
     /// Every published track that is not muted, with its room-wide id: this node's, oldest
-    /// publisher first, then the tracks relayed from other nodes. A publisher that moves here
-    /// (make-before-break) takes its viewers over from its relayed copy with its first keyframe,
-    /// while the copy still flows.
+    /// publisher first, then the tracks relayed from other nodes, those published on the host
+    /// first. A publisher that moves to the host (make-before-break) thus takes every viewer
+    /// over from its old copy with its first keyframe, while the old copy still flows.
     fn live_tracks(&self) -> impl Iterator<Item = (String, &Arc<PublishedTrack>)> {
-        let relayed = self
-            .relays
-            .iter()
-            .filter(|(_, r)| !r.info.muted)
+        let host = match &self.mode {
+            RoomMode::Relay { host } => Some(&host.node),
+            RoomMode::Host { .. } => None,
+        };
+        let live = self.relays.iter().filter(|(_, r)| !r.info.muted);
+        let relayed = live
+            .clone()
+            .filter(move |(_, r)| host == Some(&r.origin))
+            .chain(live.filter(move |(_, r)| host != Some(&r.origin)))
             .map(|(id, r)| (id.clone(), &r.track));
         let local = self.publishers.iter().flat_map(|(session, publisher)| {
             publisher

@@ -103,3 +103,32 @@ pub fn git_commit(paths: &[&str]) -> String {
         commit
     }
 }
+
+/// Writes a benchmark's results as `<name>-<stamp>.{md,json}` and `<name>-latest.{md,json}` in
+/// `dir` (created if missing); returns the path of the stamped Markdown file.
+pub fn write_results(
+    dir: &std::path::Path,
+    name: &str,
+    stamp: &str,
+    md: &str,
+    json: &serde_json::Value,
+) -> std::io::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let json = serde_json::to_string_pretty(json)?;
+    for file in [format!("{name}-{stamp}"), format!("{name}-latest")] {
+        std::fs::write(dir.join(format!("{file}.md")), md)?;
+        std::fs::write(dir.join(format!("{file}.json")), &json)?;
+    }
+    Ok(dir.join(format!("{name}-{stamp}.md")))
+}
+
+/// Exits with status 2 and a hint when the release binary a benchmark runs is missing.
+pub fn require_binary(binary: &std::path::Path) {
+    if !binary.is_file() {
+        eprintln!(
+            "{} is missing: build it with `cargo build --release -p mediamesh`",
+            binary.display()
+        );
+        std::process::exit(2);
+    }
+}

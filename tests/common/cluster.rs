@@ -21,6 +21,32 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A token for `identity` in `room` with the grants an SDK client of `role` needs.
+pub fn sdk_token(secret: &str, room: &str, identity: &str, role: mediamesh_sdk::Role) -> String {
+    use mediamesh_sdk::Role;
+    let grants = Grants {
+        publish: role != Role::Subscriber,
+        subscribe: role != Role::Publisher,
+        admin: false,
+    };
+    TokenKeys::new(secret).create(identity, room, grants, Duration::from_secs(3600))
+}
+
+/// SDK options of the mesh tests and bench: WebSocket, reconnects after 100–500 ms, the playback
+/// position reported every 0.5 s.
+pub fn sdk_options(room: &str, role: mediamesh_sdk::Role, region: &str) -> mediamesh_sdk::ClientOptions {
+    mediamesh_sdk::ClientOptions {
+        transport: mediamesh_sdk::Transport::WebSocket,
+        room: room.to_string(),
+        role,
+        region: region.to_string(),
+        position_interval: Some(Duration::from_millis(500)),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(500),
+        ..Default::default()
+    }
+}
+
 /// Loopback TCP ports are picked below the ephemeral range (32768 on Linux), so an outgoing
 /// connection cannot take a node's port while the node is down between a kill and a restart.
 const TCP_PORTS_LOW: u16 = 10_000;
