@@ -420,3 +420,63 @@ async fn idle_sessions_end_on_both_transports() {
         client.close().await;
     }
 }
+
+async fn resumes_counted(node: &TestNode, outcome: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", node.base))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let series = format!("mediamesh_viewer_resumes_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whep_with_a_resume_token_takes_the_viewer_state_back() {
+    let node = start_node(&[]).await;
+    let room = "sig-whep-resume";
+    let source = join(&node, room, Role::Publisher, Transport::WebSocket).await;
+    source.publish(publish_options()).await.expect("publishes");
+    let viewer = join(&node, room, Role::Subscriber, Transport::WebSocket).await;
+    let token = viewer.resume_token();
+    let url = |query: &str| format!("{}/whep/{room}?{query}", node.base);
+    // A WHEP player that carries the signal viewer's resume token gets its state back.
+    let before = resumes_counted(&node, "resumed").await;
+    let session = mediamesh_sdk::play(
+        &url(&format!("resume={token}")),
+        &node.subscribe_token(room),
+        PlayOptions::default(),
+    )
+    .await
+    .expect("WHEP with ?resume= plays");
+    session
+        .wait_first_frame(Duration::from_secs(10))
+        .await
+        .expect("first frame");
+    assert_eq!(resumes_counted(&node, "resumed").await, before + 1.0);
+    session.close().await.expect("close");
+    // A malformed token, or one for another room, is refused with a problem document.
+    let other_room = join(&node, "sig-whep-other", Role::Subscriber, Transport::WebSocket).await;
+    for bad in ["not-a-token".to_string(), other_room.resume_token()] {
+        let response = reqwest::Client::new()
+            .post(url(&format!("resume={bad}")))
+            .bearer_auth(node.subscribe_token(room))
+            .header("content-type", "application/sdp")
+            .body(common::sample_offer())
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status(), 400, "resume token {bad:.20}");
+        let problem: serde_json::Value = response.json().await.expect("problem");
+        assert!(
+            problem["detail"].as_str().unwrap_or_default().starts_with("resume:"),
+            "{problem}"
+        );
+    }
+    other_room.close().await;
+    viewer.close().await;
+    source.close().await;
+}

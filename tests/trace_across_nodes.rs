@@ -123,7 +123,9 @@ fn a_publish_on_a_follower_is_one_trace_across_both_nodes() {
     let endpoint = start_receiver(receiver.clone());
     let mut cluster = ProcessCluster::start(
         std::path::Path::new(env!("CARGO_BIN_EXE_mediamesh")),
-        &[("seoul-1", "seoul"), ("seoul-2", "seoul")],
+        // One node per region: the publish below prefers the follower's, so the room is placed
+        // on the follower (a publish elsewhere would be redirected to the room's host).
+        &[("seoul-1", "seoul"), ("busan-1", "busan")],
         &["--otlp-endpoint", &endpoint, "--trace-sample-floor", "1"],
         Duration::from_secs(30),
     );
@@ -150,6 +152,7 @@ fn a_publish_on_a_follower_is_one_trace_across_both_nodes() {
         .post(format!("{}/whip/traced-room", cluster.nodes[follower].base_url()))
         .header("authorization", format!("Bearer {publish_token}"))
         .header("content-type", "application/sdp")
+        .header("x-region-preference", cluster.nodes[follower].spec.region.clone())
         .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
         .header("tracestate", "vendor=opaque")
         .body(common::sample_offer())
