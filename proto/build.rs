@@ -31,6 +31,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute(SIGNAL, "#[derive(serde::Serialize, serde::Deserialize)]")
         .message_attribute(SIGNAL, "#[serde(default)]")
         .enum_attribute(SIGNAL, "#[serde(rename_all = \"snake_case\")]")
+        // Relayed RTP goes from the marshalled packet to the wire and back without a copy.
+        .bytes(".mediamesh.mesh.v1.RelayPacket.rtp")
         .compile_fds(descriptors)?;
     Ok(())
 }

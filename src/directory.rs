@@ -30,15 +30,15 @@ impl StoreDirectory {
     }
 }
 
-/// The host of `placement` as clients reach it (`None` when its node is not registered).
-pub fn host_of(store: &Store, placement: &Placement) -> Option<Host> {
-    let status = store.status();
-    let node = status.nodes.iter().find(|n| n.id == placement.node)?;
+/// `node` hosting a room under `epoch`, as clients reach it (`None` when it is not registered).
+pub fn host_of(store: &Store, node: &mediamesh_cluster::NodeId, epoch: u64) -> Option<Host> {
+    let nodes = store.nodes();
+    let found = nodes.iter().find(|n| n.id == *node)?;
     Some(Host {
-        node: NodeId(node.id.as_str().to_string()),
-        epoch: placement.epoch,
-        http_url: node.http_url.clone(),
-        grpc_url: node.grpc_url.clone(),
+        node: NodeId(found.id.as_str().to_string()),
+        epoch,
+        http_url: found.http_url.clone(),
+        grpc_url: found.grpc_url.clone(),
     })
 }
 
@@ -46,18 +46,13 @@ fn location(store: &Store, placement: &Placement) -> Result<Location, String> {
     if placement.node == *store.node_id() {
         return Ok(Location::Here { epoch: placement.epoch });
     }
-    host_of(store, placement)
+    host_of(store, &placement.node, placement.epoch)
         .map(Location::There)
         .ok_or_else(|| format!("room host {} is not registered", placement.node.as_str()))
 }
 
 impl RoomDirectory for StoreDirectory {
-    fn locate(
-        &self,
-        room: RoomId,
-        _node: NodeId,
-        region: Option<String>,
-    ) -> BoxFuture<'static, Result<Location, String>> {
+    fn locate(&self, room: RoomId, region: Option<String>) -> BoxFuture<'static, Result<Location, String>> {
         let store = self.store.clone();
         let region = region.unwrap_or_else(|| self.region.clone());
         let thresholds = self.thresholds;
@@ -68,10 +63,9 @@ impl RoomDirectory for StoreDirectory {
                     .room(&room, Consistency::Linearizable)
                     .await
                     .map_err(|e| e.to_string())?;
-                let status = store.status();
+                let nodes = store.nodes();
                 if let Some(placement) = &current {
-                    let host_alive = status
-                        .nodes
+                    let host_alive = nodes
                         .iter()
                         .any(|n| n.id == placement.node && n.state != NodeState::Dead);
                     if host_alive {
@@ -80,7 +74,7 @@ impl RoomDirectory for StoreDirectory {
                 }
                 // Not placed yet, or its host is gone: place it (the compare-and-set on the epoch
                 // makes two nodes placing at once agree on one host).
-                let target = placement::choose(&mesh::candidates(&status), Some(&region), &thresholds)
+                let target = placement::choose(&mesh::candidates(&nodes), Some(&region), &thresholds)
                     .unwrap_or_else(|| store.node_id().clone());
                 match store
                     .place_room_cas(room.clone(), current.map(|p| p.epoch), target)
@@ -106,7 +100,7 @@ impl RoomDirectory for StoreDirectory {
                 .room(&mediamesh_cluster::RoomId(room.0), Consistency::Local)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(placement.and_then(|p| host_of(&store, &p)))
+            Ok(placement.and_then(|p| host_of(&store, &p.node, p.epoch)))
         }
         .boxed()
     }

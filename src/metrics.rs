@@ -7,8 +7,8 @@ use crate::telemetry::{LeakDetector, Telemetry};
 use mediamesh_actors::media::track::MediaCounters;
 use mediamesh_actors::registry::NodeStats;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,8 +17,6 @@ use std::time::Instant;
 /// Bounds of the HTTP request duration histogram, in seconds.
 const HTTP_BUCKETS: [f64; 12] = [0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 /// Bounds of the migration duration histogram, in seconds.
-const MIGRATION_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0];
-
 /// Where the node's metrics come from.
 pub struct MetricSources {
     pub stats: Arc<NodeStats>,
@@ -60,8 +58,6 @@ pub struct Metrics {
     signal_errors: IntCounterVec,
     viewer_resumes: IntCounterVec,
     http_duration: HistogramVec,
-    /// Observed when rooms move between nodes.
-    pub migration_seconds: Histogram,
     tokio_tasks: IntGauge,
     active_spans: IntGauge,
     leak_excess: IntGauge,
@@ -131,16 +127,6 @@ impl Metrics {
                 )
                 .buckets(HTTP_BUCKETS.to_vec()),
                 &["route", "method", "status"],
-            ),
-        );
-        let migration_seconds = register(
-            &registry,
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "mediamesh_migration_duration_seconds",
-                    "Duration of room migrations from snapshot to directory flip",
-                )
-                .buckets(MIGRATION_BUCKETS.to_vec()),
             ),
         );
         let sample_ratio = register(
@@ -250,7 +236,6 @@ impl Metrics {
             signal_errors,
             viewer_resumes,
             http_duration,
-            migration_seconds,
             tokio_tasks: gauge(
                 &registry,
                 "mediamesh_tokio_alive_tasks",

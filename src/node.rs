@@ -245,9 +245,9 @@ pub async fn run(
     ));
     // A drain (admin API or SIGTERM) runs once; the node stops when it is done.
     let drained = tokio_util::sync::CancellationToken::new();
-    let drain_started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let start_drain: crate::mesh::service::DrainStarter = {
-        let (mesh, drained, started) = (Arc::clone(&mesh), drained.clone(), Arc::clone(&drain_started));
+        let (mesh, drained) = (Arc::clone(&mesh), drained.clone());
+        let started = std::sync::atomic::AtomicBool::new(false);
         let signal_stats = Arc::clone(&signal.stats);
         let deadline = Duration::from_millis(config.drain_deadline_ms);
         Arc::new(move || {
@@ -276,7 +276,6 @@ pub async fn run(
         turn: turn.as_ref().map(|(_, handle)| Arc::clone(&handle.stats)),
         relay: Arc::clone(&mesh.stats),
     }));
-    let _ = mesh.metrics.set(Arc::clone(&metrics));
     let otlp_metrics = telemetry.otlp_endpoint().map(|endpoint| {
         let metrics = Arc::clone(&metrics);
         tokio::spawn(crate::telemetry::otlp_metrics::push_forever(
@@ -342,10 +341,8 @@ pub async fn run(
     let server_task = tokio::spawn(server);
     tokio::select! {
         stop = shutdown => {
-            if stop == Stop::Drain && !drain_started.load(Ordering::Acquire) {
-                start_drain();
-            }
             if stop == Stop::Drain {
+                start_drain(); // false when one already runs: it is waited for the same way
                 drained.cancelled().await;
             }
         }

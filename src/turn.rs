@@ -65,15 +65,11 @@ impl TurnDirectory for StoreTurnDirectory {
     }
 
     fn mesh(&self) -> BoxFuture<'static, Result<MeshView, String>> {
-        let status = self.store.status();
+        let nodes = self.store.nodes();
         let me = self.node.clone();
         async move {
-            let draining = status
-                .nodes
-                .iter()
-                .any(|n| n.id.0 == me && n.state == NodeState::Draining);
-            let nodes = status
-                .nodes
+            let draining = nodes.iter().any(|n| n.id.0 == me && n.state == NodeState::Draining);
+            let nodes = nodes
                 .into_iter()
                 .map(|n| MeshNode {
                     id: NodeId(n.id.0),

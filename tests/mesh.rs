@@ -280,6 +280,16 @@ where
     }
 }
 
+/// Whether every client is served by `node` now.
+fn all_on(clients: &[Client], node: &str) -> Result<(), String> {
+    let elsewhere = clients.iter().filter(|c| c.node() != node).count();
+    if elsewhere == 0 {
+        Ok(())
+    } else {
+        Err(format!("{elsewhere} clients not on {node}"))
+    }
+}
+
 /// Largest gap between video frames per viewer, sorted: p50, p99, max.
 async fn gaps(clients: &[Client]) -> (Duration, Duration, Duration) {
     let mut gaps: Vec<Duration> = futures::future::join_all(clients.iter().map(|c| c.play_stats()))
@@ -318,10 +328,7 @@ async fn a_room_with_50_viewers_migrates_to_busan_and_everyone_resumes_there() {
     assert_eq!(moved["epoch"].as_u64(), Some(epoch + 1), "{moved}");
     // Everyone is on busan-1 with the same session, getting frames.
     eventually(Duration::from_secs(20), "viewers resumed on busan-1", || async {
-        let elsewhere = watchers.iter().filter(|c| c.node() != "busan-1").count();
-        if elsewhere > 0 {
-            return Err(format!("{elsewhere} viewers not on busan-1"));
-        }
+        all_on(&watchers, "busan-1")?;
         let info = room_info(&cluster, busan, room).await;
         if count(&info, "subscribers") != 50 || count(&info, "publishers") != 1 {
             return Err(format!("busan-1 room: {info}"));
@@ -625,15 +632,8 @@ async fn a_host_cut_off_from_the_majority_loses_its_room_and_stops_after_healing
     .await;
     let stepped_down = healed_at.elapsed();
     eventually(Duration::from_secs(15), "everyone on the new host", || async {
-        let left = std::iter::once(&source)
-            .chain(&watchers)
-            .filter(|c| c.node() != new_host)
-            .count();
-        if left == 0 {
-            Ok(())
-        } else {
-            Err(format!("{left} clients not on {new_host}"))
-        }
+        all_on(&watchers, &new_host)?;
+        all_on(std::slice::from_ref(&source), &new_host)
     })
     .await;
     all_flowing(&watchers, Duration::from_secs(2), 20)

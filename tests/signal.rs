@@ -441,23 +441,55 @@ async fn whep_with_a_resume_token_takes_the_viewer_state_back() {
     let source = join(&node, room, Role::Publisher, Transport::WebSocket).await;
     source.publish(publish_options()).await.expect("publishes");
     let viewer = join(&node, room, Role::Subscriber, Transport::WebSocket).await;
+    // The signal viewer drops the video: its stored state keeps only the audio track.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (video, audio) = loop {
+        let tracks = viewer.tracks();
+        let id = |kind: &str| tracks.iter().find(|t| t.kind == kind).map(|t| t.id.clone());
+        if let (Some(video), Some(audio)) = (id("video"), id("audio")) {
+            break (video, audio);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the publisher's tracks are never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    viewer.unsubscribe(vec![video]).await.expect("unsubscribe");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while viewer_state(&node, &viewer.session()).await["subscriptions"] != serde_json::json!([audio]) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the choice never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let token = viewer.resume_token();
     let url = |query: &str| format!("{}/whep/{room}?{query}", node.base);
-    // A WHEP player that carries the signal viewer's resume token gets its state back.
+    // A WHEP player that carries that resume token gets the choice back: audio, no video. One
+    // without it gets the room's defaults, video included.
     let before = resumes_counted(&node, "resumed").await;
-    let session = mediamesh_sdk::play(
-        &url(&format!("resume={token}")),
-        &node.subscribe_token(room),
-        PlayOptions::default(),
-    )
-    .await
-    .expect("WHEP with ?resume= plays");
-    session
+    let play = |query: String| {
+        let (url, token) = (url(&query), node.subscribe_token(room));
+        async move {
+            mediamesh_sdk::play(&url, &token, PlayOptions::default())
+                .await
+                .expect("WHEP plays")
+        }
+    };
+    let resumed = play(format!("resume={token}")).await;
+    let fresh = play(String::new()).await;
+    fresh
         .wait_first_frame(Duration::from_secs(10))
         .await
-        .expect("first frame");
+        .expect("the defaults bring video");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stats = resumed.stats();
+    assert!(stats.audio.packets > 0, "the resumed player hears the audio: {stats:?}");
+    assert_eq!(stats.video.packets, 0, "the resumed player left the video out");
     assert_eq!(resumes_counted(&node, "resumed").await, before + 1.0);
-    session.close().await.expect("close");
+    resumed.close().await.expect("close");
+    fresh.close().await.expect("close");
     // A malformed token, or one for another room, is refused with a problem document.
     let other_room = join(&node, "sig-whep-other", Role::Subscriber, Transport::WebSocket).await;
     for bad in ["not-a-token".to_string(), other_room.resume_token()] {

@@ -29,13 +29,8 @@ pub enum Location {
 /// only through the directory's compare-and-set on it.
 pub trait RoomDirectory: Send + Sync + 'static {
     /// Where `room` lives, placing it first if nobody hosts it (or its host is gone): by
-    /// `region` preference and load. `node` is the asking node.
-    fn locate(
-        &self,
-        room: RoomId,
-        node: NodeId,
-        region: Option<String>,
-    ) -> BoxFuture<'static, Result<Location, String>>;
+    /// `region` preference and load (`Here` means the node asking).
+    fn locate(&self, room: RoomId, region: Option<String>) -> BoxFuture<'static, Result<Location, String>>;
     /// The room's current host from this node's replica, without placing it (fencing checks:
     /// cheap, possibly a little stale). `None` when the room is not placed.
     fn current(&self, room: RoomId) -> BoxFuture<'static, Result<Option<Host>, String>>;

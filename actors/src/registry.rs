@@ -150,52 +150,48 @@ impl RoomRegistry {
         &self.relay
     }
 
-    pub fn get(&self, room: &RoomId) -> Option<Addr<Room>> {
+    /// The room's actor here (`hosted_only`: only if this node hosts it).
+    fn find(&self, room: &RoomId, hosted_only: bool) -> Option<Addr<Room>> {
         self.rooms
             .lock()
             .get(room)
-            .filter(|slot| slot.addr.connected())
+            .filter(|slot| (slot.hosted || !hosted_only) && slot.addr.connected())
             .map(|slot| slot.addr.clone())
+    }
+
+    /// The rooms here, by name (`hosted_only`: only those this node hosts).
+    fn rooms_here(&self, hosted_only: bool) -> Vec<(RoomId, Addr<Room>)> {
+        let mut rooms: Vec<_> = self
+            .rooms
+            .lock()
+            .iter()
+            .filter(|(_, slot)| slot.hosted || !hosted_only)
+            .map(|(k, slot)| (k.clone(), slot.addr.clone()))
+            .collect();
+        rooms.sort_by(|a, b| a.0.cmp(&b.0));
+        rooms
+    }
+
+    pub fn get(&self, room: &RoomId) -> Option<Addr<Room>> {
+        self.find(room, false)
     }
 
     /// The room's actor if it is hosted here.
     pub fn get_hosted(&self, room: &RoomId) -> Option<Addr<Room>> {
-        self.rooms
-            .lock()
-            .get(room)
-            .filter(|slot| slot.hosted && slot.addr.connected())
-            .map(|slot| slot.addr.clone())
+        self.find(room, true)
     }
 
     pub fn list(&self) -> Vec<(RoomId, Addr<Room>)> {
-        let mut rooms: Vec<_> = self
-            .rooms
-            .lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.addr.clone()))
-            .collect();
-        rooms.sort_by(|a, b| a.0.cmp(&b.0));
-        rooms
+        self.rooms_here(false)
     }
 
     /// The rooms hosted here (not the ones relayed from elsewhere).
     pub fn hosted(&self) -> Vec<(RoomId, Addr<Room>)> {
-        let mut rooms: Vec<_> = self
-            .rooms
-            .lock()
-            .iter()
-            .filter(|(_, v)| v.hosted)
-            .map(|(k, v)| (k.clone(), v.addr.clone()))
-            .collect();
-        rooms.sort_by(|a, b| a.0.cmp(&b.0));
-        rooms
+        self.rooms_here(true)
     }
 
     fn usable(&self, room: &RoomId, access: Access) -> Option<Addr<Room>> {
-        match access {
-            Access::View => self.get(room),
-            Access::Publish => self.get_hosted(room),
-        }
+        self.find(room, access == Access::Publish)
     }
 
     /// The room's actor for `access`, created on first use: hosted here when the directory
@@ -216,7 +212,7 @@ impl RoomRegistry {
         }
         let location = self
             .directory
-            .locate(room.clone(), self.context.node.clone(), region.map(str::to_string))
+            .locate(room.clone(), region.map(str::to_string))
             .instrument(tracing::info_span!("room.claim", room = %room))
             .await
             .map_err(RoomError::Directory)?;

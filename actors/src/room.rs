@@ -408,41 +408,40 @@ impl Room {
         }
     }
 
-    /// Whether `requester` may pull a track of `origin` from here: a node never gets its own
+    /// Whether `requester` may pull a track of `origin` from `node`: a node never gets its own
     /// tracks back, and only the host serves tracks it relays itself (so relays form no loop).
-    fn servable(&self, origin: &NodeId, requester: &NodeId) -> bool {
-        origin != requester && (origin == self.node() || self.hosted_epoch().is_some())
+    fn servable(node: &NodeId, hosted: bool, origin: &NodeId, requester: &NodeId) -> bool {
+        origin != requester && (origin == node || hosted)
     }
 
-    /// The tracks `requester` may pull from here now.
-    fn relayable(&self, requester: &NodeId) -> Vec<RelayNotice> {
-        let node = self.node().clone();
-        let local = self.publishers.iter().flat_map(|(session, p)| {
-            p.tracks
-                .iter()
-                .map(move |t| (Self::track_info(session, p, t), Arc::clone(t)))
-        });
-        let local = local.map(|(info, track)| RelayNotice::Published {
-            info,
-            track,
-            origin: node.clone(),
-        });
-        let relayed = self
-            .relays
+    /// The relayed tracks `requester` may pull from here now.
+    fn relayed_notices<'a>(&'a self, requester: &'a NodeId) -> impl Iterator<Item = RelayNotice> + 'a {
+        let hosted = self.hosted_epoch().is_some();
+        self.relays
             .values()
-            .filter(|r| self.servable(&r.origin, requester))
+            .filter(move |r| Self::servable(self.node(), hosted, &r.origin, requester))
             .map(|r| RelayNotice::Published {
                 info: r.info.clone(),
                 track: Arc::clone(&r.track),
                 origin: r.origin.clone(),
+            })
+    }
+
+    /// The tracks `requester` may pull from here now: this node's publishers', then relayed ones.
+    fn relayable(&self, requester: &NodeId) -> Vec<RelayNotice> {
+        let node = self.node();
+        let local = self
+            .publishers
+            .iter()
+            .filter(|_| Self::servable(node, true, node, requester))
+            .flat_map(|(session, p)| {
+                p.tracks.iter().map(move |t| RelayNotice::Published {
+                    info: Self::track_info(session, p, t),
+                    track: Arc::clone(t),
+                    origin: node.clone(),
+                })
             });
-        let mut all: Vec<RelayNotice> = if self.node() == requester {
-            Vec::new()
-        } else {
-            local.collect()
-        };
-        all.extend(relayed);
-        all
+        local.chain(self.relayed_notices(requester)).collect()
     }
 
     /// Tells every relay watcher allowed to see a track of `origin`; one whose queue is full or
@@ -452,7 +451,7 @@ impl Room {
         let hosted = self.hosted_epoch().is_some();
         self.relay_watchers.retain(|watcher, (requester, queue)| {
             if let Some(origin) = origin
-                && !(origin != requester && (*origin == node || hosted))
+                && !Self::servable(&node, hosted, origin, requester)
             {
                 return true;
             }
@@ -478,26 +477,9 @@ impl Room {
         self.registry.set_hosted(&self.id, &ctx.address(), true);
         if was_relay {
             // Relayed tracks become servable to the other nodes' relays.
-            let watchers: Vec<(SessionId, NodeId)> = self
-                .relay_watchers
-                .iter()
-                .map(|(w, (requester, _))| (w.clone(), requester.clone()))
-                .collect();
-            for (watcher, requester) in watchers {
-                let notices: Vec<RelayNotice> = self
-                    .relays
-                    .values()
-                    .filter(|r| r.origin != requester)
-                    .map(|r| RelayNotice::Published {
-                        info: r.info.clone(),
-                        track: Arc::clone(&r.track),
-                        origin: r.origin.clone(),
-                    })
-                    .collect();
-                if let Some((_, queue)) = self.relay_watchers.get(&watcher) {
-                    for notice in notices {
-                        let _ = queue.try_send(notice);
-                    }
+            for (requester, queue) in self.relay_watchers.values() {
+                for notice in self.relayed_notices(requester) {
+                    let _ = queue.try_send(notice);
                 }
             }
         }
@@ -794,6 +776,14 @@ impl Room {
                 })
                 .collect(),
         }
+    }
+}
+
+/// What a room's actor says about itself (`None` when it stopped).
+pub async fn room_info(addr: &Addr<Room>) -> Option<RoomInfo> {
+    match addr.send(RoomRequest::Info).await {
+        Ok(Ok(RoomReply::Info(info))) => Some(info),
+        _ => None,
     }
 }
 

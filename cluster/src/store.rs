@@ -915,10 +915,43 @@ impl Store {
     pub fn status(&self) -> ClusterStatus {
         let view = self.shared.view.borrow().clone();
         let sm = self.shared.sm.read();
+        let nodes = Self::node_statuses(&sm, &view, self.shared.config.node_dead_after_ms);
+        ClusterStatus {
+            node_id: self.shared.node_id.clone(),
+            raft_id: self.shared.raft_id,
+            leader: sm.node_by_raft_id(view.leader).map(|n| n.registration.id.clone()),
+            leader_raft_id: view.leader,
+            term: view.term,
+            commit_index: view.commit_index,
+            applied_index: sm.applied().index,
+            snapshot_index: view.snapshot_index,
+            role: view.role.to_string(),
+            nodes,
+            digest: sm.digest(),
+            rooms: sm.rooms().len() as u64,
+            viewers: sm.viewers().len() as u64,
+        }
+    }
+
+    /// This replica's view of the registered nodes (a local read, and cheap: no state digest).
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        let view = self.shared.view.borrow().clone();
+        Self::node_statuses(&self.shared.sm.read(), &view, self.shared.config.node_dead_after_ms)
+    }
+
+    /// The leader this replica knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        let leader = self.shared.view.borrow().leader;
+        self.shared
+            .sm
+            .read()
+            .node_by_raft_id(leader)
+            .map(|n| n.registration.id.clone())
+    }
+
+    fn node_statuses(sm: &StateMachine, view: &View, dead_after: u64) -> Vec<NodeStatus> {
         let now = now_ms();
-        let dead_after = self.shared.config.node_dead_after_ms;
-        let nodes = sm
-            .nodes()
+        sm.nodes()
             .values()
             .map(|n| NodeStatus {
                 id: n.registration.id.clone(),
@@ -948,22 +981,7 @@ impl Store {
                 last_load: n.last_load.clone(),
                 last_heartbeat_ms: n.last_heartbeat_ms,
             })
-            .collect();
-        ClusterStatus {
-            node_id: self.shared.node_id.clone(),
-            raft_id: self.shared.raft_id,
-            leader: sm.node_by_raft_id(view.leader).map(|n| n.registration.id.clone()),
-            leader_raft_id: view.leader,
-            term: view.term,
-            commit_index: view.commit_index,
-            applied_index: sm.applied().index,
-            snapshot_index: view.snapshot_index,
-            role: view.role.to_string(),
-            nodes,
-            digest: sm.digest(),
-            rooms: sm.rooms().len() as u64,
-            viewers: sm.viewers().len() as u64,
-        }
+            .collect()
     }
 
     /// The `Status` RPC answer.

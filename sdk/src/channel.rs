@@ -176,6 +176,12 @@ struct Inner {
     held: tokio::sync::Mutex<Held>,
 }
 
+/// How a join ended: joined, or sent to another node (now the current one).
+enum Opened {
+    Joined(Link),
+    Moved,
+}
+
 /// Media sessions of the node a client moved away from, closed once their replacements run.
 #[derive(Default)]
 struct Held {
@@ -499,15 +505,22 @@ impl Inner {
     /// following `moved` replies to the node that hosts the room.
     async fn open(&self) -> Result<Link, Error> {
         for _ in 0..MOVES_MAX {
-            match self.open_once().await {
-                Err(Error::Moved { url }) => tracing::debug!(%url, "joined elsewhere: moved"),
-                other => return other,
+            match self.open_once().await? {
+                Opened::Joined(link) => return Ok(link),
+                Opened::Moved => tracing::debug!(url = %self.base.lock(), "joined elsewhere: moved"),
             }
         }
         Err(Error::Channel(format!("moved more than {MOVES_MAX} times in a row")))
     }
 
-    async fn open_once(&self) -> Result<Link, Error> {
+    /// Takes a `moved`: the node it names becomes the current one, with the resume token.
+    fn follow_moved(&self, moved: pb::Moved) -> Result<(), String> {
+        *self.base.lock() = Url::parse(&moved.url).map_err(|e| e.to_string())?;
+        self.joined.lock().resume_token = moved.resume_token;
+        Ok(())
+    }
+
+    async fn open_once(&self) -> Result<Opened, Error> {
         let timeout = self.options.request_timeout;
         let opened = tokio::time::timeout(timeout, async {
             let mut link = self.open_transport().await?;
@@ -530,11 +543,10 @@ impl Inner {
                 };
                 match message.body {
                     Some(Out::Moved(moved)) => {
-                        let url = Url::parse(&moved.url)
-                            .map_err(|e| Error::BadAnswer(format!("moved to {:?}: {e}", moved.url)))?;
-                        *self.base.lock() = url;
-                        self.joined.lock().resume_token = moved.resume_token;
-                        return Err(Error::Moved { url: moved.url });
+                        let url = moved.url.clone();
+                        self.follow_moved(moved)
+                            .map_err(|e| Error::BadAnswer(format!("moved to {url:?}: {e}")))?;
+                        return Ok(Opened::Moved);
                     }
                     Some(Out::Joined(joined)) => {
                         let here = self.base.lock().clone();
@@ -547,7 +559,7 @@ impl Inner {
                             resumed: joined.resumed,
                             node: joined.node,
                         };
-                        return Ok(link);
+                        return Ok(Opened::Joined(link));
                     }
                     Some(Out::Error(error)) if message.id == 1 || error.fatal => {
                         return Err(Error::Signal {
@@ -788,16 +800,13 @@ impl Inner {
                 }
             }
             Out::Moved(moved) => {
-                match Url::parse(&moved.url) {
-                    Ok(url) => {
-                        *self.base.lock() = url;
-                        self.joined.lock().resume_token = moved.resume_token;
-                    }
-                    Err(error) => tracing::warn!(%error, url = %moved.url, "moved to an unusable URL"),
+                let url = moved.url.clone();
+                if let Err(error) = self.follow_moved(moved) {
+                    tracing::warn!(%error, %url, "moved to an unusable URL");
                 }
                 self.moving.store(true, Ordering::Release);
                 let _ = self.commands.try_send(Command::Cut { pause: Duration::ZERO });
-                Event::Moved { url: moved.url }
+                Event::Moved { url }
             }
             Out::Error(error) => Event::Error {
                 code: error.code,

@@ -64,9 +64,6 @@ pub enum Error {
     /// The signal channel could not be opened or broke.
     #[error("signal channel: {0}")]
     Channel(String),
-    /// The node sent the client to another node (it follows on its own).
-    #[error("moved to {url}")]
-    Moved { url: String },
 }
 
 fn describe(problem: &Option<Box<Problem>>, body: &str) -> String {

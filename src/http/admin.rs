@@ -5,8 +5,8 @@ use super::problem::ApiError;
 use crate::auth::{self, Grant};
 use crate::clock;
 use actix_web::{HttpRequest, HttpResponse, web};
-use mediamesh_actors::room::{RoomReply, RoomRequest};
-use mediamesh_actors::{RoomId, RoomInfo};
+use mediamesh_actors::RoomId;
+use mediamesh_actors::room::room_info;
 use mediamesh_cluster::{Consistency, ViewerId, ViewerState};
 use serde::Deserialize;
 use serde_json::json;
@@ -17,13 +17,6 @@ fn authorize_admin(state: &AppState, request: &HttpRequest) -> Result<(), ApiErr
     let token = auth::bearer(header)?;
     state.keys.authorize(token, Grant::Admin, None)?;
     Ok(())
-}
-
-async fn room_info(addr: &actix::Addr<mediamesh_actors::room::Room>) -> Option<RoomInfo> {
-    match addr.send(RoomRequest::Info).await {
-        Ok(Ok(RoomReply::Info(info))) => Some(info),
-        _ => None,
-    }
 }
 
 /// `GET /admin/v1/rooms`
@@ -161,7 +154,7 @@ pub async fn drain(
             return Err(ApiError::Conflict("this node is already draining".into()));
         }
     } else {
-        let known = state.store.status().nodes.iter().any(|n| n.id.as_str() == node);
+        let known = state.store.nodes().iter().any(|n| n.id.as_str() == node);
         if !known {
             return Err(ApiError::NotFound(format!("no node {node:.64?} in the cluster")));
         }

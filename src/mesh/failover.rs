@@ -25,30 +25,30 @@ pub async fn run(mesh: Arc<Mesh>, heartbeat_interval: Duration, missed_max: u32)
     loop {
         tick.tick().await;
         let now = started.elapsed().as_millis() as u64;
-        let status = mesh.store.status();
-        if status.leader.as_ref() != Some(mesh.store.node_id()) {
+        if mesh.store.leader().as_ref() != Some(mesh.store.node_id()) {
             leading = false;
             continue;
         }
+        let nodes = mesh.store.nodes();
         if !leading {
             // A new leader gives every node a fresh grace period: it has not been counting.
             leading = true;
             detector = FailureDetector::new(heartbeat_interval.as_millis() as u64, missed_max);
             last_heartbeat.clear();
-            for node in &status.nodes {
+            for node in &nodes {
                 detector.track(node.id.clone(), now);
                 last_heartbeat.insert(node.id.clone(), node.last_heartbeat_ms);
             }
         }
         let mut changes = Vec::new();
-        for node in &status.nodes {
+        for node in &nodes {
             let previous = last_heartbeat.insert(node.id.clone(), node.last_heartbeat_ms);
             if node.id == *mesh.store.node_id() || previous != Some(node.last_heartbeat_ms) {
                 changes.extend(detector.observe(&node.id, now));
             }
         }
         last_heartbeat.retain(|id, _| {
-            let known = status.nodes.iter().any(|n| n.id == *id);
+            let known = nodes.iter().any(|n| n.id == *id);
             if !known {
                 detector.forget(id);
             }
@@ -69,9 +69,8 @@ pub async fn run(mesh: Arc<Mesh>, heartbeat_interval: Duration, missed_max: u32)
 
 /// Re-places every room of `dead` on the nodes the detector believes alive.
 async fn replace_rooms(mesh: &Mesh, dead: &NodeId, detector: &FailureDetector) {
-    let status = mesh.store.status();
-    let region = status
-        .nodes
+    let nodes = mesh.store.nodes();
+    let region = nodes
         .iter()
         .find(|n| n.id == *dead)
         .map(|n| n.region.clone())
@@ -84,7 +83,7 @@ async fn replace_rooms(mesh: &Mesh, dead: &NodeId, detector: &FailureDetector) {
         }
     };
     let rooms: Vec<_> = rooms.into_iter().map(|p| (p.room, p.node, p.epoch)).collect();
-    let mut candidates = super::candidates(&status);
+    let mut candidates = super::candidates(&nodes);
     for candidate in &mut candidates {
         candidate.available &= !detector.is_dead(&candidate.id);
     }

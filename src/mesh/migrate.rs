@@ -11,9 +11,8 @@
 //!    and relays from the target for the WHIP/WHEP sessions that cannot move.
 
 use super::{Mesh, traced};
-use mediamesh_actors::ports::Host;
-use mediamesh_actors::room::{RoomReply, RoomRequest};
-use mediamesh_actors::{Access, RoomId, RoomInfo};
+use mediamesh_actors::room::{RoomReply, RoomRequest, room_info};
+use mediamesh_actors::{Access, RoomId};
 use mediamesh_cluster::mesh::drain::{Drain, DrainAction, DrainConfig};
 use mediamesh_cluster::mesh::migration::{Migration, MigrationAction, MigrationEvent, MigrationOutcome};
 use mediamesh_cluster::{NodeState, StoreError};
@@ -37,16 +36,13 @@ const SNAPSHOT_BYTES_MAX: usize = 64 * 1024;
 /// A unary mesh call gives up after this long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What a target needs to restore a room: its tracks (to relay before the flip) and how many
-/// clients will come. bincode behind the store's version byte.
+/// What a target needs to restore a room: the room under its epoch, and its tracks (relayed
+/// before the flip). bincode behind the store's version byte.
 #[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
 pub struct RoomSnapshot {
     pub room: String,
     pub epoch: u64,
     pub tracks: Vec<String>,
-    pub publishers: u32,
-    pub subscribers: u32,
-    pub watchers: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,25 +78,6 @@ pub struct Moved {
     pub elapsed_ms: u64,
 }
 
-async fn room_info(addr: &actix::Addr<mediamesh_actors::room::Room>) -> Option<RoomInfo> {
-    match addr.send(RoomRequest::Info).await {
-        Ok(Ok(RoomReply::Info(info))) => Some(info),
-        _ => None,
-    }
-}
-
-/// The host record of `node` under `epoch`, for clients (None: not registered).
-fn host(mesh: &Mesh, node: &str, epoch: u64) -> Option<Host> {
-    let status = mesh.store.status();
-    let n = status.nodes.iter().find(|n| n.id.as_str() == node)?;
-    Some(Host {
-        node: mediamesh_actors::NodeId(node.to_string()),
-        epoch,
-        http_url: n.http_url.clone(),
-        grpc_url: n.grpc_url.clone(),
-    })
-}
-
 /// Moves `room`, hosted here, to node `to`. Returns when the room's clients have left this
 /// node (or the clients' deadline passed). One `room.migrate` span; the target's handoff and
 /// promote spans join its trace.
@@ -122,8 +99,7 @@ async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Mo
     if to == mesh.node {
         return Err(MigrateError::BadTarget(format!("room {room} is already on {to}")));
     }
-    let status = mesh.store.status();
-    match status.nodes.iter().find(|n| n.id.as_str() == to) {
+    match mesh.store.nodes().iter().find(|n| n.id.as_str() == to) {
         None => return Err(MigrateError::BadTarget(format!("no node {to:.64?} in the cluster"))),
         Some(node) if node.state != NodeState::Alive => {
             return Err(MigrateError::BadTarget(format!(
@@ -152,11 +128,8 @@ async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Mo
         room: room.to_string(),
         epoch: info.epoch,
         tracks,
-        publishers: u32::try_from(info.publishers.len()).unwrap_or(u32::MAX),
-        subscribers: u32::try_from(info.subscribers.len()).unwrap_or(u32::MAX),
-        watchers: u32::try_from(info.watchers).unwrap_or(u32::MAX),
     };
-    tracing::info!(room = %room, to = %to, tracks = snapshot.tracks.len(), viewers = snapshot.watchers, "migration started");
+    tracing::info!(room = %room, to = %to, tracks = snapshot.tracks.len(), viewers = info.watchers, "migration started");
     let mut events: VecDeque<MigrationEvent> = VecDeque::from([MigrationEvent::Start { now_ms: now() }]);
     loop {
         let event = match events.pop_front() {
@@ -213,7 +186,7 @@ async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Mo
                             tracing::debug!(%error, "promote call timed out");
                         }
                     }
-                    if let Some(host) = host(mesh, to.as_str(), epoch) {
+                    if let Some(host) = crate::directory::host_of(&mesh.store, &to, epoch) {
                         let _ = addr.send(RoomRequest::Demote { host }).await;
                     }
                 }
@@ -223,9 +196,7 @@ async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Mo
                 }
                 MigrationAction::Finished(MigrationOutcome::Moved { epoch, elapsed_ms }) => {
                     mesh.stats.migrations_moved.fetch_add(1, Ordering::Relaxed);
-                    if let Some(metrics) = mesh.metrics.get() {
-                        metrics.migration_seconds.observe(elapsed_ms as f64 / 1000.0);
-                    }
+                    mesh.stats.migration_seconds.observe(elapsed_ms as f64 / 1000.0);
                     tracing::info!(room = %room, to = %to, epoch, elapsed_ms, "migration done");
                     return Ok(Moved {
                         room: room.to_string(),
@@ -250,8 +221,10 @@ async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Mo
 pub async fn handoff(mesh: &Arc<Mesh>, request: pb::HandoffRequest) -> Result<u32, tonic::Status> {
     let snapshot: RoomSnapshot = mediamesh_cluster::codec::decode::<_, SNAPSHOT_BYTES_MAX>(&request.snapshot)
         .map_err(|e| tonic::Status::invalid_argument(format!("room snapshot: {e}")))?;
-    if snapshot.room != request.room {
-        return Err(tonic::Status::invalid_argument("the snapshot is of another room"));
+    if snapshot.room != request.room || snapshot.epoch != request.epoch {
+        return Err(tonic::Status::invalid_argument(
+            "the snapshot is of another room or epoch",
+        ));
     }
     let room = RoomId::parse(&request.room).ok_or_else(|| tonic::Status::invalid_argument("invalid room name"))?;
     let registry = mesh.registry()?;
@@ -284,13 +257,10 @@ pub async fn handoff(mesh: &Arc<Mesh>, request: pb::HandoffRequest) -> Result<u3
 pub async fn promote(mesh: &Arc<Mesh>, request: pb::PromoteRequest) -> Result<(), tonic::Status> {
     let room = RoomId::parse(&request.room).ok_or_else(|| tonic::Status::invalid_argument("invalid room name"))?;
     let registry = mesh.registry()?;
-    let addr = match registry.get(&room) {
-        Some(addr) => addr,
-        None => registry
-            .get_or_create(&room, Access::View, None)
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?,
-    };
+    let addr = registry
+        .get_or_create(&room, Access::View, None)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     addr.send(RoomRequest::Promote { epoch: request.epoch })
         .await
         .map_err(|_| tonic::Status::unavailable("the room is closing"))?
@@ -348,7 +318,7 @@ pub async fn drain(mesh: Arc<Mesh>, deadline: Duration, signal_open: Arc<dyn Fn(
         }
         core.rooms(hosted);
         core.sessions_left(sessions_left(&mesh, signal_open.as_ref()));
-        let candidates = super::candidates(&mesh.store.status());
+        let candidates = super::candidates(&mesh.store.nodes());
         for action in core.tick(now(), &candidates, &mesh.thresholds) {
             match action {
                 DrainAction::Migrate { room, to, .. } => {

@@ -12,7 +12,7 @@ use mediamesh_actors::RoomRegistry;
 use mediamesh_actors::media::track::MediaCounters;
 use mediamesh_cluster::mesh::placement::{Candidate, Thresholds};
 use mediamesh_cluster::transport::SecretInterceptor;
-use mediamesh_cluster::{ClusterStatus, Membership, NodeState, Store};
+use mediamesh_cluster::{Membership, NodeState, NodeStatus, Store};
 use mediamesh_proto::mesh::v1::mesh_client::MeshClient;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -29,8 +29,11 @@ pub const MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 pub type Client = MeshClient<InterceptedService<Channel, SecretInterceptor>>;
 
-/// Relay counters, read by the metrics endpoint.
-#[derive(Debug, Default)]
+/// Buckets of `mediamesh_migration_duration_seconds`.
+const MIGRATION_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0];
+
+/// Relay, migration and failover counters, read by the metrics endpoint.
+#[derive(Debug)]
 pub struct RelayStats {
     /// Track streams this node pulls from other nodes now.
     pub streams_in: AtomicI64,
@@ -43,6 +46,30 @@ pub struct RelayStats {
     pub migrations_failed: AtomicU64,
     /// Rooms this node re-placed after their host died (as leader).
     pub failovers: AtomicU64,
+    /// Migrations run here as the source, from start to the last client gone (created here,
+    /// registered by the metrics, like the store's and the media plane's histograms).
+    pub migration_seconds: prometheus::Histogram,
+}
+
+impl Default for RelayStats {
+    fn default() -> Self {
+        let opts = prometheus::HistogramOpts::new(
+            "mediamesh_migration_duration_seconds",
+            "Duration of room migrations run here, from the handoff to the last client gone",
+        )
+        .buckets(MIGRATION_BUCKETS.to_vec());
+        Self {
+            streams_in: AtomicI64::default(),
+            streams_out: AtomicI64::default(),
+            packets_in: AtomicU64::default(),
+            packets_out: AtomicU64::default(),
+            migrations_moved: AtomicU64::default(),
+            migrations_failed: AtomicU64::default(),
+            failovers: AtomicU64::default(),
+            // Static options: creating the histogram cannot fail.
+            migration_seconds: prometheus::Histogram::with_opts(opts).expect("valid histogram options"),
+        }
+    }
 }
 
 /// The mesh's Prometheus families, mirrored from [`RelayStats`] at scrape time.
@@ -58,6 +85,7 @@ impl MeshMetrics {
     pub fn new(registry: &prometheus::Registry, stats: Arc<RelayStats>) -> Self {
         use crate::metrics::register;
         use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts};
+        register(registry, Ok(stats.migration_seconds.clone()));
         Self {
             streams: register(
                 registry,
@@ -130,7 +158,6 @@ pub struct Mesh {
     clients: Mutex<HashMap<String, Client>>,
     pub counters: Arc<MediaCounters>,
     pub stats: Arc<RelayStats>,
-    pub metrics: OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 impl Mesh {
@@ -152,7 +179,6 @@ impl Mesh {
             clients: Mutex::new(HashMap::new()),
             counters,
             stats: Arc::default(),
-            metrics: OnceLock::new(),
         }))
     }
 
@@ -169,9 +195,9 @@ impl Mesh {
 
     /// A client of `node`'s mesh service (its cluster port, from the membership).
     pub fn client(&self, node: &str) -> Result<Client, String> {
-        let status = self.store.status();
-        let addr = status
-            .nodes
+        let addr = self
+            .store
+            .nodes()
             .iter()
             .find(|n| n.id.as_str() == node)
             .map(|n| n.cluster_addr.clone())
@@ -199,10 +225,9 @@ pub fn traced<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-/// The placement candidates of a cluster view: alive, not draining, voters or learners.
-pub fn candidates(status: &ClusterStatus) -> Vec<Candidate> {
-    status
-        .nodes
+/// The placement candidates among `nodes`: alive, not draining, voters or learners.
+pub fn candidates(nodes: &[NodeStatus]) -> Vec<Candidate> {
+    nodes
         .iter()
         .map(|n| {
             let load = n.last_load.clone().unwrap_or_default();

@@ -7,10 +7,10 @@
 use super::Mesh;
 use actix::Addr;
 use mediamesh_actors::media::codec::Codec;
-use mediamesh_actors::media::track::{PublishedTrack, Sink};
+use mediamesh_actors::media::track::{ForwardPacket, PublishedTrack, Sink};
 use mediamesh_actors::ports::{Location, RelayGuard, RelaySource};
 use mediamesh_actors::room::{RelayNotice, Room, RoomEvent, RoomReply, RoomRequest};
-use mediamesh_actors::{Access, NodeId, RoomId, SessionId, TrackInfo};
+use mediamesh_actors::{Access, NodeId, RoomError, RoomId, SessionId, TrackInfo};
 use mediamesh_proto::mesh::v1 as pb;
 use rtc::shared::marshal::{Marshal, Unmarshal};
 use std::collections::HashMap;
@@ -22,8 +22,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Events queued per relay watch stream before the watcher is dropped.
 const WATCH_QUEUE_MAX: usize = 64;
-/// Packets queued per pulled track on the serving side (beyond the sink's own queue).
-const PULL_QUEUE_MAX: usize = 256;
 /// Keyframe requests queued per pulled track (idempotent: extra ones are dropped).
 const KEYFRAME_QUEUE_MAX: usize = 16;
 /// A keyframe request upstream gives up after this long.
@@ -60,10 +58,7 @@ async fn follow(mesh: Arc<Mesh>, room: RoomId, into: Addr<Room>) {
             return;
         }
         let Ok(registry) = mesh.registry() else { return };
-        let located = registry
-            .directory()
-            .locate(room.clone(), NodeId(mesh.node.clone()), None)
-            .await;
+        let located = registry.directory().locate(room.clone(), None).await;
         match located {
             Ok(Location::Here { epoch }) => {
                 let _ = into.send(RoomRequest::Promote { epoch }).await;
@@ -117,17 +112,19 @@ async fn pull_room(mesh: &Arc<Mesh>, room: &RoomId, from: &str, into: &Addr<Room
         .await
         .map_err(|status| status.message().to_string())?
         .into_inner();
-    let mut pulls: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    let result = loop {
+    // The pulls end with this function however it ends (also when the follow is cancelled).
+    let mut running = tokio::task::JoinSet::new();
+    let mut pulls: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    loop {
         let event = match events.message().await {
             Ok(Some(event)) => event,
-            Ok(None) => break Ok(()),
-            Err(status) => break Err(status.message().to_string()),
+            Ok(None) => return Ok(()),
+            Err(status) => return Err(status.message().to_string()),
         };
         match event.body {
             Some(pb::room_event::Body::Published(track)) => {
                 let id = track.id.clone();
-                let task = tokio::spawn(pull_track(
+                let task = running.spawn(pull_track(
                     Arc::clone(mesh),
                     client.clone(),
                     room.clone(),
@@ -152,11 +149,9 @@ async fn pull_room(mesh: &Arc<Mesh>, room: &RoomId, from: &str, into: &Addr<Room
             }
             None => {}
         }
-    };
-    for (_, task) in pulls {
-        task.abort();
+        // Reap the pulls that ended by themselves.
+        while running.try_join_next().is_some() {}
     }
-    result
 }
 
 /// The room-side description of a pulled track (`None` for a codec this node does not forward).
@@ -224,7 +219,7 @@ async fn pull_track(mesh: Arc<Mesh>, mut client: super::Client, room: RoomId, tr
     loop {
         tokio::select! {
             message = packets.message() => {
-                let packet = match message {
+                let mut packet = match message {
                     Ok(Some(packet)) => packet,
                     Ok(None) => break,
                     Err(status) => {
@@ -236,7 +231,7 @@ async fn pull_track(mesh: Arc<Mesh>, mut client: super::Client, room: RoomId, tr
                 if usize::from(layer) >= published.layer_count() {
                     continue;
                 }
-                let Ok(rtp) = rtc::rtp::Packet::unmarshal(&mut packet.rtp.as_slice()) else { continue };
+                let Ok(rtp) = rtc::rtp::Packet::unmarshal(&mut packet.rtp) else { continue };
                 if seen_layers & (1 << layer) == 0 {
                     seen_layers |= 1 << layer;
                     published.set_layer_ssrc(layer, layer_ssrc(u32::from(layer)));
@@ -271,20 +266,14 @@ async fn room_to_serve(mesh: &Mesh, room: &str) -> Result<Addr<Room>, tonic::Sta
     if let Some(addr) = registry.get(&room) {
         return Ok(addr);
     }
-    let located = registry
-        .directory()
-        .locate(room.clone(), NodeId(mesh.node.clone()), None)
-        .await
-        .map_err(tonic::Status::unavailable)?;
-    match located {
-        Location::Here { .. } => registry
-            .get_or_create(&room, Access::View, None)
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string())),
-        Location::There(host) => Err(tonic::Status::failed_precondition(format!(
+    // The room as its host would have it: made here when this node hosts it, else refused.
+    match registry.get_or_create(&room, Access::Publish, None).await {
+        Ok(addr) => Ok(addr),
+        Err(RoomError::Elsewhere(host)) => Err(tonic::Status::failed_precondition(format!(
             "the room is hosted on {}",
             host.node
         ))),
+        Err(error) => Err(tonic::Status::unavailable(error.to_string())),
     }
 }
 
@@ -313,7 +302,24 @@ fn room_event(notice: RelayNotice) -> pb::RoomEvent {
 }
 
 pub type EventStream = tokio_stream::wrappers::ReceiverStream<Result<pb::RoomEvent, tonic::Status>>;
-pub type PacketStream = tokio_stream::wrappers::ReceiverStream<Result<pb::RelayPacket, tonic::Status>>;
+pub type PacketStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RelayPacket, tonic::Status>> + Send>>;
+
+/// One track stream another node pulls from here, counted while it lasts.
+struct Serving(Arc<Mesh>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.stats.streams_out.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn relay_packet(item: &ForwardPacket) -> Option<Result<pb::RelayPacket, tonic::Status>> {
+    let rtp = item.packet.marshal().ok()?;
+    Some(Ok(pb::RelayPacket {
+        layer: u32::from(item.layer),
+        rtp: rtp.freeze(),
+    }))
+}
 
 /// `WatchRoom`: the tracks `requester` may pull now, then their changes, until either side ends.
 pub async fn watch_room(mesh: &Mesh, request: pb::WatchRoomRequest) -> Result<EventStream, tonic::Status> {
@@ -379,48 +385,21 @@ async fn served_track(
 }
 
 /// `PullTrack`: every layer's cached GOP, then the live packets, until the puller goes away
-/// or the track ends.
+/// (the track drops a sink whose stream is gone) or the track ends.
 pub async fn pull(mesh: Arc<Mesh>, request: pb::PullTrackRequest) -> Result<PacketStream, tonic::Status> {
+    use futures::StreamExt;
     let track = served_track(&mesh, &request.room, &request.track_id, &request.requester).await?;
     let all_layers = u8::try_from((1u16 << track.layer_count()) - 1).unwrap_or(u8::MAX);
-    let (sink, mut packets) = Sink::new(all_layers);
-    let replay = track.attach_all(Arc::clone(&sink));
-    let (out, rx) = mpsc::channel(PULL_QUEUE_MAX);
+    let (sink, packets) = Sink::new(all_layers);
+    let replay = track.attach_all(sink);
     mesh.stats.streams_out.fetch_add(1, Ordering::Relaxed);
-    tokio::spawn(async move {
-        let encode = |layer: u8, packet: &rtc::rtp::Packet| {
-            packet.marshal().ok().map(|rtp| pb::RelayPacket {
-                layer: u32::from(layer),
-                rtp: rtp.to_vec(),
-            })
-        };
-        let replayed = async {
-            for item in replay {
-                if let Some(packet) = encode(item.layer, &item.packet) {
-                    out.send(Ok(packet)).await.map_err(|_| ())?;
-                }
-            }
-            Ok::<(), ()>(())
-        };
-        if replayed.await.is_ok() {
-            loop {
-                tokio::select! {
-                    item = packets.recv() => {
-                        let Some(item) = item else { break };
-                        let Some(packet) = encode(item.layer, &item.packet) else { continue };
-                        mesh.stats.packets_out.fetch_add(1, Ordering::Relaxed);
-                        if out.send(Ok(packet)).await.is_err() {
-                            break;
-                        }
-                    }
-                    _ = out.closed() => break,
-                }
-            }
-        }
-        track.detach(&sink);
-        mesh.stats.streams_out.fetch_sub(1, Ordering::Relaxed);
+    let serving = Serving(mesh);
+    let replayed = futures::stream::iter(replay).filter_map(|item| std::future::ready(relay_packet(&item)));
+    let live = tokio_stream::wrappers::ReceiverStream::new(packets).filter_map(move |item| {
+        serving.0.stats.packets_out.fetch_add(1, Ordering::Relaxed);
+        std::future::ready(relay_packet(&item))
     });
-    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+    Ok(Box::pin(replayed.chain(live)))
 }
 
 /// `RequestKeyframe`: a viewer on another node needs a keyframe of this track.

@@ -52,6 +52,11 @@ impl Signal for SignalService {
                 self.context.sessions_max
             ))
         })?;
+        let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok());
+        let region = mediamesh_cluster::mesh::placement::region_preference(&[
+            header("x-korean-region"),
+            header("x-region-preference"),
+        ]);
         let span = tracing::info_span!("signal.session", otel.kind = "server", transport = "grpc");
         // A missing or malformed traceparent leaves the session a root.
         let _ = span.set_parent(crate::telemetry::propagation::extract_grpc(request.metadata()));
@@ -63,6 +68,7 @@ impl Signal for SignalService {
                 admission,
                 Transport::Grpc,
                 claims,
+                region,
                 in_rx,
                 out_tx,
             )

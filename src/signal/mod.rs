@@ -246,15 +246,12 @@ impl SignalContext {
         });
         Ok(state)
     }
-}
 
-impl SignalContext {
     /// The other available nodes' HTTP base URLs, `region`'s first: where a client goes when
     /// this node cannot be reached.
     pub fn alternates(&self, region: Option<&str>) -> Vec<String> {
-        let status = self.store.status();
-        let mut nodes: Vec<_> = status
-            .nodes
+        let nodes = self.store.nodes();
+        let mut nodes: Vec<_> = nodes
             .iter()
             .filter(|n| n.id.as_str() != self.node_id && n.state == mediamesh_cluster::NodeState::Alive)
             .collect();

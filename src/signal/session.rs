@@ -257,6 +257,8 @@ struct Session {
     out: mpsc::Sender<pb::ServerMessage>,
     /// Verified at connect time (signature and expiry; room and grants at join).
     claims: Option<Claims>,
+    /// The region preference the transport carried (`x-region-preference`, `x-korean-region`).
+    region: Option<String>,
     joined: Option<Joined>,
 }
 
@@ -267,6 +269,7 @@ pub async fn run(
     _admission: super::Admission,
     transport: super::Transport,
     claims: Option<Claims>,
+    region: Option<String>,
     mut inbound: mpsc::Receiver<Inbound>,
     out: mpsc::Sender<pb::ServerMessage>,
 ) {
@@ -276,6 +279,7 @@ pub async fn run(
         ctx: Arc::clone(&ctx),
         out,
         claims,
+        region,
         joined: None,
     };
     let mut last_heard = Instant::now();
@@ -386,7 +390,7 @@ impl Session {
             Ok(Some(reply @ Out::Moved(_))) => {
                 // Joined on a node that does not host the room for a publisher: go there.
                 self.send(id, reply).await;
-                Flow::Stop
+                Flow::Moved
             }
             Ok(Some(reply)) => {
                 self.send(id, reply).await;
@@ -583,6 +587,7 @@ impl Session {
             resume_token: resume_token.clone(),
             region: (!join.region.is_empty())
                 .then(|| join.region.clone())
+                .or_else(|| self.region.clone())
                 .or_else(|| claims.region.clone()),
         };
         if let Some(state) = &resumed {
@@ -614,12 +619,7 @@ impl Session {
         // Joined without a room to watch is no session: the client should try elsewhere.
         let tracks = match self.watch(notice_tx, notice_rx).await {
             Ok(tracks) => tracks,
-            Err(WatchError::Moved(host)) => {
-                return Ok(Out::Moved(pb::Moved {
-                    url: host.http_url,
-                    resume_token,
-                }));
-            }
+            Err(WatchError::Moved(host)) => return Ok(moved(host, resume_token)),
             Err(WatchError::Refused(refusal)) => return Err(refusal.fatal()),
         };
         Ok(Out::Joined(pb::Joined {
@@ -656,12 +656,7 @@ impl Session {
         notice_rx: mpsc::Receiver<RoomNotice>,
     ) -> Result<Vec<TrackInfo>, WatchError> {
         let viewer = SessionId(self.joined()?.viewer.clone());
-        let (room, access, region) = self.room_access()?;
-        let addr = match self.ctx.rooms.get_or_create(&room, access, region.as_deref()).await {
-            Ok(addr) => addr,
-            Err(RoomError::Elsewhere(host)) => return Err(WatchError::Moved(host)),
-            Err(error) => return Err(WatchError::Refused(error.into())),
-        };
+        let addr = self.room_addr().await?;
         let reply = addr
             .send(Traced::here(RoomRequest::Watch {
                 watcher: viewer,
@@ -684,23 +679,28 @@ impl Session {
         }
     }
 
-    /// Sends a request to the room, creating it (or a fresh one, if it was closing) as needed,
-    /// and re-watching it when the room this session watched has closed.
-    /// The session's room, what it does there, and its region preference.
-    fn room_access(&mut self) -> Result<(RoomId, Access, Option<String>), Refusal> {
+    /// The session's room, located (or placed, by the session's region preference) for what
+    /// the session does there: a publishing session whose room is hosted elsewhere is `Moved`.
+    async fn room_addr(&mut self) -> Result<actix::Addr<mediamesh_actors::room::Room>, WatchError> {
         let joined = self.joined()?;
         let access = if joined.role.publish {
             Access::Publish
         } else {
             Access::View
         };
-        Ok((joined.room.clone(), access, joined.region.clone()))
+        let (room, region) = (joined.room.clone(), joined.region.clone());
+        match self.ctx.rooms.get_or_create(&room, access, region.as_deref()).await {
+            Ok(addr) => Ok(addr),
+            Err(RoomError::Elsewhere(host)) => Err(WatchError::Moved(host)),
+            Err(error) => Err(WatchError::Refused(error.into())),
+        }
     }
 
+    /// Sends a request to the room, creating it (or a fresh one, if it was closing) as needed,
+    /// and re-watching it when the room this session watched has closed.
     async fn room_request(&mut self, request: RoomRequest) -> Result<RoomReply, Refusal> {
         let rewatch = self.joined.as_ref().is_some_and(|j| j.notices.is_none()) && !is_watch(&request);
-        let (room, access, region) = self.room_access()?;
-        let addr = self.ctx.rooms.get_or_create(&room, access, region.as_deref()).await?;
+        let addr = self.room_addr().await?;
         // A room that stopped between the lookup and the send refuses the message: the client
         // retries (the next lookup makes a fresh room).
         let reply = addr
@@ -832,11 +832,7 @@ impl Session {
             Some(RoomNotice::Moved(host)) => {
                 let resume_token = self.joined.as_ref().map(|j| j.resume_token.clone()).unwrap_or_default();
                 tracing::debug!(to = %host.node, "room moved; client sent there");
-                let moved = pb::Moved {
-                    url: host.http_url,
-                    resume_token,
-                };
-                self.send(0, Out::Moved(moved)).await;
+                self.send(0, moved(host, resume_token)).await;
                 return Flow::Moved;
             }
             Some(RoomNotice::Published(track)) => Out::TrackPublished(pb::TrackPublished {
@@ -922,6 +918,23 @@ impl From<Refusal> for WatchError {
     fn from(refusal: Refusal) -> Self {
         WatchError::Refused(refusal)
     }
+}
+
+impl From<WatchError> for Refusal {
+    fn from(error: WatchError) -> Self {
+        match error {
+            WatchError::Moved(host) => RoomError::Elsewhere(host).into(),
+            WatchError::Refused(refusal) => refusal,
+        }
+    }
+}
+
+/// `moved` to `host`, with the session's resume token.
+fn moved(host: Host, resume_token: String) -> Out {
+    Out::Moved(pb::Moved {
+        url: host.http_url,
+        resume_token,
+    })
 }
 
 fn is_watch(request: &RoomRequest) -> bool {

@@ -72,6 +72,7 @@ pub async fn connect(
             admission,
             Transport::WebSocket,
             claims,
+            crate::http::sessions::region_preference(&request, None),
             in_rx,
             out_tx,
         )

@@ -65,6 +65,11 @@ mod tests {
     use super::*;
     use crate::mesh::placement::tests::candidate;
 
+    /// The plan for the rooms of the node `dead`, whose region was `region`.
+    fn plan(rooms: &[(RoomId, NodeId, u64)], candidates: &[Candidate], region: &str) -> Vec<Replacement> {
+        plan_failover(&NodeId::from("dead"), region, rooms, candidates, &Thresholds::default())
+    }
+
     fn room(name: &str, host: &str, epoch: u64) -> (RoomId, NodeId, u64) {
         (RoomId::from(name), NodeId::from(host), epoch)
     }
@@ -79,13 +84,7 @@ mod tests {
     fn only_the_dead_nodes_rooms_in_id_order() {
         let rooms = [room("r3", "dead", 7), room("r1", "dead", 2), room("r2", "alive", 4)];
         let candidates = [candidate("alive", "seoul", 0.1, 0, 0)];
-        let plan = plan_failover(
-            &NodeId::from("dead"),
-            "seoul",
-            &rooms,
-            &candidates,
-            &Thresholds::default(),
-        );
+        let plan = plan(&rooms, &candidates, "seoul");
         assert_eq!(summary(&plan), vec![("r1", 2, "alive"), ("r3", 7, "alive")]);
     }
 
@@ -97,13 +96,7 @@ mod tests {
             candidate("a", "seoul", 0.3, 0, 0),
             candidate("c", "seoul", 0.3, 0, 1),
         ];
-        let plan = plan_failover(
-            &NodeId::from("dead"),
-            "seoul",
-            &rooms,
-            &candidates,
-            &Thresholds::default(),
-        );
+        let plan = plan(&rooms, &candidates, "seoul");
         let targets: Vec<&str> = plan.iter().map(|r| r.to.as_str()).collect();
         // a (0 rooms, smallest id), b (0), then a/b/c all at 1 → a, b, c.
         assert_eq!(targets, vec!["a", "b", "a", "b", "c"]);
@@ -116,13 +109,7 @@ mod tests {
             candidate("busan-1", "busan", 0.0, 0, 0),
             candidate("seoul-2", "seoul", 0.5, 0, 3),
         ];
-        let plan = plan_failover(
-            &NodeId::from("dead"),
-            "Seoul",
-            &rooms,
-            &candidates,
-            &Thresholds::default(),
-        );
+        let plan = plan(&rooms, &candidates, "Seoul");
         assert_eq!(summary(&plan), vec![("r1", 1, "seoul-2")]);
     }
 
@@ -133,13 +120,7 @@ mod tests {
             candidate("busan-1", "busan", 0.2, 0, 0),
             candidate("seoul-2", "seoul", 0.9, 0, 0),
         ];
-        let plan = plan_failover(
-            &NodeId::from("dead"),
-            "seoul",
-            &rooms,
-            &candidates,
-            &Thresholds::default(),
-        );
+        let plan = plan(&rooms, &candidates, "seoul");
         assert_eq!(summary(&plan), vec![("r1", 1, "busan-1")]);
     }
 
@@ -150,13 +131,7 @@ mod tests {
             candidate("dead", "seoul", 0.0, 0, 0),
             candidate("z", "busan", 0.95, 0, 9),
         ];
-        let plan = plan_failover(
-            &NodeId::from("dead"),
-            "seoul",
-            &rooms,
-            &candidates,
-            &Thresholds::default(),
-        );
+        let plan = plan(&rooms, &candidates, "seoul");
         assert_eq!(summary(&plan), vec![("r1", 1, "z")]);
     }
 
@@ -183,13 +158,7 @@ mod tests {
     fn a_room_listed_twice_is_planned_once_at_its_highest_epoch() {
         let rooms = [room("r1", "dead", 3), room("r1", "dead", 5), room("r1", "dead", 4)];
         let candidates = [candidate("a", "seoul", 0.0, 0, 0)];
-        let plan = plan_failover(
-            &NodeId::from("dead"),
-            "seoul",
-            &rooms,
-            &candidates,
-            &Thresholds::default(),
-        );
+        let plan = plan(&rooms, &candidates, "seoul");
         assert_eq!(summary(&plan), vec![("r1", 5, "a")]);
     }
 
