@@ -48,6 +48,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/signal", web::get().to(crate::signal::ws::connect))
         .route("/sdk/mediamesh.js", web::get().to(browser_sdk))
         .route("/demo", web::get().to(demo_page))
+        .route("/", web::get().to(dashboard_page))
         .service(
             web::resource("/whip/{room}")
                 .route(web::post().to(|s, r, p, q, b| sessions::create(s, r, p, q, b, SessionKind::Publisher)))
@@ -122,6 +123,17 @@ async fn demo_page() -> HttpResponse {
         .content_type("text/html; charset=utf-8")
         .insert_header(("Cache-Control", "no-cache"))
         .body(include_str!("../../sdk/js/demo.html"))
+}
+
+/// The operators' dashboard (`src/http/dashboard.html`, plain JS polling the admin API). The
+/// page is public; every admin call it makes carries the token the operator gives it.
+async fn dashboard_page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; frame-ancestors 'none'"))
+        .insert_header(("Referrer-Policy", "no-referrer"))
+        .body(include_str!("dashboard.html"))
 }
 
 async fn healthz() -> HttpResponse {
