@@ -671,6 +671,7 @@ fn bench_store_in_process(args: &Args, system: &str, nodes: usize, viewer_batch_
                                 room: RoomId(format!("room-{:02}", w % 32)),
                                 node: NodeId(store.node_id().0.clone()),
                                 session: format!("session-w{w:03}"),
+                                display_name: String::new(),
                                 position_ms: sequence * 40,
                                 subscriptions: vec!["camera".into(), "microphone".into()],
                                 layers: [("camera".to_string(), "h".to_string())].into(),

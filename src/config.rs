@@ -120,6 +120,22 @@ pub struct NodeArgs {
     /// traffic to other nodes. Never on a production node.
     #[arg(long, env = "MEDIAMESH_TEST_FAULTS", hide = true)]
     pub test_faults: bool,
+    /// Tests only: the usage meter's clock runs this many milliseconds ahead of the wall clock
+    /// (negative: behind), so a test can start a viewer just before a KST midnight.
+    #[arg(
+        long,
+        env = "MEDIAMESH_TEST_CLOCK_OFFSET_MS",
+        hide = true,
+        allow_hyphen_values = true
+    )]
+    pub test_clock_offset_ms: Option<i64>,
+    /// Display names containing Hangul are kept, shown and logged only masked (김민수 → Kim*Su);
+    /// `false` keeps them raw in the store, the admin API and the dashboard (logs stay masked) [default: true]
+    #[arg(long, env = "MEDIAMESH_MASK_NAMES")]
+    pub mask_names: Option<bool>,
+    /// Viewer time is added to the replicated usage ledger this often, in milliseconds [default: 10000]
+    #[arg(long, env = "MEDIAMESH_USAGE_FLUSH_MS")]
+    pub usage_flush_ms: Option<u64>,
     /// Signal sessions (WebSocket and gRPC) this node holds at most [default: 2 × sessions per node]
     #[arg(long, env = "MEDIAMESH_SIGNAL_SESSIONS_MAX")]
     pub signal_sessions_max: Option<usize>,
@@ -173,6 +189,8 @@ struct FileConfig {
     dead_after_missed: Option<u32>,
     drain_deadline_ms: Option<u64>,
     placement_cpu_max: Option<f32>,
+    mask_names: Option<bool>,
+    usage_flush_ms: Option<u64>,
     signal_sessions_max: Option<usize>,
     otlp_endpoint: Option<String>,
     trace_sample_floor: Option<f64>,
@@ -216,6 +234,9 @@ pub struct NodeConfig {
     pub drain_deadline_ms: u64,
     pub placement_cpu_max: f32,
     pub test_faults: bool,
+    pub test_clock_offset_ms: i64,
+    pub mask_names: bool,
+    pub usage_flush_ms: u64,
     pub signal_sessions_max: usize,
     pub otlp_endpoint: Option<String>,
     pub trace_sample_floor: f64,
@@ -453,6 +474,12 @@ impl NodeArgs {
                 cpu
             },
             test_faults: self.test_faults,
+            test_clock_offset_ms: self.test_clock_offset_ms.unwrap_or(0),
+            mask_names: self.mask_names.or(file.mask_names).unwrap_or(true),
+            usage_flush_ms: positive(
+                "usage_flush_ms",
+                self.usage_flush_ms.or(file.usage_flush_ms).unwrap_or(10_000) as usize,
+            )? as u64,
             signal_sessions_max: positive(
                 "signal_sessions_max",
                 self.signal_sessions_max

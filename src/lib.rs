@@ -1,6 +1,7 @@
 //! mediamesh node: the edge (HTTP, CLI, auth, telemetry) and the composition root that joins
 //! the actors (`mediamesh-actors`) with the store (`mediamesh-cluster`).
 
+pub mod admin_cli;
 pub mod auth;
 pub mod clock;
 pub mod config;
@@ -13,3 +14,4 @@ pub mod node;
 pub mod signal;
 pub mod telemetry;
 pub mod turn;
+pub mod usage;

@@ -139,6 +139,7 @@ pub async fn run(
     let ports = Arc::clone(factory.ports());
     let stats = Arc::new(NodeStats::default());
     let counters = Arc::new(Default::default());
+    let usage = crate::usage::UsageMeter::new(config.test_clock_offset_ms);
     let context = Arc::new(RoomContext {
         node: NodeId(config.node_id.clone()),
         factory,
@@ -153,6 +154,7 @@ pub async fn run(
         bwe: BweConfig::default(),
         media_runtime: tokio::runtime::Handle::current(),
         ingress_runtime: ingress_runtime.handle().clone(),
+        usage: Arc::new(crate::usage::MeterPort(Arc::clone(&usage))),
     });
     let thresholds = Thresholds {
         cpu_max: config.placement_cpu_max,
@@ -164,6 +166,7 @@ pub async fn run(
         thresholds,
         &config.cluster_secret,
         Arc::clone(&counters),
+        config.mask_names,
     )?;
     let registry = RoomRegistry::new(
         context,
@@ -220,6 +223,7 @@ pub async fn run(
         grpc_url,
         config.signal_sessions_max,
         turn.as_ref().map(|(_, handle)| handle.clone()),
+        config.mask_names,
     );
     let grpc_shutdown = tokio_util::sync::CancellationToken::new();
     let grpc_server = tokio::spawn(
@@ -237,6 +241,13 @@ pub async fn run(
         Arc::clone(&stats),
         Arc::clone(&counters),
         heartbeat_interval,
+    ));
+    let usage_stop = tokio_util::sync::CancellationToken::new();
+    let usage_flusher = tokio::spawn(crate::usage::run_flusher(
+        Arc::clone(&usage),
+        store.clone(),
+        Duration::from_millis(config.usage_flush_ms),
+        usage_stop.clone().cancelled_owned(),
     ));
     let failover = tokio::spawn(crate::mesh::failover::run(
         Arc::clone(&mesh),
@@ -298,6 +309,8 @@ pub async fn run(
         body_bytes_max: config.body_bytes_max,
         store: store.clone(),
         mesh: Arc::clone(&mesh),
+        usage: Arc::clone(&usage),
+        mask_names: config.mask_names,
         start_drain: Arc::clone(&start_drain),
         test_faults: config.test_faults,
     });
@@ -309,6 +322,7 @@ pub async fn run(
             .wrap(http::cors_headers())
             .wrap(actix_web::middleware::from_fn(http::observe::observe))
             .configure(http::routes)
+            .configure(http::extractor_errors)
     })
     .workers(HTTP_WORKERS)
     .disable_signals()
@@ -360,6 +374,14 @@ pub async fn run(
     }
     for arbiter in arbiters {
         arbiter.stop();
+    }
+    // The last viewer time goes into the ledger while the store still runs.
+    usage_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(3), usage_flusher)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the last usage flush did not finish within 3 s");
     }
     heartbeat.abort();
     failover.abort();

@@ -187,6 +187,24 @@ pub fn mask_name(name: &str) -> String {
         .join(" ")
 }
 
+/// Whether `text` contains Hangul: syllables or jamo (conjoining or compatibility).
+pub fn has_hangul(text: &str) -> bool {
+    text.chars().any(|c| {
+        is_hangul_syllable(c) || ('\u{1100}'..='\u{11FF}').contains(&c) || ('\u{3130}'..='\u{318F}').contains(&c)
+    })
+}
+
+/// A name as the store, the admin API and the dashboard keep and show it: with Hangul in it,
+/// only its masked romanization (`김민수` → `Kim*Su`) unless the operator turned masking off;
+/// other names as given. Logs always use [`Pii::Name`], masked whatever this says.
+pub fn shown_name(name: &str, mask: bool) -> String {
+    if mask && has_hangul(name) {
+        mask_name(name)
+    } else {
+        name.to_string()
+    }
+}
+
 /// A word of digits and separators with at least nine digits.
 fn looks_like_phone(word: &str) -> bool {
     word.chars().all(|c| c.is_ascii_digit() || "+-(). ".contains(c))
@@ -221,6 +239,15 @@ mod tests {
     #[test]
     fn hangul_names() {
         assert_eq!(mask_name("김민수"), "Kim*Su");
+        assert_eq!(shown_name("김민수", true), "Kim*Su");
+        assert_eq!(shown_name("김민수", false), "김민수");
+        assert_eq!(
+            shown_name("Minsu Kim", true),
+            "Minsu Kim",
+            "only names with Hangul are masked"
+        );
+        assert_eq!(shown_name("민수 Kim", true), "Min* K**");
+        assert!(!shown_name("ㅁㅅ", true).contains('ㅅ'), "jamo count as Hangul");
         assert_eq!(mask_name("이서연"), "Lee*Yeon");
         assert_eq!(mask_name("박지"), "Park*");
         assert_eq!(mask_name("남궁민수"), "Nam**Su");

@@ -1,7 +1,7 @@
 //! Ports: what the actors need from the rest of the node, declared here and implemented by the
 //! composition root (`src/`) over the cluster store, or in memory on a single node.
 
-use crate::ids::{NodeId, RoomId};
+use crate::ids::{NodeId, RoomId, SessionId};
 use futures::future::BoxFuture;
 
 /// A node that hosts a room, as clients and other nodes reach it.
@@ -47,6 +47,14 @@ pub trait RelaySource: Send + Sync + 'static {
     /// and friends), following the host as it changes. When the directory says this node is the
     /// host, it sends [`crate::room::RoomRequest::Promote`] and stops once its current source ends.
     fn follow(&self, room: RoomId, into: actix::Addr<crate::room::Room>) -> RelayGuard;
+}
+
+/// Keeps a viewer's time counted; dropping it ends the count.
+pub type UsageGuard = Box<dyn std::any::Any + Send>;
+
+/// Where viewers' time goes (the usage ledger): a room holds one guard per subscriber session.
+pub trait ViewerUsage: Send + Sync + 'static {
+    fn begin(&self, room: &RoomId, session: &SessionId) -> UsageGuard;
 }
 
 /// What the TURN relay needs from the cluster store.

@@ -72,6 +72,8 @@ pub struct RoomContext {
     /// A runtime of its own for publishers' connections, so ingress keeps its share of CPU
     /// when a node is saturated by egress: a packet lost at ingress is lost for every viewer.
     pub ingress_runtime: tokio::runtime::Handle,
+    /// Counts viewers' time (the usage ledger).
+    pub usage: Arc<dyn crate::ports::ViewerUsage>,
 }
 
 impl RoomContext {

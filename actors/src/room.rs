@@ -336,6 +336,8 @@ struct SubscriberEntry {
     slots: Vec<SlotHandle>,
     /// Track ids chosen by the viewer; `None` for the room's default tracks.
     selection: Option<Vec<String>>,
+    /// The viewer's time counts while the entry lives.
+    _usage: crate::ports::UsageGuard,
 }
 
 fn kind_name(kind: MediaKind) -> &'static str {
@@ -914,6 +916,7 @@ impl Handler<RoomRequest> for Room {
                                 etag: negotiated.answer.etag.clone(),
                                 slots: negotiated.slots,
                                 selection: tracks,
+                                _usage: context.usage.begin(&room.id, &session),
                             },
                         );
                         room.rebind_subscriber(&session, MediaKind::Video);

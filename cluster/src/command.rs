@@ -1,7 +1,9 @@
 //! Typed commands replicated through raft, their outcomes, and the payload of one raft entry.
 
 use crate::ids::{NodeId, RoomId, ViewerId};
-use crate::types::{ClusterSettings, NodeLoad, NodeRecord, NodeRegistration, Placement, TurnSecrets, ViewerState};
+use crate::types::{
+    ClusterSettings, NodeLoad, NodeRecord, NodeRegistration, Placement, TurnSecrets, UsageRecord, ViewerState,
+};
 
 /// Most commands coalesced into one raft entry.
 pub const COMMANDS_PER_ENTRY_MAX: usize = 4096;
@@ -9,6 +11,8 @@ pub const COMMANDS_PER_ENTRY_MAX: usize = 4096;
 pub const VIEWERS_PER_UPSERT_MAX: usize = 1024;
 /// Most viewers one `ExpireViewers` command removes.
 pub const VIEWERS_PER_EXPIRY_MAX: usize = 512;
+/// Most usage records in one `AddUsage` command.
+pub const USAGE_PER_ADD_MAX: usize = 1024;
 
 /// A change to the state machine. Everything a replica needs to apply it deterministically is in
 /// the command (clocks are read by the proposer, never by the applier).
@@ -40,6 +44,12 @@ pub enum Command {
     ExpireViewers { viewers: Vec<(ViewerId, u64)> },
     /// Rotate the TURN secret (the current one becomes `previous`).
     RotateTurnSecret { secret: String, at_ms: u64 },
+    /// Add viewer time to the usage ledger (records for the same day and room add up), then
+    /// drop the days before `keep_from_day` (retention, decided by the proposer's clock).
+    AddUsage {
+        records: Vec<UsageRecord>,
+        keep_from_day: String,
+    },
     /// Change cluster settings; with `only_if_unset` a no-op when settings exist (bootstrap).
     SetSettings {
         settings: ClusterSettings,
@@ -62,6 +72,7 @@ impl Command {
             Command::ExpireViewers { .. } => "expire_viewers",
             Command::RotateTurnSecret { .. } => "rotate_turn_secret",
             Command::SetSettings { .. } => "set_settings",
+            Command::AddUsage { .. } => "add_usage",
         }
     }
 }

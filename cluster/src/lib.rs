@@ -51,6 +51,6 @@ pub use ids::{NodeId, RoomId, ViewerId, raft_id_for};
 pub use store::{Store, StoreConfig};
 pub use transport::FaultInjector;
 pub use types::{
-    ClusterSettings, ClusterStatus, Consistency, Membership, NodeLoad, NodeRegistration, NodeState, NodeStatus,
-    Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, ViewerState,
+    ClusterSettings, ClusterStatus, Consistency, DISPLAY_NAME_BYTES_MAX, Membership, NodeLoad, NodeRegistration,
+    NodeState, NodeStatus, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, UsageRecord, ViewerState, validate_day,
 };

@@ -7,9 +7,11 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use crate::codec::{self, DecodeError, RECORD_BYTES_MAX, SNAPSHOT_BYTES_MAX};
-use crate::command::{Command, Outcome, VIEWERS_PER_EXPIRY_MAX, VIEWERS_PER_UPSERT_MAX};
+use crate::command::{Command, Outcome, USAGE_PER_ADD_MAX, VIEWERS_PER_EXPIRY_MAX, VIEWERS_PER_UPSERT_MAX};
 use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for};
-use crate::types::{ClusterSettings, NodeRecord, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, ViewerState};
+use crate::types::{
+    ClusterSettings, NodeRecord, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, UsageRecord, ViewerState, validate_day,
+};
 
 /// Most nodes registered.
 pub const NODES_MAX: usize = 1024;
@@ -17,6 +19,8 @@ pub const NODES_MAX: usize = 1024;
 pub const ROOMS_MAX: usize = 100_000;
 /// Most viewer states held.
 pub const VIEWERS_MAX: usize = 500_000;
+/// Most usage records held (rooms × days within the retention).
+pub const USAGE_RECORDS_MAX: usize = 1_000_000;
 
 /// The sled tree a state machine record lives in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,11 +33,19 @@ pub enum SmTree {
     Viewers,
     /// `applied`, `turn`, `settings`
     Meta,
+    /// `day/room → UsageRecord`
+    Usage,
 }
 
 impl SmTree {
     /// All trees, in a fixed order.
-    pub const ALL: [SmTree; 4] = [SmTree::Nodes, SmTree::Rooms, SmTree::Viewers, SmTree::Meta];
+    pub const ALL: [SmTree; 5] = [
+        SmTree::Nodes,
+        SmTree::Rooms,
+        SmTree::Viewers,
+        SmTree::Meta,
+        SmTree::Usage,
+    ];
 
     /// sled tree name.
     pub fn name(self) -> &'static str {
@@ -42,6 +54,7 @@ impl SmTree {
             SmTree::Rooms => "sm_rooms",
             SmTree::Viewers => "sm_viewers",
             SmTree::Meta => "sm_meta",
+            SmTree::Usage => "sm_usage",
         }
     }
 }
@@ -82,6 +95,8 @@ pub struct StateMachine {
     turn: Option<TurnSecrets>,
     settings: Option<ClusterSettings>,
     applied: AppliedIndex,
+    /// The usage ledger, by [`UsageRecord::key`] (day first).
+    usage: BTreeMap<String, UsageRecord>,
 }
 
 impl StateMachine {
@@ -100,6 +115,14 @@ impl StateMachine {
     /// Viewer states.
     pub fn viewers(&self) -> &BTreeMap<ViewerId, ViewerState> {
         &self.viewers
+    }
+    /// The usage ledger's records of one day, by room.
+    pub fn usage_of_day(&self, day: &str) -> impl Iterator<Item = &UsageRecord> {
+        let from = format!("{day}/");
+        self.usage
+            .range(from.clone()..)
+            .take_while(move |(key, _)| key.starts_with(&from))
+            .map(|(_, record)| record)
     }
     /// TURN secrets, if set.
     pub fn turn(&self) -> Option<&TurnSecrets> {
@@ -317,6 +340,45 @@ impl StateMachine {
                 self.turn = Some(turn.clone());
                 Outcome::Turn(turn)
             }
+            Command::AddUsage { records, keep_from_day } => {
+                if records.len() > USAGE_PER_ADD_MAX {
+                    return Outcome::Rejected(format!("more than {USAGE_PER_ADD_MAX} usage records in one add"));
+                }
+                if let Some(e) = records
+                    .iter()
+                    .find_map(|r| r.validate().err())
+                    .or_else(|| validate_day(keep_from_day).err())
+                {
+                    return Outcome::Rejected(e);
+                }
+                let new_keys = records.iter().filter(|r| !self.usage.contains_key(&r.key())).count();
+                if self.usage.len() + new_keys > USAGE_RECORDS_MAX {
+                    return Outcome::Rejected(format!("more than {USAGE_RECORDS_MAX} usage records"));
+                }
+                for record in records {
+                    let key = record.key();
+                    let entry = self.usage.entry(key.clone()).or_insert_with(|| UsageRecord {
+                        viewer_ms: 0,
+                        sessions: 0,
+                        ..record.clone()
+                    });
+                    entry.viewer_ms = entry.viewer_ms.saturating_add(record.viewer_ms);
+                    entry.sessions = entry.sessions.saturating_add(record.sessions);
+                    let entry = entry.clone();
+                    Self::put(writes, SmTree::Usage, &key, &entry);
+                }
+                // Keys sort by day first: everything before `keep_from_day/` is older.
+                let expired: Vec<String> = self
+                    .usage
+                    .range(..keep_from_day.clone())
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in expired {
+                    self.usage.remove(&key);
+                    Self::delete(writes, SmTree::Usage, &key);
+                }
+                Outcome::Done
+            }
             Command::SetSettings {
                 settings,
                 only_if_unset,
@@ -370,6 +432,7 @@ impl StateMachine {
             &self.viewers,
             &self.turn,
             &self.settings,
+            &self.usage,
         )));
         hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -397,6 +460,9 @@ impl StateMachine {
         }
         for (id, v) in &self.viewers {
             Self::put(&mut writes, SmTree::Viewers, id.as_str(), v);
+        }
+        for (key, record) in &self.usage {
+            Self::put(&mut writes, SmTree::Usage, key, record);
         }
         if let Some(t) = &self.turn {
             writes.push(SmWrite {
@@ -454,6 +520,14 @@ impl StateMachine {
                     }
                     sm.viewers.insert(v.viewer.clone(), v);
                 }
+                SmTree::Usage => {
+                    let r: UsageRecord =
+                        codec::decode::<_, RECORD_BYTES_MAX>(&value).map_err(|e| bad(e.to_string()))?;
+                    if r.key() != key_text {
+                        return Err(bad(format!("record is for {}", r.key())));
+                    }
+                    sm.usage.insert(key_text, r);
+                }
                 SmTree::Meta => match key.as_slice() {
                     META_APPLIED => {
                         sm.applied = codec::decode::<_, RECORD_BYTES_MAX>(&value).map_err(|e| bad(e.to_string()))?
@@ -476,7 +550,11 @@ impl StateMachine {
     /// Invariants that hold after every apply; checked after reading state back from disk or a
     /// snapshot.
     pub fn check_invariants(&self) -> Result<(), String> {
-        if self.nodes.len() > NODES_MAX || self.rooms.len() > ROOMS_MAX || self.viewers.len() > VIEWERS_MAX {
+        if self.nodes.len() > NODES_MAX
+            || self.rooms.len() > ROOMS_MAX
+            || self.viewers.len() > VIEWERS_MAX
+            || self.usage.len() > USAGE_RECORDS_MAX
+        {
             return Err("more records than the limits allow".into());
         }
         for (id, p) in &self.rooms {
@@ -487,6 +565,11 @@ impl StateMachine {
         for (id, v) in &self.viewers {
             if &v.viewer != id || v.revision > self.applied.index {
                 return Err(format!("viewer {id}: bad record"));
+            }
+        }
+        for (key, r) in &self.usage {
+            if &r.key() != key || r.validate().is_err() {
+                return Err(format!("usage {key}: bad record"));
             }
         }
         for (id, n) in &self.nodes {
@@ -526,6 +609,7 @@ mod tests {
             room: RoomId::from("lobby"),
             node: NodeId::from("n1"),
             session: "s1".into(),
+            display_name: String::new(),
             position_ms: 10,
             subscriptions: vec!["video".into()],
             layers: [("video".to_string(), "h".to_string())].into(),
@@ -732,6 +816,59 @@ mod tests {
         assert_eq!(snapshot, a);
         apply(&mut b, 2, Command::RemoveNode { node: "n1".into() });
         assert_ne!(a.digest(), b.digest());
+    }
+
+    fn usage(day: &str, room: &str, viewer_ms: u64) -> UsageRecord {
+        UsageRecord {
+            day: day.into(),
+            room: RoomId::from(room),
+            viewer_ms,
+            sessions: 1,
+        }
+    }
+
+    #[test]
+    fn usage_adds_up_per_day_and_room_and_old_days_expire() {
+        let mut sm = StateMachine::default();
+        let add = |records, keep: &str| Command::AddUsage {
+            records,
+            keep_from_day: keep.into(),
+        };
+        let first = vec![usage("2026-11-21", "a", 60_000), usage("2026-11-22", "a", 30_000)];
+        assert_eq!(apply(&mut sm, 1, add(first, "2026-01-01")), Outcome::Done);
+        let second = vec![usage("2026-11-22", "a", 15_000), usage("2026-11-22", "b", 1)];
+        assert_eq!(apply(&mut sm, 2, add(second, "2026-01-01")), Outcome::Done);
+        let day: Vec<_> = sm.usage_of_day("2026-11-22").cloned().collect();
+        assert_eq!(day.len(), 2);
+        assert_eq!(
+            (day[0].room.as_str(), day[0].viewer_ms, day[0].sessions),
+            ("a", 45_000, 2)
+        );
+        assert_eq!((day[1].room.as_str(), day[1].viewer_ms), ("b", 1));
+        assert_eq!(sm.usage_of_day("2026-11-21").count(), 1);
+        assert_eq!(sm.usage_of_day("2026-11-2").count(), 0, "a prefix of a day is no day");
+        // Records round-trip.
+        let records = sm.all_records().into_iter().map(|w| (w.tree, w.key, w.value.unwrap()));
+        assert_eq!(StateMachine::from_records(records).unwrap(), sm);
+        // Retention: the days before keep_from_day go, in the same entry.
+        let mut writes = Vec::new();
+        sm.apply(3, 1, &[add(vec![], "2026-11-22")], &mut writes);
+        assert_eq!(sm.usage_of_day("2026-11-21").count(), 0);
+        assert_eq!(sm.usage_of_day("2026-11-22").count(), 2);
+        assert!(writes.iter().any(|w| w.tree == SmTree::Usage && w.value.is_none()));
+        // Bad input is refused on every replica alike.
+        for (i, bad) in [
+            add(vec![usage("2026-13-01", "a", 1)], "2026-01-01"),
+            add(vec![usage("yesterday", "a", 1)], "2026-01-01"),
+            add(vec![usage("2026-11-22", "", 1)], "2026-01-01"),
+            add(vec![], "soon"),
+            add(vec![usage("2026-11-22", "a", 1); USAGE_PER_ADD_MAX + 1], "2026-01-01"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert!(matches!(apply(&mut sm, 4 + i as u64, bad), Outcome::Rejected(_)));
+        }
     }
 
     #[test]

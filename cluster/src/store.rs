@@ -35,7 +35,7 @@ use crate::transport::{
 };
 use crate::types::{
     ClusterSettings, ClusterStatus, Consistency, Membership, NodeLoad, NodeRegistration, NodeState, NodeStatus,
-    Placement, TurnSecrets, ViewerState,
+    Placement, TurnSecrets, UsageRecord, ViewerState,
 };
 
 /// Inputs waiting for the replica task, at most.
@@ -838,6 +838,45 @@ impl Store {
             Outcome::Done => Ok(()),
             other => Err(outcome_error(other)),
         }
+    }
+
+    /// Adds viewer time to the usage ledger and drops the days before `keep_from_day`. Records
+    /// are sent in commands of at most [`crate::command::USAGE_PER_ADD_MAX`].
+    pub async fn add_usage(&self, records: Vec<UsageRecord>, keep_from_day: String) -> Result<(), StoreError> {
+        if let Some(error) = records
+            .iter()
+            .find_map(|r| r.validate().err())
+            .or_else(|| crate::types::validate_day(&keep_from_day).err())
+        {
+            return Err(StoreError::InvalidInput(error));
+        }
+        let mut chunks: Vec<Vec<UsageRecord>> = records
+            .chunks(crate::command::USAGE_PER_ADD_MAX)
+            .map(<[UsageRecord]>::to_vec)
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(Vec::new());
+        }
+        let commands = chunks
+            .into_iter()
+            .map(|records| Command::AddUsage {
+                records,
+                keep_from_day: keep_from_day.clone(),
+            })
+            .collect();
+        for outcome in self.propose(commands, self.deadline()).await? {
+            if outcome != Outcome::Done {
+                return Err(outcome_error(outcome));
+            }
+        }
+        Ok(())
+    }
+
+    /// The usage ledger's records of `day` (`YYYY-MM-DD`), by room.
+    pub async fn usage(&self, day: &str, consistency: Consistency) -> Result<Vec<UsageRecord>, StoreError> {
+        crate::types::validate_day(day).map_err(StoreError::InvalidInput)?;
+        self.read_barrier(consistency).await?;
+        Ok(self.shared.sm.read().usage_of_day(day).cloned().collect())
     }
 
     /// Takes a snapshot of the applied state now and compacts the log up to it; returns the

@@ -149,6 +149,10 @@ pub struct ViewerState {
     pub node: NodeId,
     /// Session id.
     pub session: String,
+    /// The viewer's display name as the edge chose to keep it (masked unless the operator
+    /// turned masking off; never the raw name then). Empty: none.
+    #[serde(default)]
+    pub display_name: String,
     /// Playback position.
     pub position_ms: u64,
     /// Track ids subscribed to.
@@ -171,6 +175,11 @@ impl ViewerState {
         self.room.validate()?;
         self.node.validate()?;
         validate_id("session", &self.session)?;
+        if self.display_name.len() > DISPLAY_NAME_BYTES_MAX || self.display_name.chars().any(char::is_control) {
+            return Err(format!(
+                "display name must be at most {DISPLAY_NAME_BYTES_MAX} bytes without control characters"
+            ));
+        }
         if self.subscriptions.len() > SUBSCRIPTIONS_PER_VIEWER_MAX {
             return Err(format!("more than {SUBSCRIPTIONS_PER_VIEWER_MAX} subscriptions"));
         }
@@ -185,6 +194,51 @@ impl ViewerState {
             validate_id("layer", layer)?;
         }
         Ok(())
+    }
+}
+
+/// Longest display name kept in a viewer state.
+pub const DISPLAY_NAME_BYTES_MAX: usize = 256;
+
+/// Viewer time of one room on one day (the usage ledger). Days are civil dates in the
+/// operator's accounting zone (KST for mediamesh), chosen by the proposer: the state machine
+/// only adds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct UsageRecord {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    /// The room.
+    pub room: RoomId,
+    /// Viewer milliseconds.
+    pub viewer_ms: u64,
+    /// Viewer sessions that had time in the room that day.
+    pub sessions: u64,
+}
+
+impl UsageRecord {
+    /// Checks the day's shape and the room id.
+    pub fn validate(&self) -> Result<(), String> {
+        self.room.validate()?;
+        validate_day(&self.day)
+    }
+
+    /// The record's key in the ledger: day first, so one day's records are adjacent.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.day, self.room.as_str())
+    }
+}
+
+/// `YYYY-MM-DD` with a plausible month and day (the edge checks real calendar dates).
+pub fn validate_day(day: &str) -> Result<(), String> {
+    let b = day.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let shaped = b.len() == 10 && b[4] == b'-' && b[7] == b'-' && digits(0..4) && digits(5..7) && digits(8..10);
+    let month = day.get(5..7).and_then(|m| m.parse::<u8>().ok()).unwrap_or(0);
+    let dom = day.get(8..10).and_then(|d| d.parse::<u8>().ok()).unwrap_or(0);
+    if shaped && (1..=12).contains(&month) && (1..=31).contains(&dom) {
+        Ok(())
+    } else {
+        Err(format!("day {day:.16?} is not YYYY-MM-DD"))
     }
 }
 

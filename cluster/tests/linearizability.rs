@@ -35,6 +35,7 @@ fn register(value: u64) -> ViewerState {
         room: RoomId::from("r"),
         node: NodeId::from("n"),
         session: "s".into(),
+        display_name: String::new(),
         position_ms: value,
         subscriptions: vec![],
         layers: BTreeMap::new(),

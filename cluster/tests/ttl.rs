@@ -23,6 +23,7 @@ fn viewer(id: &str) -> ViewerState {
         room: RoomId::from("lobby"),
         node: NodeId::from("node-0"),
         session: format!("session-{id}"),
+        display_name: String::new(),
         position_ms: 42,
         subscriptions: vec!["video".into(), "audio".into()],
         layers: BTreeMap::from([("video".to_string(), "h".to_string())]),

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod metrics;
 pub mod observe;
+pub mod openapi;
 pub mod problem;
 pub mod sessions;
 
@@ -30,6 +31,10 @@ pub struct AppState {
     pub mesh: Arc<crate::mesh::Mesh>,
     /// Starts a drain of this node (false: one is running already).
     pub start_drain: crate::mesh::service::DrainStarter,
+    /// The usage meter (viewer time not yet in the store's ledger).
+    pub usage: Arc<crate::usage::UsageMeter>,
+    /// `--mask-names`: names with Hangul are shown masked.
+    pub mask_names: bool,
     /// `--test-faults`: the partition endpoint answers (else 404).
     pub test_faults: bool,
     /// The TURN relay (None: `--turn off`).
@@ -76,6 +81,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/admin/v1/rooms", web::get().to(admin::rooms))
         .route("/admin/v1/rooms/{room}", web::get().to(admin::room))
         .route("/admin/v1/rooms/{room}/migrate", web::post().to(admin::migrate))
+        .route("/admin/v1/migrations", web::get().to(admin::migrations))
+        .route("/admin/v1/usage", web::get().to(admin::usage))
+        .route("/admin/v1/openapi.json", web::get().to(openapi::openapi_json))
         .route("/admin/v1/nodes/{id}/drain", web::post().to(admin::drain))
         .service(
             web::resource("/admin/v1/test/partition")
@@ -88,6 +96,26 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .route(web::put().to(admin::viewer_put))
                 .route(web::delete().to(admin::viewer_delete)),
         );
+}
+
+/// What extractors refuse (a query or path that does not parse) and routes that do not exist
+/// answer as problems too, like every other error.
+pub fn extractor_errors(config: &mut web::ServiceConfig) {
+    config
+        .app_data(
+            web::QueryConfig::default()
+                .error_handler(|e, _| ApiError::BadRequest(format!("invalid query: {e}")).into()),
+        )
+        .app_data(
+            web::PathConfig::default().error_handler(|e, _| ApiError::BadRequest(format!("invalid path: {e}")).into()),
+        )
+        .default_service(web::to(|request: HttpRequest| async move {
+            Err::<HttpResponse, _>(ApiError::NotFound(format!(
+                "no route {} {:.200}",
+                request.method(),
+                request.path()
+            )))
+        }));
 }
 
 /// Headers every response carries, so pages on other origins can use the API.

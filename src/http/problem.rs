@@ -8,12 +8,18 @@ use mediamesh_actors::RoomError;
 use mediamesh_actors::media::engine::MediaError;
 use serde::Serialize;
 
-#[derive(Debug, Serialize)]
+/// An error (RFC 9457 problem details).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
+    /// Always `about:blank`: the status says what kind of problem it is.
     #[serde(rename = "type")]
+    #[schema(value_type = String)]
     pub kind: &'static str,
+    /// The status's reason phrase.
+    #[schema(value_type = String)]
     pub title: &'static str,
     pub status: u16,
+    /// What went wrong, for people.
     pub detail: String,
 }
 

@@ -10,6 +10,7 @@
 //! 3. clients: this node's room tells its signal sessions `moved` (they resume on the target)
 //!    and relays from the target for the WHIP/WHEP sessions that cannot move.
 
+use super::overview::InFlight;
 use super::{Mesh, traced};
 use mediamesh_actors::room::{RoomReply, RoomRequest, room_info};
 use mediamesh_actors::{Access, RoomId};
@@ -55,12 +56,16 @@ pub enum MigrateError {
     Failed(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("room {0} is being migrated already")]
+    Busy(String),
 }
 
 impl From<MigrateError> for tonic::Status {
     fn from(error: MigrateError) -> Self {
         match &error {
-            MigrateError::NotHostedHere(_) => tonic::Status::failed_precondition(error.to_string()),
+            MigrateError::NotHostedHere(_) | MigrateError::Busy(_) => {
+                tonic::Status::failed_precondition(error.to_string())
+            }
             MigrateError::BadTarget(_) => tonic::Status::invalid_argument(error.to_string()),
             MigrateError::Failed(_) => tonic::Status::aborted(error.to_string()),
             MigrateError::Unavailable(_) => tonic::Status::unavailable(error.to_string()),
@@ -83,7 +88,15 @@ pub struct Moved {
 /// promote spans join its trace.
 pub async fn migrate(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Moved, MigrateError> {
     let span = tracing::info_span!("room.migrate", room = %room, to = %to, epoch = tracing::field::Empty);
-    migrate_in_span(mesh, room, to).instrument(span).await
+    let in_flight = InFlight::begin(mesh, room.as_str(), to).ok_or_else(|| MigrateError::Busy(room.to_string()))?;
+    let moved = migrate_in_span(mesh, room, to).instrument(span).await;
+    in_flight.finish(
+        moved
+            .as_ref()
+            .map(|m| (m.epoch, m.elapsed_ms))
+            .map_err(ToString::to_string),
+    );
+    moved
 }
 
 async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Moved, MigrateError> {

@@ -5,6 +5,7 @@
 
 pub mod failover;
 pub mod migrate;
+pub mod overview;
 pub mod relay;
 pub mod service;
 
@@ -158,6 +159,10 @@ pub struct Mesh {
     clients: Mutex<HashMap<String, Client>>,
     pub counters: Arc<MediaCounters>,
     pub stats: Arc<RelayStats>,
+    /// Migrations run here as the source: in flight and recently finished.
+    pub migrations: Mutex<overview::MigrationLog>,
+    /// `--mask-names`: names shown to operators are masked when they have Hangul.
+    pub mask_names: bool,
 }
 
 impl Mesh {
@@ -167,6 +172,7 @@ impl Mesh {
         thresholds: Thresholds,
         cluster_secret: &str,
         counters: Arc<MediaCounters>,
+        mask_names: bool,
     ) -> anyhow::Result<Arc<Mesh>> {
         let secret = SecretInterceptor::new(cluster_secret).map_err(anyhow::Error::msg)?;
         Ok(Arc::new(Mesh {
@@ -179,6 +185,8 @@ impl Mesh {
             clients: Mutex::new(HashMap::new()),
             counters,
             stats: Arc::default(),
+            migrations: Mutex::default(),
+            mask_names,
         }))
     }
 

@@ -119,6 +119,10 @@ impl pb::mesh_server::Mesh for MeshService {
         }))
     }
 
+    async fn overview(&self, _request: Request<pb::OverviewRequest>) -> Result<Response<pb::OverviewResponse>, Status> {
+        Ok(Response::new(super::overview::local(self.mesh()?).await))
+    }
+
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
         if request.into_inner().node != self.mesh()?.node {
             return Err(Status::invalid_argument("a drain goes to the node it drains"));

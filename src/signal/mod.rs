@@ -189,6 +189,8 @@ pub struct SignalContext {
     pub sessions_max: usize,
     /// The TURN relay whose ICE servers `joined` carries (None: `--turn off`).
     pub turn: Option<mediamesh_actors::turn::TurnHandle>,
+    /// `--mask-names`: display names with Hangul are stored masked.
+    pub mask_names: bool,
 }
 
 /// Why a resume token was not taken.
@@ -291,6 +293,7 @@ impl SignalContext {
         grpc_url: String,
         sessions_max: usize,
         turn: Option<mediamesh_actors::turn::TurnHandle>,
+        mask_names: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
@@ -307,6 +310,7 @@ impl SignalContext {
             open: Arc::default(),
             sessions_max,
             turn,
+            mask_names,
         })
     }
 

@@ -210,6 +210,8 @@ struct Joined {
     resume_token: String,
     /// The client's region preference (`join.region`), for placing the room.
     region: Option<String>,
+    /// The display name as the store keeps it (masked when it has Hangul, see `--mask-names`).
+    display_name: String,
 }
 
 impl Joined {
@@ -223,6 +225,7 @@ impl Joined {
             room: mediamesh_cluster::RoomId::new(self.room.to_string()),
             node: mediamesh_cluster::NodeId::new(node),
             session: self.viewer.clone(),
+            display_name: self.display_name.clone(),
             position_ms: self.position_ms,
             subscriptions: self.selection.clone().unwrap_or_default(),
             layers,
@@ -541,7 +544,12 @@ impl Session {
                 credential: s.credential,
             })
             .collect();
-        let display_name: String = join.display_name.chars().take(DISPLAY_NAME_CHARS_MAX).collect();
+        let display_name: String = join
+            .display_name
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(DISPLAY_NAME_CHARS_MAX)
+            .collect();
 
         // A resume token gives an earlier viewer session back while its state is in the window.
         let mut resumed: Option<ViewerState> = None;
@@ -589,6 +597,7 @@ impl Session {
                 .then(|| join.region.clone())
                 .or_else(|| self.region.clone())
                 .or_else(|| claims.region.clone()),
+            display_name: mediamesh_actors::pii::shown_name(&display_name, self.ctx.mask_names),
         };
         if let Some(state) = &resumed {
             joined.selection = (!state.subscriptions.is_empty()).then(|| state.subscriptions.clone());
