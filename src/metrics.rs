@@ -31,6 +31,8 @@ pub struct MetricSources {
     pub turn: Option<Arc<mediamesh_actors::turn::TurnStats>>,
     /// The mesh's relay, migration and failover counters.
     pub relay: Arc<crate::mesh::RelayStats>,
+    /// The usage meter.
+    pub usage: Arc<crate::usage::UsageMeter>,
 }
 
 pub struct Metrics {
@@ -67,6 +69,7 @@ pub struct Metrics {
     runtimes: Vec<tokio::runtime::Handle>,
     turn: Option<crate::turn::TurnMetrics>,
     mesh: crate::mesh::MeshMetrics,
+    usage: crate::usage::UsageMetrics,
 }
 
 /// Registers a metric built from static names; both steps fail only on a programming error.
@@ -101,6 +104,7 @@ impl Metrics {
             runtimes,
             turn,
             relay,
+            usage,
         } = sources;
         let registry = Registry::new();
         register(&registry, Ok(counters.histograms.rtt_seconds.clone()));
@@ -253,6 +257,7 @@ impl Metrics {
             runtimes,
             turn: turn.map(|stats| crate::turn::TurnMetrics::new(&registry, stats)),
             mesh: crate::mesh::MeshMetrics::new(&registry, relay),
+            usage: crate::usage::UsageMetrics::new(&registry, usage),
             registry,
             stats,
             counters,
@@ -335,6 +340,7 @@ impl Metrics {
             turn.sync();
         }
         self.mesh.sync();
+        self.usage.sync();
         self.resident_memory.set(process_resident_bytes() as i64);
         let cpu = process_cpu_seconds();
         let counted = self.cpu_seconds.get();

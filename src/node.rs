@@ -286,6 +286,7 @@ pub async fn run(
         runtimes: vec![tokio::runtime::Handle::current(), ingress_runtime.handle().clone()],
         turn: turn.as_ref().map(|(_, handle)| Arc::clone(&handle.stats)),
         relay: Arc::clone(&mesh.stats),
+        usage: Arc::clone(&usage),
     }));
     let otlp_metrics = telemetry.otlp_endpoint().map(|endpoint| {
         let metrics = Arc::clone(&metrics);

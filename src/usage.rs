@@ -190,6 +190,59 @@ impl UsageMeter {
     }
 }
 
+impl UsageMeter {
+    /// (day, room) pairs dropped because the store stayed unavailable too long.
+    pub fn dropped(&self) -> u64 {
+        self.ledger.lock().dropped
+    }
+}
+
+/// The meter's Prometheus families, mirrored at scrape time.
+pub struct UsageMetrics {
+    meter: Arc<UsageMeter>,
+    metered: prometheus::IntGauge,
+    flushed: prometheus::IntCounter,
+    failures: prometheus::IntCounter,
+    dropped: prometheus::IntCounter,
+}
+
+impl UsageMetrics {
+    pub fn new(registry: &prometheus::Registry, meter: Arc<UsageMeter>) -> Self {
+        use crate::metrics::{counter, gauge};
+        UsageMetrics {
+            metered: gauge(
+                registry,
+                "mediamesh_usage_metered_sessions",
+                "Viewer sessions whose time the usage ledger counts now",
+            ),
+            flushed: counter(
+                registry,
+                "mediamesh_usage_records_flushed_total",
+                "Usage records (room and KST day) added to the replicated ledger",
+            ),
+            failures: counter(
+                registry,
+                "mediamesh_usage_flush_failures_total",
+                "Usage flushes the store refused (their time is kept for the next flush)",
+            ),
+            dropped: counter(
+                registry,
+                "mediamesh_usage_dropped_total",
+                "Usage records dropped because too many waited for the store",
+            ),
+            meter,
+        }
+    }
+
+    pub fn sync(&self) {
+        use crate::metrics::Metrics;
+        self.metered.set(self.meter.open_sessions() as i64);
+        Metrics::sync_counter(&self.flushed, self.meter.flushed.load(Ordering::Relaxed));
+        Metrics::sync_counter(&self.failures, self.meter.flush_failures.load(Ordering::Relaxed));
+        Metrics::sync_counter(&self.dropped, self.meter.dropped());
+    }
+}
+
 struct Counted {
     meter: Arc<UsageMeter>,
     session: String,

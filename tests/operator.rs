@@ -83,22 +83,22 @@ async fn names_with_hangul_are_kept_and_shown_only_masked() {
     let node = start_node(Vec::new()).await;
     let room = "mask-room";
     let publisher = join(&node, room, NAME, Role::Publisher, DISPLAY).await;
-    publisher
-        .publish(PublishOptions::default())
-        .await
-        .expect("publishes");
+    publisher.publish(PublishOptions::default()).await.expect("publishes");
     let viewer = join(&node, room, NAME, Role::Subscriber, DISPLAY).await;
     viewer.play(PlayOptions::default()).await.expect("plays");
-    viewer
-        .wait_first_frame(Duration::from_secs(10))
-        .await
-        .expect("frames");
+    viewer.wait_first_frame(Duration::from_secs(10)).await.expect("frames");
     let viewer_id = viewer.session().to_string();
 
     // The store: the viewer state the signal session wrote.
     let deadline = Instant::now() + Duration::from_secs(5);
     let state = loop {
-        let (status, body) = admin(&node, reqwest::Method::GET, &format!("/admin/v1/viewers/{viewer_id}"), None).await;
+        let (status, body) = admin(
+            &node,
+            reqwest::Method::GET,
+            &format!("/admin/v1/viewers/{viewer_id}"),
+            None,
+        )
+        .await;
         if status == 200 {
             break serde_json::from_str::<Value>(&body).expect("JSON");
         }
@@ -117,7 +117,11 @@ async fn names_with_hangul_are_kept_and_shown_only_masked() {
     let (_, body) = admin(&node, reqwest::Method::GET, "/admin/v1/rooms", None).await;
     assert!(!body.contains(NAME), "raw name in {body}");
     let rooms: Value = serde_json::from_str(&body).expect("JSON");
-    assert_eq!(rooms["rooms"][0]["nodes"][0]["publisher_names"], json!(["Kim*Su"]), "{rooms}");
+    assert_eq!(
+        rooms["rooms"][0]["nodes"][0]["publisher_names"],
+        json!(["Kim*Su"]),
+        "{rooms}"
+    );
 
     // An operator's write is masked before it is stored.
     let (status, body) = admin(
@@ -133,7 +137,11 @@ async fn names_with_hangul_are_kept_and_shown_only_masked() {
     // Nothing raw on disk: neither the log nor the state machine has it.
     tokio::time::sleep(Duration::from_secs(2)).await; // sled flushes every 500 ms
     for raw in [NAME, "이영희", PHONE] {
-        assert!(!found_in_files(&node.data_dir, raw), "{raw:?} persisted in {}", node.data_dir.display());
+        assert!(
+            !found_in_files(&node.data_dir, raw),
+            "{raw:?} persisted in {}",
+            node.data_dir.display()
+        );
     }
     assert!(
         found_in_files(&node.data_dir, "Kim*Su 010-****-5678"),
@@ -157,7 +165,10 @@ async fn with_masking_off_names_are_kept_as_given() {
     let stored = admin_json(&node, "/admin/v1/viewers/raw-name").await;
     assert_eq!(stored["display_name"], NAME, "{stored}");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(found_in_files(&node.data_dir, NAME), "the scan of the data dir finds what is stored");
+    assert!(
+        found_in_files(&node.data_dir, NAME),
+        "the scan of the data dir finds what is stored"
+    );
 }
 
 /// Milliseconds since the Unix epoch.
@@ -184,14 +195,15 @@ async fn viewer_time_across_kst_midnight_is_split_between_the_two_days() {
     .await;
     let room = "usage-room";
     let publisher = join(&node, room, "streamer", Role::Publisher, "").await;
-    publisher
-        .publish(PublishOptions::default())
-        .await
-        .expect("publishes");
+    publisher.publish(PublishOptions::default()).await.expect("publishes");
     let viewer = join(&node, room, "watcher", Role::Subscriber, "").await;
     viewer.play(PlayOptions::default()).await.expect("plays");
     let started = node_clock();
-    assert!(started < midnight, "the viewer started before midnight ({} ms late)", started - midnight);
+    assert!(
+        started < midnight,
+        "the viewer started before midnight ({} ms late)",
+        started - midnight
+    );
     while node_clock() < midnight + 3_000 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -224,8 +236,14 @@ async fn viewer_time_across_kst_midnight_is_split_between_the_two_days() {
     // Before midnight: from the viewer's start to midnight; after: midnight to the close.
     let expect_before = midnight - started;
     let expect_after = ended - midnight;
-    assert!(before_ms.abs_diff(expect_before) < 1_500, "{before_ms} ms before, expected ~{expect_before}");
-    assert!(after_ms.abs_diff(expect_after) < 1_500, "{after_ms} ms after, expected ~{expect_after}");
+    assert!(
+        before_ms.abs_diff(expect_before) < 1_500,
+        "{before_ms} ms before, expected ~{expect_before}"
+    );
+    assert!(
+        after_ms.abs_diff(expect_after) < 1_500,
+        "{after_ms} ms after, expected ~{expect_after}"
+    );
     assert_eq!(before["day"], before_day.as_str());
     let minutes = before["total_viewer_minutes"].as_f64().expect("minutes");
     assert!((minutes - before_ms as f64 / 60_000.0).abs() < 1e-9, "{before}");

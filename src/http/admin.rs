@@ -417,9 +417,9 @@ fn status_error(status: tonic::Status) -> ApiError {
     request_body(content = MigrateBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The room moved", body = MovedView),
-        (status = 400, description = "Invalid room name or body, or an unknown or unfit target node"),
-        (status = 404, description = "The room is not placed on any node"),
-        (status = 409, description = "The room is being migrated, is there already, or its host changed"),
+        (status = 400, description = "Invalid room name or body"),
+        (status = 404, description = "The room is not placed on any node, or the target node is not in the cluster"),
+        (status = 409, description = "The room is being migrated or is on the target already, the target is not alive, or the room's host changed"),
         (status = 413, description = "Body too large"),
         (status = 415, description = "Body is not application/json"),
     ))]
@@ -830,7 +830,8 @@ pub async fn usage(
         timezone: "UTC+09:00 (KST)".into(),
         from: clock::rfc3339_ms(from),
         to: clock::rfc3339_ms(to),
-        total_viewer_minutes: rooms.iter().map(|r| r.viewer_minutes).sum(),
+        // A fold from +0.0: an empty `sum()` of floats is -0.0.
+        total_viewer_minutes: rooms.iter().fold(0.0, |total, r| total + r.viewer_minutes),
         rooms,
     }))
 }

@@ -50,8 +50,12 @@ pub struct RoomSnapshot {
 pub enum MigrateError {
     #[error("room {0} is not hosted on this node")]
     NotHostedHere(String),
+    /// The target is not in the cluster.
     #[error("{0}")]
-    BadTarget(String),
+    UnknownTarget(String),
+    /// The target cannot take the room now: it has it already, or it is not alive.
+    #[error("{0}")]
+    UnfitTarget(String),
     #[error("migration failed: {0}")]
     Failed(String),
     #[error("{0}")]
@@ -66,7 +70,8 @@ impl From<MigrateError> for tonic::Status {
             MigrateError::NotHostedHere(_) | MigrateError::Busy(_) => {
                 tonic::Status::failed_precondition(error.to_string())
             }
-            MigrateError::BadTarget(_) => tonic::Status::invalid_argument(error.to_string()),
+            MigrateError::UnknownTarget(_) => tonic::Status::not_found(error.to_string()),
+            MigrateError::UnfitTarget(_) => tonic::Status::failed_precondition(error.to_string()),
             MigrateError::Failed(_) => tonic::Status::aborted(error.to_string()),
             MigrateError::Unavailable(_) => tonic::Status::unavailable(error.to_string()),
         }
@@ -110,12 +115,12 @@ async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Mo
         .await
         .ok_or_else(|| MigrateError::NotHostedHere(room.to_string()))?;
     if to == mesh.node {
-        return Err(MigrateError::BadTarget(format!("room {room} is already on {to}")));
+        return Err(MigrateError::UnfitTarget(format!("room {room} is already on {to}")));
     }
     match mesh.store.nodes().iter().find(|n| n.id.as_str() == to) {
-        None => return Err(MigrateError::BadTarget(format!("no node {to:.64?} in the cluster"))),
+        None => return Err(MigrateError::UnknownTarget(format!("no node {to:.64?} in the cluster"))),
         Some(node) if node.state != NodeState::Alive => {
-            return Err(MigrateError::BadTarget(format!(
+            return Err(MigrateError::UnfitTarget(format!(
                 "node {to} is {:?}, not alive",
                 node.state
             )));

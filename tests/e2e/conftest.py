@@ -112,7 +112,8 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
 def parse_metric(text: str, name: str) -> Optional[float]:
     """Sum of all samples of ``name`` (any labels) in Prometheus text; None if absent."""
     total, found = 0.0, False
-    pat = re.compile(r"^" + re.escape(name) + r"(\{[^}]*\})?\s+(\S+)")
+    # label values are quoted and may contain braces (route="/admin/v1/rooms/{room}")
+    pat = re.compile(r"^" + re.escape(name) + r'(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)')
     for line in text.splitlines():
         m = pat.match(line)
         if m:

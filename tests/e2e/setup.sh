@@ -81,7 +81,7 @@ else
 fi
 want="$(sha256sum "$REQ" | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
-if [ "$want" = "$have" ] && "$VENV/bin/python" -c "import aiortc, selenium, pytest, pytest_timeout, requests, grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc" 2>/dev/null; then
+if [ "$want" = "$have" ] && "$VENV/bin/python" -c "import aiortc, selenium, pytest, pytest_timeout, requests, grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc, schemathesis, hypothesis" 2>/dev/null; then
     log "python requirements: up to date (stamp $want)"
 else
     log "installing python requirements from $REQ"
