@@ -77,6 +77,8 @@ pub enum AdminCommand {
     Drain { node: String },
     /// A viewer's stored state: room, position, subscriptions, layers.
     Viewer { viewer: String },
+    /// Migrations in flight and recently finished, on every node.
+    Migrations,
     /// Viewer-minutes per room on one day in KST.
     Usage {
         /// The day, YYYY-MM-DD (KST)
@@ -85,23 +87,11 @@ pub enum AdminCommand {
     },
 }
 
-/// `YYYY-MM-DD` with a month 01-12 and a day 01-31 (the node checks the calendar).
+/// A calendar day `YYYY-MM-DD` (checked here, so a typo never reaches the node).
 fn parse_day(text: &str) -> Result<String, String> {
-    let bytes = text.as_bytes();
-    let shape = bytes.len() == 10
-        && bytes[4] == b'-'
-        && bytes[7] == b'-'
-        && bytes
-            .iter()
-            .enumerate()
-            .all(|(i, b)| i == 4 || i == 7 || b.is_ascii_digit());
-    let month: u32 = text.get(5..7).and_then(|m| m.parse().ok()).unwrap_or(0);
-    let day: u32 = text.get(8..10).and_then(|d| d.parse().ok()).unwrap_or(0);
-    if shape && (1..=12).contains(&month) && (1..=31).contains(&day) {
-        Ok(text.to_string())
-    } else {
-        Err(format!("{text:?} is not a day like 2026-11-22"))
-    }
+    crate::clock::kst_day_span(text)
+        .map(|_| text.to_string())
+        .ok_or_else(|| format!("{text:?} is not a calendar day like 2026-11-22"))
 }
 
 /// A short-lived token with the admin grant on every room.
@@ -170,6 +160,7 @@ pub fn call_of(command: &AdminCommand) -> Call {
             ..Call::get(&["admin", "v1", "nodes", node, "drain"])
         },
         AdminCommand::Viewer { viewer } => Call::get(&["admin", "v1", "viewers", viewer]),
+        AdminCommand::Migrations => Call::get(&["admin", "v1", "migrations"]),
         AdminCommand::Usage { day } => Call {
             query: Some(("day", day.clone())),
             ..Call::get(&["admin", "v1", "usage"])
@@ -187,6 +178,7 @@ pub fn render(command: &AdminCommand, body: &Value, now_ms: u64) -> String {
         AdminCommand::Migrate { .. } => render_moved(body),
         AdminCommand::Drain { node } => render_drain(body, node),
         AdminCommand::Viewer { .. } => render_viewer(body),
+        AdminCommand::Migrations => render_migrations(body),
         AdminCommand::Usage { .. } => render_usage(body),
     }
 }
@@ -759,6 +751,40 @@ pub fn render_viewer(body: &Value) -> String {
         .collect()
 }
 
+/// `GET /admin/v1/migrations`: in flight (oldest first), then the recent ones (newest first).
+pub fn render_migrations(body: &Value) -> String {
+    let row = |m: &Value, outcome: String| {
+        vec![
+            text(&m["room"]),
+            text(&m["from"]),
+            text(&m["to"]),
+            outcome,
+            text(&m["epoch"]),
+            text(&m["elapsed_ms"]),
+            text(&m["started_at"]),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = items(&body["in_flight"])
+        .iter()
+        .map(|m| row(m, "in flight".into()))
+        .collect();
+    rows.extend(items(&body["recent"]).iter().map(|m| {
+        let outcome = match (m["ok"].as_bool(), m["error"].as_str()) {
+            (Some(true), _) => "moved".to_string(),
+            (_, Some(error)) => format!("failed: {}", clean(error)),
+            _ => "failed".to_string(),
+        };
+        row(m, outcome)
+    }));
+    let mut out = if rows.is_empty() {
+        "no migrations\n".to_string()
+    } else {
+        table(&["ROOM", "FROM", "TO", "OUTCOME", "EPOCH", "MS", "STARTED"], &rows)
+    };
+    out.push_str(&unreachable_warning(body));
+    out
+}
+
 /// `GET /admin/v1/usage?day=`: viewer-minutes and sessions per room, then the total.
 pub fn render_usage(body: &Value) -> String {
     let mut out = format!(
@@ -894,6 +920,7 @@ mod tests {
                 },
                 AdminCommand::Drain { node: "n2".into() },
                 AdminCommand::Viewer { viewer: "v".into() },
+                AdminCommand::Migrations,
                 AdminCommand::Usage {
                     day: "2026-11-22".into(),
                 },
@@ -1028,6 +1055,27 @@ mod tests {
     }
 
     #[test]
+    fn migrations_list_in_flight_then_recent_with_their_outcome() {
+        let body = json!({
+            "in_flight": [{"room": "a", "from": "n1", "to": "n2", "started_at": "2026-11-22T01:00:00.000Z",
+                           "elapsed_ms": 120, "epoch": 0, "ok": false, "error": null}],
+            "recent": [
+                {"room": "b", "from": "n2", "to": "n3", "epoch": 4, "elapsed_ms": 412, "ok": true, "error": null},
+                {"room": "c", "from": "n2", "to": "n1", "epoch": 0, "elapsed_ms": 5000, "ok": false,
+                 "error": "handoff timed out"},
+            ],
+            "unreachable": ["n4"],
+        });
+        let out = render_migrations(&body);
+        let lines = lines(&out);
+        assert!(lines[0].starts_with("ROOM") && lines[1].contains("in flight"), "{out}");
+        assert!(lines[2].contains("moved") && lines[2].contains("412"), "{out}");
+        assert!(lines[3].contains("failed: handoff timed out"), "{out}");
+        assert!(out.contains("n4"), "{out}");
+        assert_eq!(render_migrations(&json!({})), "no migrations\n");
+    }
+
+    #[test]
     fn usage_lists_rooms_and_a_total() {
         let body = json!({
             "day": "2026-11-22", "timezone": "UTC+09:00 (KST)",
@@ -1138,6 +1186,7 @@ mod tests {
             "2026-1-22",
             "2026-13-01",
             "2026-11-32",
+            "2026-02-30",
             "2026/11/22",
             "today",
             "2026-11-2x",

@@ -259,6 +259,14 @@ async fn the_admin_cli_shows_the_cluster_moves_a_room_drains_a_node_and_exits_wi
     let out = admin.ok(n1, &["migrate", ROOM, "--to", "n2"]);
     let moved = format!("moved {ROOM} from n3 to n2 (epoch {}) in ", epoch + 1);
     assert!(out.starts_with(&moved) && out.ends_with(" ms\n"), "{out}");
+    // The source (n3) remembers it; any node lists it.
+    let out = admin.ok(n2, &["migrations"]);
+    assert!(
+        rows(&out, "ROOM")
+            .iter()
+            .any(|row| row[0] == ROOM && row[1] == "n3" && row[2] == "n2" && row[3] == "moved"),
+        "{out}"
+    );
     let after = admin.json(n1, &["room", ROOM]);
     assert_eq!(after["placement"]["node"], "n2", "{after}");
     assert_eq!(after["placement"]["epoch"], epoch + 1, "{after}");
