@@ -453,46 +453,32 @@ class LivePublisher:
         self.ww = whipwhep
         self.node, self.room, self.max_seconds = node, room, max_seconds
         self.token = node.token(room, "e2e-api-publisher", publish=True)
-        self.ready = threading.Event()
-        self._stop = threading.Event()
-        self.error: Optional[BaseException] = None
-        self.thread = threading.Thread(target=self._run, name="admin-api-publisher", daemon=True)
+        self.bg = None
 
     def start(self, timeout: float = 45.0) -> "LivePublisher":
-        self.thread.start()
-        if not self.ready.wait(timeout):
+        self.bg = self.ww.BackgroundLoop("admin-api-publisher", max_seconds=self.max_seconds)
+        try:
+            self.bg.adopt(self.bg.run(self.ww.publish(self.node.whip_url(self.room), self.token),
+                                      timeout))
+        except BaseException as e:
             self.stop()
-            raise TimeoutError(f"WHIP publisher not connected within {timeout}s")
-        if self.error:
-            raise RuntimeError(f"WHIP publisher failed: {self.error!r}") from self.error
+            if isinstance(e, self.ww.BackgroundLoop.Deadline):
+                raise TimeoutError(f"WHIP publisher not connected within {timeout}s") from e
+            if isinstance(e, Exception):
+                raise RuntimeError(f"WHIP publisher failed: {e!r}") from e
+            raise
         return self
 
-    def _run(self):
-        try:
-            self.ww.run(self._main(), timeout=self.max_seconds)
-        except BaseException as e:
-            self.error = self.error or e
-        finally:
-            self.ready.set()
-
-    async def _main(self):
-        import asyncio
-
-        pub = await self.ww.publish(self.node.whip_url(self.room), self.token)
-        try:
-            self.ready.set()
-            while not self._stop.is_set():
-                await asyncio.sleep(0.1)
-        finally:
-            with contextlib.suppress(Exception):
-                await pub.close()
+    @property
+    def error(self) -> Optional[BaseException]:
+        return self.bg.error if self.bg else None
 
     def alive(self) -> bool:
-        return self.thread.is_alive() and self.error is None
+        return self.bg is not None and self.bg.alive()
 
     def stop(self):
-        self._stop.set()
-        self.thread.join(30)
+        if self.bg:
+            self.bg.close()
 
 
 # ================================================================================================

@@ -16,12 +16,9 @@ three-node cluster (n1 seoul, n2 seoul, n3 busan; see cluster.py):
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
-import threading
 import time
-import urllib.parse
 from types import SimpleNamespace
 
 import pytest
@@ -35,74 +32,6 @@ ROOM = "dash-room"
 PUBLISHER_NAME = "김민수"
 ARTIFACTS = HERE / "artifacts"
 pytestmark = pytest.mark.timeout(90)
-
-
-# ------------------------------------------------------------------------------------------------
-# aiortc sessions on a background event loop (they must stay up while Selenium drives the page)
-# ------------------------------------------------------------------------------------------------
-class MediaLoop:
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="aiortc", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(
-            asyncio.wait_for(coro, timeout), self.loop).result(timeout + 5)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-
-async def _post_offer(url: str, token: str, sdp: str, headers: dict) -> tuple[str, str]:
-    """POST the offer, following 307/308 to the room's host with the same headers (requests
-    drops Authorization on a redirect to another port); returns (answer, absolute Location)."""
-    for _ in range(4):
-        resp = await asyncio.to_thread(
-            requests.post, url, data=sdp.encode(), timeout=10, allow_redirects=False,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/sdp", **headers})
-        if resp.status_code in (307, 308) and resp.headers.get("Location"):
-            url = urllib.parse.urljoin(url, resp.headers["Location"])
-            continue
-        if resp.status_code != 201 or not resp.headers.get("Location"):
-            raise ww.WhipError(f"POST {url} -> {resp.status_code}: {resp.text[:300]}")
-        return resp.text, urllib.parse.urljoin(url, resp.headers["Location"])
-    raise ww.WhipError(f"POST {url}: too many redirects")
-
-
-async def _negotiate(pc, url: str, token: str, headers: dict, counter=None) -> ww.Session:
-    await pc.setLocalDescription(await pc.createOffer())
-    session = ww.Session(pc=pc, url=url, token=token, counter=counter)
-    try:
-        session.answer, session.location = await _post_offer(url, token, pc.localDescription.sdp, headers)
-        await pc.setRemoteDescription(ww.RTCSessionDescription(sdp=session.answer, type="answer"))
-        await ww.wait_connected(pc, 15)
-    except BaseException:
-        await session.close()
-        raise
-    return session
-
-
-async def publish(url: str, token: str, headers: dict) -> ww.Session:
-    pc = ww.new_pc()
-    video, audio = ww.SyntheticVideoTrack(320, 240, 15), ww.ToneAudioTrack()
-    ww.prefer_codec(pc.addTransceiver(video, direction="sendonly"), "video/VP8")
-    ww.prefer_codec(pc.addTransceiver(audio, direction="sendonly"), "audio/opus")
-    session = await _negotiate(pc, url, token, headers)
-    session.video_track, session.audio_track = video, audio
-    return session
-
-
-async def play(url: str, token: str) -> ww.Session:
-    pc = ww.new_pc()
-    counter = ww.FrameCounter()
-    counter.attach(pc)
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-    return await _negotiate(pc, url, token, {}, counter)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,26 +58,21 @@ def media(cluster):
     # a personal name with Hangul: the dashboard may show it only masked (Kim*Su)
     pub_token = n1.token(ROOM, PUBLISHER_NAME, publish=True)
     view_token = n1.token(ROOM, "dash-viewer", subscribe=True)
-    loop = MediaLoop()
-    sessions = []
+    # the sessions must stay up while Selenium drives the page: they live on a background loop
+    loop = ww.BackgroundLoop("aiortc")
     try:
         t0 = time.monotonic()
-        pub = loop.run(publish(n1.whip_url(ROOM), pub_token, {"x-region-preference": "seoul"}))
-        sessions.append(pub)
+        # a WHIP POST to a node that does not host the room is answered 307 to the host
+        pub = loop.adopt(loop.run(ww.publish(n1.whip_url(ROOM), pub_token, fps=15,
+                                             headers={"x-region-preference": "seoul"})))
         host = wait_until(lambda: placement(cluster), 10, what=f"a placement of {ROOM}")
-        viewer = loop.run(play(cluster[host].whep_url(ROOM), view_token))
-        sessions.append(viewer)
+        viewer = loop.adopt(loop.run(ww.play(cluster[host].whep_url(ROOM), view_token)))
         loop.run(viewer.wait_frames(video=10, timeout=20), 25)
         print(f"[e2e] {ROOM} hosted on {host}: publisher {pub.location}, viewer decoding "
               f"({viewer.counter.video} frames) in {time.monotonic() - t0:.1f}s")
         yield SimpleNamespace(host=host, publisher=pub, viewer=viewer)
     finally:
-        for s in reversed(sessions):
-            try:
-                loop.run(s.close(), 10)
-            except Exception as e:  # the node may have moved or closed it already
-                print(f"[e2e] closing {s.location}: {e!r}")
-        loop.close()
+        loop.close(10)  # DELETE + close each session, last first; a failure is printed
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,6 @@ Needs ``prometheus`` + ``promtool`` (Debian package ``prometheus``; tests/e2e/se
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import math
 import os
@@ -28,7 +26,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -231,64 +228,52 @@ def lint_exposition(text: str, forbidden_values=(), max_series: int = 500) -> li
 # a live session for the whole module (publisher + viewer in a background event loop)
 # ================================================================================================
 class LiveSession:
-    """aiortc WHIP publisher + WHEP viewer kept live in a thread until ``stop()``."""
+    """aiortc WHIP publisher + WHEP viewer kept live in a background event loop until ``stop()``."""
 
     def __init__(self, node, max_seconds: float = 170.0):
         self.node = node
         self.pub_token = node.token(ROOM, PUB_ID, publish=True)
         self.view_token = node.token(ROOM, VIEW_ID, subscribe=True)
         self.max_seconds = max_seconds
-        self.ready = threading.Event()
-        self._stop = threading.Event()
-        self.error: Optional[BaseException] = None
+        self.bg: Optional[ww.BackgroundLoop] = None
+        self.ready = False
         self.viewer: Optional[ww.Session] = None
         self.publisher: Optional[ww.Session] = None
         self.close_statuses: list = []
-        self.thread = threading.Thread(target=self._run, name="live-session", daemon=True)
 
     def start(self, timeout: float = 60.0) -> "LiveSession":
-        self.thread.start()
-        if not self.ready.wait(timeout):
+        self.bg = ww.BackgroundLoop("live-session", max_seconds=self.max_seconds)
+        try:
+            self.bg.run(self._open(), timeout)
+        except BaseException as e:
             self.stop()
-            raise TimeoutError(f"live session not up within {timeout}s")
-        if self.error:
-            raise RuntimeError(f"live session failed to start: {self.error!r}") from self.error
+            if isinstance(e, ww.BackgroundLoop.Deadline):
+                raise TimeoutError(f"live session not up within {timeout}s") from e
+            if isinstance(e, Exception):
+                raise RuntimeError(f"live session failed to start: {e!r}") from e
+            raise
+        self.ready = True
         return self
 
-    def _run(self) -> None:
-        try:
-            ww.run(self._main(), timeout=self.max_seconds)
-        except BaseException as e:  # reported by start() / alive()
-            self.error = self.error or e
-        finally:
-            self.ready.set()
+    async def _open(self) -> None:
+        self.publisher = self.bg.adopt(await ww.publish(self.node.whip_url(ROOM), self.pub_token))
+        self.viewer = self.bg.adopt(await ww.play(self.node.whep_url(ROOM), self.view_token))
+        await self.viewer.wait_frames(video=30, audio=5, timeout=30)
 
-    async def _main(self) -> None:
-        sessions = []
-        try:
-            self.publisher = await ww.publish(self.node.whip_url(ROOM), self.pub_token)
-            sessions.append(self.publisher)
-            self.viewer = await ww.play(self.node.whep_url(ROOM), self.view_token)
-            sessions.append(self.viewer)
-            await self.viewer.wait_frames(video=30, audio=5, timeout=30)
-            self.ready.set()
-            while not self._stop.is_set():
-                await asyncio.sleep(0.1)
-        finally:
-            for s in reversed(sessions):
-                with contextlib.suppress(Exception):
-                    self.close_statuses.append(await s.close())
+    @property
+    def error(self) -> Optional[BaseException]:
+        return self.bg.error if self.bg else None
 
     def frames(self) -> tuple[int, int]:
         c = self.viewer.counter if self.viewer else None
         return (c.video, c.audio) if c else (0, 0)
 
     def alive(self) -> bool:
-        return self.thread.is_alive() and self.error is None and self.ready.is_set()
+        return self.ready and self.bg.alive()
 
     def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(30)
+        if self.bg:
+            self.close_statuses = list(self.bg.close())
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,19 @@ Async API (run it inside ``asyncio.run`` or ``run(...)`` below)::
     await viewer.close()                                    # DELETE the Location, close the pc
     await pub.close()
 
-``publish``/``play`` POST ``application/sdp`` with ``Authorization: Bearer <jwt>``, expect
-``201 Created`` and a ``Location`` header (resolved against the request URL), set the answer and
-wait until the PeerConnection is ``connected`` (ICE + DTLS).  ``delete(location, token)`` sends
-the DELETE on its own.
+``publish``/``play`` POST ``application/sdp`` with ``Authorization: Bearer <jwt>`` (plus any
+``headers=``), follow a ``307``/``308`` to the room's host themselves (same body, Authorization
+kept), expect ``201 Created`` and a ``Location`` header (resolved against the final URL), set the
+answer and wait until the PeerConnection is ``connected`` (ICE + DTLS).  ``delete(location,
+token)`` sends the DELETE on its own.
+
+Sessions that must stay up while the test's own thread blocks (Selenium, polling, subprocesses)
+live on a ``BackgroundLoop``::
+
+    bg = BackgroundLoop("aiortc")
+    pub = bg.adopt(bg.run(publish(url, token), timeout=30))   # closed by bg.close()
+    ...
+    bg.close()                                                # DELETE + close, stop, join
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import fractions
 import logging
 import math
 import struct
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -32,6 +42,7 @@ from typing import Optional
 import aioice.ice
 import av
 import requests
+from requests.structures import CaseInsensitiveDict
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
@@ -268,12 +279,46 @@ def _headers(token: Optional[str], content_type: Optional[str] = None) -> dict:
     return h
 
 
-async def post_offer(url: str, token: Optional[str], sdp: str, timeout: float = 10.0):
-    """POST an SDP offer; return (answer_sdp, absolute_location, response)."""
-    resp = await asyncio.to_thread(
-        requests.post, url, data=sdp.encode(), headers=_headers(token, "application/sdp"),
-        timeout=timeout,
-    )
+MAX_REDIRECTS = 3
+
+
+async def post_offer(
+    url: str,
+    token: Optional[str],
+    sdp: str,
+    timeout: float = 10.0,
+    *,
+    headers: Optional[dict] = None,
+    max_redirects: int = MAX_REDIRECTS,
+):
+    """POST an SDP offer; return (answer_sdp, absolute_location, response).
+
+    ``headers`` are merged into the request (over Authorization / Content-Type).  A ``307`` or
+    ``308`` (a node that does not host the room points at the one that does) is followed here, at
+    most ``max_redirects`` hops, with the same method, body and headers: ``requests`` would drop
+    Authorization on a redirect to another port.  The ``Location`` of the final 201 is resolved
+    against the URL that answered it; ``response.url`` is that URL and ``response.history`` holds
+    the redirects.
+    """
+    hdrs = CaseInsensitiveDict(_headers(token, "application/sdp"))
+    hdrs.update(headers or {})
+    history = []
+    while True:
+        resp = await asyncio.to_thread(
+            requests.post, url, data=sdp.encode(), headers=hdrs, timeout=timeout,
+            allow_redirects=False,
+        )
+        if resp.status_code not in (307, 308):
+            break
+        target = resp.headers.get("Location")
+        if not target:
+            raise WhipError(f"POST {url} -> {resp.status_code} without a Location header")
+        if len(history) >= max_redirects:
+            raise WhipError(f"POST {url} -> {resp.status_code}: more than {max_redirects} redirects "
+                            f"({' -> '.join(r.url for r in history + [resp])} -> {target})")
+        history.append(resp)
+        url = urllib.parse.urljoin(url, target)
+    resp.history = history
     if resp.status_code != 201:
         raise WhipError(f"POST {url} -> {resp.status_code} (want 201): {resp.text[:500]}")
     loc = resp.headers.get("Location")
@@ -324,12 +369,13 @@ class Session:
         return status
 
 
-async def _negotiate(pc, url, token, connect_timeout, counter=None) -> Session:
+async def _negotiate(pc, url, token, connect_timeout, counter=None, *, headers=None) -> Session:
     t0 = time.monotonic()
     await pc.setLocalDescription(await pc.createOffer())  # waits for ICE gathering (no trickle)
     session = Session(pc=pc, url=url, token=token, counter=counter)
     try:
-        answer, location, resp = await post_offer(url, token, pc.localDescription.sdp)
+        answer, location, resp = await post_offer(url, token, pc.localDescription.sdp,
+                                                  headers=headers)
         session.location, session.answer = location, answer
         session.response_headers = dict(resp.headers)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
@@ -352,9 +398,10 @@ async def publish(
     fps: int = 30,
     video_codec: str = "video/VP8",
     connect_timeout: float = 15.0,
+    headers: Optional[dict] = None,
 ) -> Session:
     """WHIP-publish a synthetic video track (VP8 unless ``video_codec`` says otherwise) and an
-    Opus tone; returns when connected."""
+    Opus tone; returns when connected.  ``headers`` go into the POST (see ``post_offer``)."""
     pc = new_pc()
     vtrack = atrack = None
     if video:
@@ -363,7 +410,7 @@ async def publish(
     if audio:
         atrack = ToneAudioTrack()
         prefer_codec(pc.addTransceiver(atrack, direction="sendonly"), "audio/opus")
-    session = await _negotiate(pc, url, token, connect_timeout)
+    session = await _negotiate(pc, url, token, connect_timeout, headers=headers)
     session.video_track, session.audio_track = vtrack, atrack
     return session
 
@@ -383,8 +430,10 @@ async def play(
     video: bool = True,
     audio: bool = True,
     connect_timeout: float = 15.0,
+    headers: Optional[dict] = None,
 ) -> Session:
-    """WHEP-play: offer recvonly video + audio, count decoded frames; returns when connected."""
+    """WHEP-play: offer recvonly video + audio, count decoded frames; returns when connected.
+    ``headers`` go into the POST (see ``post_offer``)."""
     pc = new_pc()
     counter = FrameCounter()
     counter.attach(pc)
@@ -392,7 +441,8 @@ async def play(
         pc.addTransceiver("video", direction="recvonly")
     if audio:
         pc.addTransceiver("audio", direction="recvonly")
-    return await _negotiate(pc, with_layer(url, layer), token, connect_timeout, counter)
+    return await _negotiate(pc, with_layer(url, layer), token, connect_timeout, counter,
+                            headers=headers)
 
 
 def run(coro, timeout: float = 120.0):
@@ -402,3 +452,111 @@ def run(coro, timeout: float = 120.0):
         return await asyncio.wait_for(coro, timeout)
 
     return asyncio.run(_bounded())
+
+
+# --------------------------------------------------------------------------------------------
+# sessions on a background event loop
+# --------------------------------------------------------------------------------------------
+class BackgroundLoop:
+    """An asyncio event loop on a daemon thread, for aiortc sessions that must stay up while
+    the calling thread blocks (Selenium, HTTP polling, subprocesses).
+
+    ``run(coro, timeout)`` runs a coroutine on the loop and returns its result (or raises its
+    exception) in the caller's thread.  ``adopt(session)`` hands a Session over to ``close()``,
+    which closes the adopted sessions, last first (DELETE + pc.close, each within its timeout;
+    a failure is printed, not raised), cancels whatever is left on the loop, stops it and joins
+    the thread.  With ``max_seconds`` the loop does the same by itself that long after it
+    started (``error`` then says so and ``alive()`` is false), so a session left behind cannot
+    outlive its test.
+    """
+
+    class Deadline(TimeoutError):
+        """``run``'s own timeout expired (as opposed to a TimeoutError of the coroutine)."""
+
+    def __init__(self, name: str = "aiortc", max_seconds: Optional[float] = None):
+        self.name = name
+        self.error: Optional[BaseException] = None
+        self.closed: list = []  # what each adopted session's close() returned (DELETE status)
+        self._sessions: list = []
+        self.loop = asyncio.new_event_loop()
+        if max_seconds is not None:
+            self.loop.call_later(max_seconds, self._expire, max_seconds)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 30.0):
+        """Run ``coro`` on the loop, cancelled after ``timeout`` s (``Deadline``); block for it."""
+        if not self.thread.is_alive():
+            coro.close()
+            raise RuntimeError(f"{self.name}: the event loop is not running ({self.error!r})")
+
+        async def bounded():
+            deadline = asyncio.timeout(timeout)
+            try:
+                async with deadline:
+                    return await coro
+            except TimeoutError as e:
+                if deadline.expired():
+                    raise BackgroundLoop.Deadline(f"{self.name}: not done within {timeout}s") from e
+                raise
+
+        fut = asyncio.run_coroutine_threadsafe(bounded(), self.loop)
+        try:
+            return fut.result(timeout + 5)
+        except TimeoutError:
+            if fut.done():  # the coroutine's own TimeoutError
+                raise
+            fut.cancel()
+            raise BackgroundLoop.Deadline(
+                f"{self.name}: the event loop did not answer within {timeout + 5}s") from None
+
+    def adopt(self, session: Session) -> Session:
+        """Have ``close()`` close ``session`` (last adopted first); returns it.  Any thread."""
+        self._sessions.append(session)
+        return session
+
+    def alive(self) -> bool:
+        """The loop is running: not closed, ``max_seconds`` not reached."""
+        return self.thread.is_alive() and self.error is None
+
+    async def _shutdown(self, timeout: float) -> None:
+        while self._sessions:
+            s = self._sessions.pop()
+            try:
+                self.closed.append(await asyncio.wait_for(s.close(), timeout))
+            except Exception as e:  # the node may have moved or closed it already
+                print(f"[e2e] closing {s.location}: {e!r}")
+        me = asyncio.current_task()
+        rest = [t for t in asyncio.all_tasks() if t is not me]
+        for t in rest:
+            t.cancel()
+        if rest:
+            await asyncio.wait(rest, timeout=5)
+        await self.loop.shutdown_asyncgens()
+
+    def _expire(self, max_seconds: float) -> None:
+        self.error = TimeoutError(f"{self.name}: closed after max_seconds={max_seconds}")
+
+        async def shutdown_and_stop():
+            try:
+                await self._shutdown(10.0)
+            finally:
+                self.loop.stop()
+
+        self._expiry = self.loop.create_task(shutdown_and_stop())
+
+    def close(self, timeout: float = 10.0) -> list:
+        """Close the adopted sessions (each within ``timeout`` s), stop the loop and join the
+        thread (5 s).  Idempotent; returns ``closed``."""
+        if self.thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(timeout), self.loop).result(
+                    timeout * (len(self._sessions) + 1) + 10)
+            except Exception as e:
+                print(f"[e2e] {self.name}: shutdown: {e!r}")
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self.thread.join(5)
+        if not self.thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
+        return self.closed
