@@ -952,6 +952,12 @@ impl Store {
 
     /// This replica's view of the cluster (a local read: it never blocks on the network).
     pub fn status(&self) -> ClusterStatus {
+        self.status_with(true)
+    }
+
+    /// [`Self::status`], with the state digest only when `digest` (it hashes the whole state:
+    /// about 0.6 s at 500,000 viewers; its field is empty without it).
+    pub fn status_with(&self, digest: bool) -> ClusterStatus {
         let view = self.shared.view.borrow().clone();
         let sm = self.shared.sm.read();
         let nodes = Self::node_statuses(&sm, &view, self.shared.config.node_dead_after_ms);
@@ -966,7 +972,7 @@ impl Store {
             snapshot_index: view.snapshot_index,
             role: view.role.to_string(),
             nodes,
-            digest: sm.digest(),
+            digest: if digest { sm.digest() } else { String::new() },
             rooms: sm.rooms().len() as u64,
             viewers: sm.viewers().len() as u64,
         }

@@ -80,8 +80,9 @@ pub struct ClusterView {
     commit_index: u64,
     applied_index: u64,
     snapshot_index: u64,
-    /// SHA-256 of the replicated state (equal on replicas that applied the same entries).
-    digest: String,
+    /// SHA-256 of the replicated state (equal on replicas that applied the same entries); only
+    /// with `?digest=true` (it hashes the whole state), else null.
+    digest: Option<String>,
     nodes: Vec<NodeView>,
 }
 
@@ -92,12 +93,29 @@ fn lowercase(value: impl Serialize) -> String {
         .unwrap_or_default()
 }
 
+/// Whether to hash the replicated state.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ClusterQuery {
+    /// `true`: include the state digest (costly on a large state: it hashes every record).
+    digest: Option<bool>,
+}
+
 /// Nodes, leader and log of the replicated store.
 #[utoipa::path(get, path = "/admin/v1/cluster", tag = "cluster",
-    responses((status = 200, description = "The cluster", body = ClusterView)))]
-pub async fn cluster(state: web::Data<AppState>, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    params(ClusterQuery),
+    responses(
+        (status = 200, description = "The cluster", body = ClusterView),
+        (status = 400, description = "Invalid query"),
+    ))]
+pub async fn cluster(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    query: web::Query<ClusterQuery>,
+) -> Result<HttpResponse, ApiError> {
     authorize_admin(&state, &request)?;
-    let status = state.store.status();
+    let with_digest = query.digest.unwrap_or(false);
+    let status = state.store.status_with(with_digest);
     let nodes = status
         .nodes
         .iter()
@@ -132,7 +150,7 @@ pub async fn cluster(state: web::Data<AppState>, request: HttpRequest) -> Result
         commit_index: status.commit_index,
         applied_index: status.applied_index,
         snapshot_index: status.snapshot_index,
-        digest: status.digest,
+        digest: with_digest.then_some(status.digest),
         nodes,
     }))
 }

@@ -363,7 +363,7 @@ impl ProcessCluster {
     pub fn status(&self, i: usize) -> Result<Value, String> {
         let response = self
             .control
-            .get(format!("{}/admin/v1/cluster", self.nodes[i].base_url()))
+            .get(format!("{}/admin/v1/cluster?digest=true", self.nodes[i].base_url()))
             .bearer_auth(&self.admin_token)
             .send()
             .map_err(|e| e.to_string())?;
