@@ -678,6 +678,7 @@ fn bench_store_in_process(args: &Args, system: &str, nodes: usize, viewer_batch_
                                 updated_at_ms: 0,
                                 expires_at_ms: 0,
                                 revision: 0,
+                                generation: 0,
                             };
                             let result = store.upsert_viewer(state).await.map(|_| ()).map_err(|e| e.to_string());
                             sequence += 1;

@@ -135,6 +135,20 @@ pub fn conf_change(change: ConfChangeType, raft_id: u64) -> ConfChangeV2 {
 impl<S: Storage> Replica<S> {
     /// Creates the driver over `storage` (which must hold the persisted raft state).
     pub fn new(config: ReplicaConfig, storage: S, logger: &slog::Logger) -> Result<Self, raft::Error> {
+        Self::new_with_election_ticks_max(config, None, storage, logger)
+    }
+
+    /// [`Replica::new`] with the upper bound of the randomized election timeout set: raft-rs
+    /// draws each timeout from `[election_ticks, election_ticks_max)` with `rand::thread_rng()`,
+    /// which nothing can seed. `Some(election_ticks + 1)` leaves one value, so the replica is
+    /// deterministic and the caller breaks split votes itself (the simulator jitters each
+    /// node's tick times from its seeded RNG). `None`: raft's default, `2 * election_ticks`.
+    pub fn new_with_election_ticks_max(
+        config: ReplicaConfig,
+        election_ticks_max: Option<usize>,
+        storage: S,
+        logger: &slog::Logger,
+    ) -> Result<Self, raft::Error> {
         let raft_config = raft::Config {
             id: config.raft_id,
             election_tick: config.election_ticks,
@@ -145,6 +159,9 @@ impl<S: Storage> Replica<S> {
             check_quorum: true,
             pre_vote: true,
             read_only_option: raft::ReadOnlyOption::Safe,
+            min_election_tick: config.election_ticks,
+            // 0 is raft's "2 * election_tick"; validate() refuses a max not above the min.
+            max_election_tick: election_ticks_max.unwrap_or(0),
             ..Default::default()
         };
         raft_config.validate()?;
@@ -588,6 +605,32 @@ mod tests {
         hb.term = 1000;
         hb.commit = 1_000_000;
         assert!(sim.replicas.get_mut(&follower).unwrap().step(hb).is_err());
+    }
+
+    #[test]
+    fn a_one_value_election_range_fixes_the_timeout() {
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let storage = MemStorage::new_with_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+        let config = ReplicaConfig {
+            raft_id: 1,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            applied_index: 0,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 64,
+            promote_lag_entries: 4,
+        };
+        let mut fixed = Replica::new_with_election_ticks_max(config.clone(), Some(11), storage, &logger).unwrap();
+        for _ in 0..20 {
+            fixed.node.raft.reset_randomized_election_timeout();
+            assert_eq!(fixed.node.raft.randomized_election_timeout(), 10);
+        }
+        // Without the bound the range is raft's default [10, 20); an empty range is refused.
+        let storage = MemStorage::new_with_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+        let default = Replica::new(config.clone(), storage, &logger).unwrap();
+        assert!((10..20).contains(&default.node.raft.randomized_election_timeout()));
+        let storage = MemStorage::new_with_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+        assert!(Replica::new_with_election_ticks_max(config, Some(10), storage, &logger).is_err());
     }
 
     #[test]

@@ -293,6 +293,11 @@ impl StateMachine {
                 let ttl_ms = self.viewer_ttl_ms();
                 let mut stored = Vec::with_capacity(viewers.len());
                 for v in viewers {
+                    if let Some(newer) = self.viewers.get(&v.viewer).filter(|s| s.generation > v.generation) {
+                        // A late write of a session the viewer left: the resumed one's state stays.
+                        stored.push(newer.clone());
+                        continue;
+                    }
                     let mut v = v.clone();
                     v.expires_at_ms = v.updated_at_ms.saturating_add(ttl_ms);
                     v.revision = index;
@@ -616,6 +621,7 @@ mod tests {
             updated_at_ms,
             expires_at_ms: 0,
             revision: 0,
+            generation: 0,
         }
     }
 
@@ -868,6 +874,33 @@ mod tests {
         .enumerate()
         {
             assert!(matches!(apply(&mut sm, 4 + i as u64, bad), Outcome::Rejected(_)));
+        }
+    }
+
+    #[test]
+    fn a_write_of_an_older_generation_never_replaces_a_resumed_state() {
+        let mut sm = StateMachine::default();
+        let mut resumed = viewer("v", 20);
+        resumed.generation = 1;
+        resumed.position_ms = 8_309;
+        apply(&mut sm, 1, Command::UpsertViewers { viewers: vec![resumed] });
+        // The session the viewer left writes late (simulator seed 7).
+        let mut late = viewer("v", 10);
+        late.position_ms = 7_050;
+        let outcome = apply(&mut sm, 2, Command::UpsertViewers { viewers: vec![late] });
+        assert!(
+            matches!(&outcome, Outcome::Viewers(v) if v[0].position_ms == 8_309),
+            "{outcome:?}"
+        );
+        assert_eq!(sm.viewers()[&ViewerId::from("v")].position_ms, 8_309);
+        assert_eq!(sm.viewers()[&ViewerId::from("v")].revision, 1);
+        // The same generation writes in log order; a newer one too.
+        for (index, generation, position) in [(3, 1, 9_000), (4, 2, 9_500)] {
+            let mut next = viewer("v", 30);
+            next.generation = generation;
+            next.position_ms = position;
+            apply(&mut sm, index, Command::UpsertViewers { viewers: vec![next] });
+            assert_eq!(sm.viewers()[&ViewerId::from("v")].position_ms, position);
         }
     }
 

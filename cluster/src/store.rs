@@ -1255,7 +1255,10 @@ impl Store {
                 let entry = pending
                     .entry(u.state.viewer.clone())
                     .or_insert_with(|| (u.state.clone(), Vec::new()));
-                entry.0 = u.state; // last write per viewer wins
+                // Last write per viewer wins, but never over a newer generation (a resume).
+                if u.state.generation >= entry.0.generation {
+                    entry.0 = u.state;
+                }
                 entry.1.push(u.reply);
             };
             add(first, &mut pending);

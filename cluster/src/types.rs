@@ -166,6 +166,12 @@ pub struct ViewerState {
     pub expires_at_ms: u64,
     /// Raft index of the write that produced this state (set by the state machine).
     pub revision: u64,
+    /// The viewer's session generation: a resume writes with one more than the state it took
+    /// over, and the state machine ignores writes of an older generation, so a late write of the
+    /// session a viewer left (queued on a node that could not commit, or its final write) never
+    /// puts an older state back. Found by the simulator (seed 7).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl ViewerState {

@@ -42,6 +42,7 @@ fn register(value: u64) -> ViewerState {
         updated_at_ms: 0,
         expires_at_ms: 0,
         revision: 0,
+        generation: 0,
     }
 }
 

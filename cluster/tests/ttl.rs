@@ -30,6 +30,7 @@ fn viewer(id: &str) -> ViewerState {
         updated_at_ms: 0,
         expires_at_ms: 0,
         revision: 0,
+        generation: 0,
     }
 }
 

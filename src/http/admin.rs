@@ -664,6 +664,8 @@ pub struct ViewerView {
     expires_at_ms: u64,
     /// Raft index of the write that produced it.
     revision: u64,
+    /// Session generation: one more per resume; older generations' writes are ignored.
+    generation: u64,
 }
 
 impl From<&ViewerState> for ViewerView {
@@ -682,6 +684,7 @@ impl From<&ViewerState> for ViewerView {
             updated_at_ms: viewer.updated_at_ms,
             expires_at_ms: viewer.expires_at_ms,
             revision: viewer.revision,
+            generation: viewer.generation,
         }
     }
 }
@@ -738,6 +741,12 @@ pub async fn viewer_put(
             "at most {VIEWER_SUBSCRIPTIONS_MAX} subscriptions and layers"
         )));
     }
+    // The operator's write takes the stored generation: it replaces the state in log order.
+    let generation = state
+        .store
+        .viewer(&id, Consistency::Local)
+        .await?
+        .map_or(0, |stored| stored.generation);
     let viewer = ViewerState {
         viewer: id,
         room: mediamesh_cluster::RoomId(update.room),
@@ -754,6 +763,7 @@ pub async fn viewer_put(
         updated_at_ms: 0,
         expires_at_ms: 0,
         revision: 0,
+        generation,
     };
     let stored = state.store.upsert_viewer(viewer).await?;
     Ok(HttpResponse::Ok().json(ViewerView::from(&stored)))

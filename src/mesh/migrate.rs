@@ -16,7 +16,7 @@ use mediamesh_actors::room::{RoomReply, RoomRequest, room_info};
 use mediamesh_actors::{Access, RoomId};
 use mediamesh_cluster::mesh::drain::{Drain, DrainAction, DrainConfig};
 use mediamesh_cluster::mesh::migration::{Migration, MigrationAction, MigrationEvent, MigrationOutcome};
-use mediamesh_cluster::{NodeState, StoreError};
+use mediamesh_cluster::{Consistency, NodeState, StoreError};
 use mediamesh_proto::mesh::v1 as pb;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -181,17 +181,7 @@ async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Mo
                     });
                 }
                 MigrationAction::ProposeFlip { expected_epoch, to } => {
-                    let flipped = mesh
-                        .store
-                        .place_room_cas(mediamesh_cluster::RoomId::new(room.to_string()), expected_epoch, to)
-                        .await;
-                    events.push_back(match flipped {
-                        Ok(placement) => MigrationEvent::Flipped { epoch: placement.epoch },
-                        Err(StoreError::EpochConflict { current, .. }) => MigrationEvent::FlipConflict {
-                            current_epoch: current.map(|p| p.epoch),
-                        },
-                        Err(error) => MigrationEvent::HandoffFailed(error.to_string()),
-                    });
+                    events.push_back(flip(mesh, room, expected_epoch, to).await);
                 }
                 MigrationAction::TellClientsMoved { to, epoch } => {
                     if let Ok(mut client) = mesh.client(to.as_str()) {
@@ -229,6 +219,52 @@ async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Mo
                     tracing::warn!(room = %room, to = %to, %reason, "migration failed");
                     return Err(MigrateError::Failed(reason));
                 }
+            }
+        }
+    }
+}
+
+/// How long a flip whose outcome is unknown is proposed again before the migration gives up.
+const FLIP_OUTCOME_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Proposes the directory flip and learns its outcome. A proposal that timed out (no leader, a
+/// partition) may still commit, so it is proposed again until the store answers: a flip that
+/// did apply then comes back as the conflict's current placement (`to` at `expected + 1`).
+/// Without this, an unknown outcome left the migration flipping forever (found by the
+/// simulator, seed 16). After [`FLIP_OUTCOME_DEADLINE`] it reports a conflict with what this
+/// replica shows; if the flip commits later, the fence check and the relay put the room right.
+async fn flip(
+    mesh: &Arc<Mesh>,
+    room: &RoomId,
+    expected_epoch: Option<u64>,
+    to: mediamesh_cluster::NodeId,
+) -> MigrationEvent {
+    let id = mediamesh_cluster::RoomId::new(room.to_string());
+    let deadline = Instant::now() + FLIP_OUTCOME_DEADLINE;
+    loop {
+        match mesh.store.place_room_cas(id.clone(), expected_epoch, to.clone()).await {
+            Ok(placement) => return MigrationEvent::Flipped { epoch: placement.epoch },
+            Err(StoreError::EpochConflict { current }) => {
+                let ours = expected_epoch.and_then(|e| e.checked_add(1));
+                return match current {
+                    Some(current) if current.node == to && Some(current.epoch) == ours => {
+                        MigrationEvent::Flipped { epoch: current.epoch }
+                    }
+                    current => MigrationEvent::FlipConflict {
+                        current_epoch: current.map(|p| p.epoch),
+                    },
+                };
+            }
+            Err(error) if Instant::now() < deadline => {
+                tracing::info!(room = %room, %error, "flip outcome unknown; proposing it again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => {
+                tracing::warn!(room = %room, %error, "flip outcome still unknown; giving up");
+                let current = mesh.store.room(&id, Consistency::Local).await.ok().flatten();
+                return MigrationEvent::FlipConflict {
+                    current_epoch: current.map(|p| p.epoch),
+                };
             }
         }
     }

@@ -212,6 +212,9 @@ struct Joined {
     region: Option<String>,
     /// The display name as the store keeps it (masked when it has Hangul, see `--mask-names`).
     display_name: String,
+    /// The state's generation: one more than the state a resume took over, so the store ignores
+    /// late writes of the session the viewer left.
+    generation: u64,
 }
 
 impl Joined {
@@ -232,6 +235,7 @@ impl Joined {
             updated_at_ms: 0,
             expires_at_ms: 0,
             revision: 0,
+            generation: self.generation,
         }
     }
 }
@@ -598,6 +602,7 @@ impl Session {
                 .or_else(|| self.region.clone())
                 .or_else(|| claims.region.clone()),
             display_name: mediamesh_actors::pii::shown_name(&display_name, self.ctx.mask_names),
+            generation: resumed.as_ref().map_or(0, |state| state.generation.saturating_add(1)),
         };
         if let Some(state) = &resumed {
             joined.selection = (!state.subscriptions.is_empty()).then(|| state.subscriptions.clone());
