@@ -202,6 +202,7 @@ fn typical_viewer(i: usize, now: u64) -> ViewerState {
         updated_at_ms: now,
         expires_at_ms: 0,
         revision: 0,
+        generation: 0,
     }
 }
 
