@@ -310,7 +310,6 @@ pub async fn run(
         body_bytes_max: config.body_bytes_max,
         store: store.clone(),
         mesh: Arc::clone(&mesh),
-        usage: Arc::clone(&usage),
         mask_names: config.mask_names,
         start_drain: Arc::clone(&start_drain),
         test_faults: config.test_faults,

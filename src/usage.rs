@@ -167,6 +167,11 @@ impl UsageMeter {
         self.ledger.lock().open_sessions()
     }
 
+    /// (day, room) pairs dropped because the store stayed unavailable too long.
+    pub fn dropped(&self) -> u64 {
+        self.ledger.lock().dropped
+    }
+
     /// Writes what was counted to the store (all of it back into the ledger on failure).
     pub async fn flush(&self, store: &Store) -> Result<usize, mediamesh_cluster::StoreError> {
         let now = self.now_ms();
@@ -187,13 +192,6 @@ impl UsageMeter {
                 Err(error)
             }
         }
-    }
-}
-
-impl UsageMeter {
-    /// (day, room) pairs dropped because the store stayed unavailable too long.
-    pub fn dropped(&self) -> u64 {
-        self.ledger.lock().dropped
     }
 }
 

@@ -8,6 +8,7 @@ use super::AppState;
 use super::problem::ApiError;
 use crate::auth::{self, Grant};
 use crate::clock;
+use crate::mesh::migrate::Moved;
 use crate::mesh::overview::{self, Gathered};
 use actix_web::{HttpRequest, HttpResponse, web};
 use mediamesh_actors::RoomId;
@@ -406,17 +407,6 @@ pub struct MigrateBody {
     to: String,
 }
 
-/// A finished migration.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct MovedView {
-    room: String,
-    from: String,
-    to: String,
-    /// The room's epoch on its new host.
-    epoch: u64,
-    elapsed_ms: u64,
-}
-
 fn status_error(status: tonic::Status) -> ApiError {
     use tonic::Code;
     let message = status.message().to_string();
@@ -434,7 +424,7 @@ fn status_error(status: tonic::Status) -> ApiError {
     params(("room" = String, Path, description = "Room name", pattern = "^[A-Za-z0-9_.-]{1,128}$")),
     request_body(content = MigrateBody, content_type = "application/json"),
     responses(
-        (status = 200, description = "The room moved", body = MovedView),
+        (status = 200, description = "The room moved", body = Moved),
         (status = 400, description = "Invalid room name or body"),
         (status = 404, description = "The room is not placed on any node, or the target node is not in the cluster"),
         (status = 409, description = "The room is being migrated or is on the target already, the target is not alive, or the room's host changed"),
@@ -459,16 +449,9 @@ pub async fn migrate(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("room {room} is not placed on any node")))?;
     let moved = if placement.node.as_str() == state.node_id {
-        let moved = crate::mesh::migrate::migrate(&state.mesh, &room, &body.to)
+        crate::mesh::migrate::migrate(&state.mesh, &room, &body.to)
             .await
-            .map_err(|e| status_error(e.into()))?;
-        MovedView {
-            room: moved.room,
-            from: moved.from,
-            to: moved.to,
-            epoch: moved.epoch,
-            elapsed_ms: moved.elapsed_ms,
-        }
+            .map_err(|e| status_error(e.into()))?
     } else {
         let mut client = state
             .mesh
@@ -483,7 +466,7 @@ pub async fn migrate(
             .await
             .map_err(status_error)?
             .into_inner();
-        MovedView {
+        Moved {
             room: room.to_string(),
             from: placement.node.as_str().to_string(),
             to: reply.to,

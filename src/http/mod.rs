@@ -31,8 +31,6 @@ pub struct AppState {
     pub mesh: Arc<crate::mesh::Mesh>,
     /// Starts a drain of this node (false: one is running already).
     pub start_drain: crate::mesh::service::DrainStarter,
-    /// The usage meter (viewer time not yet in the store's ledger).
-    pub usage: Arc<crate::usage::UsageMeter>,
     /// `--mask-names`: names with Hangul are shown masked.
     pub mask_names: bool,
     /// `--test-faults`: the partition endpoint answers (else 404).

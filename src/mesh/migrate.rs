@@ -78,12 +78,13 @@ impl From<MigrateError> for tonic::Status {
     }
 }
 
-/// A finished migration.
-#[derive(Debug, Clone, serde::Serialize)]
+/// A finished migration (also the admin API's answer to a migrate).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Moved {
     pub room: String,
     pub from: String,
     pub to: String,
+    /// The room's epoch on its new host.
     pub epoch: u64,
     pub elapsed_ms: u64,
 }
@@ -95,12 +96,7 @@ pub async fn migrate(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Moved,
     let span = tracing::info_span!("room.migrate", room = %room, to = %to, epoch = tracing::field::Empty);
     let in_flight = InFlight::begin(mesh, room.as_str(), to).ok_or_else(|| MigrateError::Busy(room.to_string()))?;
     let moved = migrate_in_span(mesh, room, to).instrument(span).await;
-    in_flight.finish(
-        moved
-            .as_ref()
-            .map(|m| (m.epoch, m.elapsed_ms))
-            .map_err(ToString::to_string),
-    );
+    in_flight.finish(moved.as_ref().map(|m| m.epoch).map_err(ToString::to_string));
     moved
 }
 

@@ -78,12 +78,13 @@ impl InFlight {
         })
     }
 
-    /// Records the outcome among the recent migrations.
-    pub fn finish(self, outcome: Result<(u64, u64), String>) {
+    /// Records the outcome (the room's new epoch, or why it did not move) among the recent
+    /// migrations.
+    pub fn finish(self, outcome: Result<u64, String>) {
         let mut log = self.mesh.migrations.lock();
         if let Some((record, started)) = log.in_flight.remove(&self.room) {
             let (epoch, ok, error) = match outcome {
-                Ok((epoch, _)) => (epoch, true, String::new()),
+                Ok(epoch) => (epoch, true, String::new()),
                 Err(error) => (0, false, error),
             };
             log.recent.push_front(pb::MigrationRecord {
