@@ -22,6 +22,7 @@ As a module fixture::
 from __future__ import annotations
 
 import secrets
+import signal
 import threading
 import time
 from pathlib import Path
@@ -143,9 +144,10 @@ class Cluster:
                    what=f"{len(self.nodes)} voters{' (alive)' if require_alive else ''} with one leader")
 
     def stop(self) -> None:
-        """Stops every node at once (SIGTERM: each drains, then exits; SIGKILL after 10 s)."""
+        """Stops every node at once with SIGINT (SIGKILL after 10 s). Not SIGTERM: a draining
+        node would move its rooms to nodes that are stopping too and wait out its deadline."""
         running = [n for n in self.nodes if n.proc is not None]
-        threads = [threading.Thread(target=stop_node, args=(n,), daemon=True) for n in running]
+        threads = [threading.Thread(target=stop_node, args=(n, signal.SIGINT), daemon=True) for n in running]
         for t in threads:
             t.start()
         for t in threads:

@@ -236,11 +236,13 @@ class Node:
         print(f"[e2e] node ready in {time.monotonic() - t0:.2f}s at {self.base} (pid {self.proc.pid})")
         return self
 
-    def stop(self, term_timeout: float = 10.0) -> int:
+    def stop(self, term_timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+        """Stops the node with ``sig`` (SIGTERM drains it first, SIGINT stops it at once), then
+        SIGKILL after ``term_timeout``."""
         if self.proc is None:
             return self.exit_code or 0
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(term_timeout)
                 self.graceful = True
@@ -255,7 +257,7 @@ class Node:
         self._log = self._stderr = None
         assert self.proc.poll() is not None, "mediamesh node did not exit"
         print(f"[e2e] node stopped: exit code {self.exit_code}, "
-              f"{'SIGTERM' if self.graceful else 'SIGKILL needed' if self.graceful is False else 'already exited'}")
+              f"{signal.Signals(sig).name if self.graceful else 'SIGKILL needed' if self.graceful is False else 'already exited'}")
         return self.exit_code
 
     @property
@@ -353,9 +355,10 @@ def start_node(workdir: Path, **kw) -> Node:
     return start_or_fail(Node(require_binary(), workdir, **kw))
 
 
-def stop_node(n: Node) -> None:
-    """Stop ``n``; with MEDIAMESH_E2E_KEEP=1 print where its data dir and logs are kept."""
-    n.stop()
+def stop_node(n: Node, sig: int = signal.SIGTERM) -> None:
+    """Stop ``n`` (with ``sig``, see ``Node.stop``); with MEDIAMESH_E2E_KEEP=1 print where its
+    data dir and logs are kept."""
+    n.stop(sig=sig)
     if os.environ.get("MEDIAMESH_E2E_KEEP") == "1":
         print(f"[e2e] kept {n.workdir}")
 
