@@ -512,3 +512,75 @@ async fn whep_with_a_resume_token_takes_the_viewer_state_back() {
     viewer.close().await;
     source.close().await;
 }
+
+/// A session answered with another session's viewer state has lost the viewer (the
+/// simulator's seed 30: two resumes from one state). Here the operator takes the viewer over
+/// with another session (`PUT` with a new `session`): the live session's next position write
+/// is answered with the operator's state, it ends with `replaced`, and the SDK resumes from the
+/// operator's state, one generation up, under a session of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_viewer_is_taken_over_ends_replaced_and_its_client_resumes() {
+    let node = start_node(&[]).await;
+    let room = "sig-takeover";
+    let source = join(&node, room, Role::Publisher, Transport::WebSocket).await;
+    let sink = join(&node, room, Role::Subscriber, Transport::WebSocket).await;
+    let viewer = sink.session();
+    let mut events = sink.events();
+    let before = viewer_state(&node, &viewer).await;
+    let (first_session, generation) = (
+        before["session"].as_str().expect("session").to_string(),
+        before["generation"].as_u64().expect("generation"),
+    );
+    assert_ne!(
+        first_session, viewer,
+        "a signal session writes under its own id: {before}"
+    );
+    let url = format!("{}/admin/v1/viewers/{viewer}", node.base);
+    let put = |body: serde_json::Value| {
+        let (url, token) = (url.clone(), node.admin_token());
+        async move {
+            reqwest::Client::new()
+                .put(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .expect("PUT answers")
+        }
+    };
+    // Without a session the operator writes as the live one: nothing is taken over.
+    let response = put(serde_json::json!({ "room": room, "position_ms": 1_000 })).await;
+    assert_eq!(response.status(), 200);
+    let written: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(
+        (written["session"].as_str(), written["generation"].as_u64()),
+        (Some(first_session.as_str()), Some(generation)),
+        "{written}"
+    );
+    // With another session, the operator takes the viewer over.
+    let response = put(serde_json::json!({ "room": room, "position_ms": 777_000, "session": "operator" })).await;
+    assert_eq!(response.status(), 200);
+    let written: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(written["generation"].as_u64(), Some(generation + 1), "{written}");
+    let wait = async {
+        let mut replaced = false;
+        loop {
+            match events.recv().await {
+                Ok(mediamesh_sdk::Event::Error { code, .. }) if code == "replaced" => replaced = true,
+                Ok(mediamesh_sdk::Event::Reconnected { resumed, session }) => return (replaced, resumed, session),
+                _ => {}
+            }
+        }
+    };
+    let (replaced, resumed, session) = tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .expect("the taken-over session ends and its client comes back within 20 s");
+    assert!(replaced, "the session ended with `replaced`");
+    assert!(resumed && session == viewer, "resumed as the same viewer");
+    let after = viewer_state(&node, &viewer).await;
+    assert_eq!(after["generation"].as_u64(), Some(generation + 2), "{after}");
+    let owner = after["session"].as_str().unwrap_or_default();
+    assert!(owner != first_session && owner != "operator", "{after}");
+    sink.close().await;
+    source.close().await;
+}

@@ -31,8 +31,9 @@ pub trait RoomDirectory: Send + Sync + 'static {
     /// Where `room` lives, placing it first if nobody hosts it (or its host is gone): by
     /// `region` preference and load (`Here` means the node asking).
     fn locate(&self, room: RoomId, region: Option<String>) -> BoxFuture<'static, Result<Location, String>>;
-    /// The room's current host from this node's replica, without placing it (fencing checks:
-    /// cheap, possibly a little stale). `None` when the room is not placed.
+    /// The room's current host from this node's replica (fencing checks: cheap, possibly a
+    /// little stale). `None` when the room is not placed. A placement naming a node that is no
+    /// longer in the cluster is placed again first, as `locate` would.
     fn current(&self, room: RoomId) -> BoxFuture<'static, Result<Option<Host>, String>>;
     /// Gives up a claim made under `epoch` (the room closed). Stale epochs are ignored.
     fn release(&self, room: RoomId, node: NodeId, epoch: u64) -> BoxFuture<'static, ()>;

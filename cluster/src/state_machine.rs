@@ -293,9 +293,10 @@ impl StateMachine {
                 let ttl_ms = self.viewer_ttl_ms();
                 let mut stored = Vec::with_capacity(viewers.len());
                 for v in viewers {
-                    if let Some(newer) = self.viewers.get(&v.viewer).filter(|s| s.generation > v.generation) {
-                        // A late write of a session the viewer left: the resumed one's state stays.
-                        stored.push(newer.clone());
+                    if let Some(owner) = self.viewers.get(&v.viewer).filter(|s| !s.accepts(v)) {
+                        // A late write of a session the viewer left, or of a resume that lost the
+                        // claim to another one from the same state: the owner's state stays.
+                        stored.push(owner.clone());
                         continue;
                     }
                     let mut v = v.clone();
@@ -902,6 +903,61 @@ mod tests {
             apply(&mut sm, index, Command::UpsertViewers { viewers: vec![next] });
             assert_eq!(sm.viewers()[&ViewerId::from("v")].position_ms, position);
         }
+    }
+
+    #[test]
+    fn of_two_resumes_from_one_state_the_first_claim_owns_the_viewer() {
+        let mut sm = StateMachine::default();
+        apply(
+            &mut sm,
+            1,
+            Command::UpsertViewers {
+                viewers: vec![viewer("v", 10)],
+            },
+        );
+        // Two sessions resumed the state of generation 0 (simulator seed 30): both write
+        // generation 1. The first to commit claims the viewer.
+        let resume = |session: &str, position_ms: u64| ViewerState {
+            session: session.into(),
+            position_ms,
+            generation: 1,
+            ..viewer("v", 20)
+        };
+        apply(
+            &mut sm,
+            2,
+            Command::UpsertViewers {
+                viewers: vec![resume("b", 4_070)],
+            },
+        );
+        let outcome = apply(
+            &mut sm,
+            3,
+            Command::UpsertViewers {
+                viewers: vec![resume("a", 2_718)],
+            },
+        );
+        assert!(
+            matches!(&outcome, Outcome::Viewers(v) if v[0].session == "b" && v[0].revision == 2),
+            "the loser is answered with the owner's state: {outcome:?}"
+        );
+        assert_eq!(sm.viewers()[&ViewerId::from("v")].position_ms, 4_070);
+        // The owner goes on writing; the loser resumes again from the owner's state.
+        apply(
+            &mut sm,
+            4,
+            Command::UpsertViewers {
+                viewers: vec![resume("b", 5_000)],
+            },
+        );
+        assert_eq!(sm.viewers()[&ViewerId::from("v")].position_ms, 5_000);
+        let again = ViewerState {
+            generation: 2,
+            ..resume("a", 5_000)
+        };
+        apply(&mut sm, 5, Command::UpsertViewers { viewers: vec![again] });
+        assert_eq!(sm.viewers()[&ViewerId::from("v")].session, "a");
+        assert!(!sm.viewers()[&ViewerId::from("v")].accepts(&resume("b", 6_000)));
     }
 
     #[test]

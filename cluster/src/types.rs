@@ -147,7 +147,9 @@ pub struct ViewerState {
     pub room: RoomId,
     /// Node serving the viewer.
     pub node: NodeId,
-    /// Session id.
+    /// The signal session that writes it: unique per session, so a resume gets a new one
+    /// (with one more generation). Of two sessions with the same generation (two resumes
+    /// that took over the same state) only the one whose write committed first may write.
     pub session: String,
     /// The viewer's display name as the edge chose to keep it (masked unless the operator
     /// turned masking off; never the raw name then). Empty: none.
@@ -175,6 +177,15 @@ pub struct ViewerState {
 }
 
 impl ViewerState {
+    /// Whether a write of `update` may replace this stored state: a newer generation (a
+    /// resume took the viewer over), or the same generation from the same session. A write of
+    /// an older generation is a late write of a session the viewer left (simulator seed 7); a
+    /// write of the same generation from another session is a resume that lost the claim to
+    /// another resume of the same state (seed 30). Both leave the owner's state.
+    pub fn accepts(&self, update: &ViewerState) -> bool {
+        update.generation > self.generation || (update.generation == self.generation && update.session == self.session)
+    }
+
     /// Checks ids and limits.
     pub fn validate(&self) -> Result<(), String> {
         self.viewer.validate()?;

@@ -1170,8 +1170,8 @@ mod tests {
         c.after_step(AT, &[], &BTreeMap::new());
         assert!(c.violations().is_empty(), "{:?}", c.violations());
         assert_eq!(c.reference().viewers()[&ViewerId::from("v")], acked);
-        // A write of the same generation that goes back (two sessions resumed from one state)
-        // does put an older position back.
+        // Nor one of the same generation from another session (of two resumes from one state,
+        // the first write to commit owns the viewer: seed 30).
         apply(
             &mut c,
             0,
@@ -1180,6 +1180,22 @@ mod tests {
             vec![Command::UpsertViewers {
                 viewers: vec![ViewerState {
                     generation: 1,
+                    ..viewer(200, 900, "other")
+                }],
+            }],
+        );
+        c.after_step(AT, &[], &BTreeMap::new());
+        assert!(c.violations().is_empty(), "{:?}", c.violations());
+        // A newer generation that goes back (a resume from a state older than the
+        // acknowledged one) does put an older position back.
+        apply(
+            &mut c,
+            0,
+            5,
+            4,
+            vec![Command::UpsertViewers {
+                viewers: vec![ViewerState {
+                    generation: 2,
                     ..viewer(200, 900, "other")
                 }],
             }],

@@ -12,7 +12,8 @@
 //!   is placed by [`placement::choose`] through a `PlaceRoom` compare-and-set (3 attempts).
 //! - **rooms** (`actors/src/room.rs`): a local room is `Host { epoch }` or `Relay { host }`;
 //!   `promote` and `demote` as the room actor does them; the fence every
-//!   [`FENCE_INTERVAL_MS`] compares the mode with this node's replica.
+//!   [`FENCE_INTERVAL_MS`] compares the mode with this node's replica, and locates a room
+//!   again whose host left the cluster (`StoreDirectory::current`).
 //! - **relays** (`src/mesh/relay.rs`): a relayed room with viewers keeps asking its host for the
 //!   stream (`Watch`, standing in for `PullTrack`); a host that stays silent for
 //!   [`RELAY_SILENT_MS`] or answers that it does not host makes the relay re-locate.
@@ -914,6 +915,9 @@ impl Live {
                 continue;
             };
             if !self.sm.nodes().contains_key(&current.node) {
+                // Its host left the cluster: placed again, as a join would (`StoreDirectory::
+                // current`); the next fence follows the new placement (seed 2639).
+                self.ensure_room(ctx, room, RoomWaiter::Relocate);
                 continue;
             }
             let Some(mode) = self.control.rooms.get(&room).map(|r| r.mode.clone()) else {

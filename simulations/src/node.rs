@@ -42,7 +42,7 @@ use crate::config::{
 };
 use crate::control::Control;
 use crate::message::{ClientId, ClientReply, ForwardResult, NodeIndex, Payload};
-use crate::sessions::{Sessions, Waiter};
+use crate::sessions::{Sessions, Writers};
 use crate::storage::SimStorage;
 
 /// Rounds of "issue, process readies, dispatch completions" one input may cause, at most.
@@ -226,7 +226,7 @@ pub enum Purpose {
     /// A migration's flip.
     Flip { migration: u64 },
     /// A batch of viewer upserts.
-    ViewerBatch { waiters: Vec<(ViewerId, Vec<Waiter>)> },
+    ViewerBatch { waiters: Vec<(ViewerId, Writers)> },
     /// A resume reads the viewer state (linearizable).
     ResumeRead { join: u64 },
     /// A closing hosted room releases its placement.

@@ -9,7 +9,9 @@
 //!   Every write carries the session's generation (`Joined::generation`): 0 for a new session,
 //!   one more than the state it took over for a resume; the state machine ignores a write of
 //!   an older generation, so a late write of the session the viewer left never puts an older
-//!   state back.
+//!   state back, and one of the same generation only from the session whose write committed
+//!   first (`ViewerState::accepts`). A writer answered with another session's state lost the
+//!   viewer (`persist_viewer`): its waiter fails and its session ends, without a final write.
 //! - **Position**: a write of the session's state (batched).
 //! - **Disconnect**, **moved**, **closed**: the session ends and writes its state once more
 //!   (a fresh stamp: the window counts from the drop); the state stays for a resume.
@@ -45,6 +47,9 @@ pub struct Session {
     pub generation: u64,
 }
 
+/// The writes of one viewer in a batch: the writing session's name and who waits, each.
+pub type Writers = Vec<(String, Waiter)>;
+
 /// Who waits for a viewer write.
 #[derive(Clone, Debug)]
 pub enum Waiter {
@@ -72,7 +77,7 @@ struct Join {
 pub struct Sessions {
     /// Open sessions, by viewer.
     pub by_viewer: BTreeMap<ViewerId, Session>,
-    queue: BTreeMap<ViewerId, (ViewerState, Vec<Waiter>)>,
+    queue: BTreeMap<ViewerId, (ViewerState, Writers)>,
     queued_since_ms: Option<u64>,
     window_timer_at_ms: Option<u64>,
     in_flight: usize,
@@ -248,11 +253,11 @@ impl Live {
             .queue
             .entry(state.viewer.clone())
             .or_insert_with(|| (state.clone(), Vec::new()));
+        entry.1.push((state.session.clone(), waiter));
         // Last write per viewer wins, but never over a newer generation (a resume).
         if state.generation >= entry.0.generation {
             entry.0 = state;
         }
-        entry.1.push(waiter);
         if self.sessions.queued_since_ms.is_none() {
             self.sessions.queued_since_ms = Some(ctx.now_ms);
         }
@@ -296,13 +301,11 @@ impl Live {
         );
     }
 
-    /// A viewer batch committed (or failed).
-    pub(crate) fn viewer_batch_done(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        waiters: Vec<(ViewerId, Vec<Waiter>)>,
-        result: OpResult,
-    ) {
+    /// A viewer batch committed (or failed). A writer the store answers with another
+    /// session's state lost the viewer (`persist_viewer`): a resume took it over, or it was a
+    /// resume that lost the claim to another resume of the same state. Its session ends here
+    /// without a final write, and its waiter fails, so a client still there resumes again.
+    pub(crate) fn viewer_batch_done(&mut self, ctx: &mut Ctx<'_>, waiters: Vec<(ViewerId, Writers)>, result: OpResult) {
         self.sessions.in_flight = self.sessions.in_flight.saturating_sub(1);
         let stored: Result<BTreeMap<ViewerId, ViewerState>, String> = match result {
             Ok(mut outcomes) => match outcomes.pop() {
@@ -312,9 +315,20 @@ impl Live {
             Err(e) => Err(e.to_string()),
         };
         for (viewer, ws) in waiters {
-            for waiter in ws {
+            for (session, waiter) in ws {
                 match stored.as_ref().map(|s| s.get(&viewer)) {
-                    Ok(Some(state)) => self.viewer_write_acked(ctx, waiter, state.clone()),
+                    Ok(Some(state)) if state.session == session => self.viewer_write_acked(ctx, waiter, state.clone()),
+                    Ok(Some(_)) => {
+                        if self
+                            .sessions
+                            .by_viewer
+                            .get(&viewer)
+                            .is_some_and(|s| s.session == session)
+                        {
+                            self.sessions.by_viewer.remove(&viewer);
+                        }
+                        self.viewer_write_failed(ctx, waiter, "taken over by another session".into());
+                    }
                     Ok(None) => self.viewer_write_failed(ctx, waiter, "no stored state".into()),
                     Err(e) => self.viewer_write_failed(ctx, waiter, e.clone()),
                 }

@@ -605,7 +605,9 @@ pub struct ViewerUpdate {
     /// The room watched.
     #[schema(min_length = 1, max_length = 128)]
     room: String,
-    /// Session id [default: "admin"].
+    /// The writing session [default: the stored state's, else "admin"]. The stored session
+    /// keeps the viewer; another one takes it over (the live session, if any, ends with
+    /// `replaced` and its client resumes).
     #[serde(default)]
     session: Option<String>,
     /// The node serving the viewer [default: the answering node].
@@ -706,7 +708,7 @@ pub async fn viewer_get(
     responses(
         (status = 200, description = "The stored state", body = ViewerView),
         (status = 400, description = "Invalid viewer id or body"),
-        (status = 409, description = "The store refused the write"),
+        (status = 409, description = "The store refused the write, or a resume took the viewer over meanwhile"),
         (status = 413, description = "Body too large"),
         (status = 415, description = "Body is not application/json"),
     ))]
@@ -724,17 +726,19 @@ pub async fn viewer_put(
             "at most {VIEWER_SUBSCRIPTIONS_MAX} subscriptions and layers"
         )));
     }
-    // The operator's write takes the stored generation: it replaces the state in log order.
-    let generation = state
-        .store
-        .viewer(&id, Consistency::Local)
-        .await?
-        .map_or(0, |stored| stored.generation);
+    // The operator writes as the stored session (in log order with its writes), or takes the
+    // viewer over with another one (one generation more).
+    let stored = state.store.viewer(&id, Consistency::Local).await?;
+    let (session, generation) = match (update.session, stored) {
+        (Some(session), Some(stored)) if session != stored.session => (session, stored.generation + 1),
+        (session, Some(stored)) => (session.unwrap_or(stored.session), stored.generation),
+        (session, None) => (session.unwrap_or_else(|| "admin".into()), 0),
+    };
     let viewer = ViewerState {
         viewer: id,
         room: mediamesh_cluster::RoomId(update.room),
         node: mediamesh_cluster::NodeId(update.node.unwrap_or_else(|| state.node_id.clone())),
-        session: update.session.unwrap_or_else(|| "admin".into()),
+        session: session.clone(),
         // The raw name never reaches the store when it is to be masked.
         display_name: update
             .display_name
@@ -749,6 +753,12 @@ pub async fn viewer_put(
         generation,
     };
     let stored = state.store.upsert_viewer(viewer).await?;
+    if stored.session != session || stored.generation != generation {
+        return Err(ApiError::Conflict(format!(
+            "a resume took the viewer over meanwhile (session generation {}); read it and write again",
+            stored.generation
+        )));
+    }
     Ok(HttpResponse::Ok().json(ViewerView::from(&stored)))
 }
 

@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// Track ids one subscribe or unsubscribe may name, and a viewer may hold.
@@ -212,6 +213,9 @@ struct Joined {
     region: Option<String>,
     /// The display name as the store keeps it (masked when it has Hangul, see `--mask-names`).
     display_name: String,
+    /// This signal session's own id in the viewer state (`ViewerState::session`): the store
+    /// takes writes of one generation from one session only.
+    session: String,
     /// The state's generation: one more than the state a resume took over, so the store ignores
     /// late writes of the session the viewer left.
     generation: u64,
@@ -227,7 +231,7 @@ impl Joined {
             viewer: mediamesh_cluster::ViewerId::new(self.viewer.clone()),
             room: mediamesh_cluster::RoomId::new(self.room.to_string()),
             node: mediamesh_cluster::NodeId::new(node),
-            session: self.viewer.clone(),
+            session: self.session.clone(),
             display_name: self.display_name.clone(),
             position_ms: self.position_ms,
             subscriptions: self.selection.clone().unwrap_or_default(),
@@ -602,6 +606,7 @@ impl Session {
                 .or_else(|| self.region.clone())
                 .or_else(|| claims.region.clone()),
             display_name: mediamesh_actors::pii::shown_name(&display_name, self.ctx.mask_names),
+            session: SessionId::generate().to_string(),
             generation: resumed.as_ref().map_or(0, |state| state.generation.saturating_add(1)),
         };
         if let Some(state) = &resumed {
@@ -611,7 +616,11 @@ impl Session {
         }
         if role.subscribe {
             let (tx, rx) = watch::channel(None);
-            joined.persister = Some(tokio::spawn(persist_viewer(self.ctx.store.clone(), rx)));
+            joined.persister = Some(tokio::spawn(persist_viewer(
+                self.ctx.store.clone(),
+                rx,
+                joined.registration.cancelled.clone(),
+            )));
             joined.persist = Some(tx);
         }
         tracing::info!(
@@ -968,14 +977,34 @@ fn require(allowed: bool, what: &str) -> Result<(), Refusal> {
 
 /// Writes each new viewer state to the store in order, coalescing bursts; flushes the last one
 /// when the session drops its sender.
-async fn persist_viewer(store: mediamesh_cluster::Store, mut states: watch::Receiver<Option<ViewerState>>) {
+///
+/// When the store answers with another session's state, another session owns the viewer: a
+/// resume elsewhere took it over, or this session was a resume that lost the claim to another
+/// resume of the same state. The persister then cancels `replaced` (the session ends with
+/// `replaced`, and a client still there resumes again, from the owner's state) and writes no
+/// more.
+async fn persist_viewer(
+    store: mediamesh_cluster::Store,
+    mut states: watch::Receiver<Option<ViewerState>>,
+    replaced: CancellationToken,
+) {
     // `changed` still reports a value sent just before the sender went away.
     while states.changed().await.is_ok() {
         let state = states.borrow_and_update().clone();
-        if let Some(state) = state
-            && let Err(error) = store.upsert_viewer(state).await
-        {
-            tracing::debug!(%error, "viewer state not written");
+        let Some(state) = state else { continue };
+        let session = state.session.clone();
+        match store.upsert_viewer(state).await {
+            Ok(stored) if stored.session != session => {
+                tracing::info!(
+                    viewer = %stored.viewer,
+                    generation = stored.generation,
+                    "viewer state taken over by another session"
+                );
+                replaced.cancel();
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "viewer state not written"),
         }
     }
 }
