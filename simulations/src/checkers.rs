@@ -1156,51 +1156,34 @@ mod tests {
         );
         c.after_step(AT, &[], &BTreeMap::new());
         assert!(c.violations().is_empty());
+        // A write of position 200 ms (before the acknowledged 500 ms) from `session` under
+        // `generation`, committed at `index`.
+        let write_back = |c: &mut Checker, index: u64, session: &str, generation: u64| {
+            let stale = ViewerState {
+                generation,
+                ..viewer(200, 900, session)
+            };
+            apply(
+                c,
+                0,
+                index,
+                index - 1,
+                vec![Command::UpsertViewers { viewers: vec![stale] }],
+            );
+            c.after_step(AT, &[], &BTreeMap::new());
+        };
         // The session the viewer resumed from writes late: the state machine ignores a write
         // of an older generation.
-        apply(
-            &mut c,
-            0,
-            3,
-            2,
-            vec![Command::UpsertViewers {
-                viewers: vec![viewer(200, 900, "old")],
-            }],
-        );
-        c.after_step(AT, &[], &BTreeMap::new());
+        write_back(&mut c, 3, "old", 0);
         assert!(c.violations().is_empty(), "{:?}", c.violations());
         assert_eq!(c.reference().viewers()[&ViewerId::from("v")], acked);
         // Nor one of the same generation from another session (of two resumes from one state,
         // the first write to commit owns the viewer: seed 30).
-        apply(
-            &mut c,
-            0,
-            4,
-            3,
-            vec![Command::UpsertViewers {
-                viewers: vec![ViewerState {
-                    generation: 1,
-                    ..viewer(200, 900, "other")
-                }],
-            }],
-        );
-        c.after_step(AT, &[], &BTreeMap::new());
+        write_back(&mut c, 4, "other", 1);
         assert!(c.violations().is_empty(), "{:?}", c.violations());
         // A newer generation that goes back (a resume from a state older than the
         // acknowledged one) does put an older position back.
-        apply(
-            &mut c,
-            0,
-            5,
-            4,
-            vec![Command::UpsertViewers {
-                viewers: vec![ViewerState {
-                    generation: 2,
-                    ..viewer(200, 900, "other")
-                }],
-            }],
-        );
-        c.after_step(AT, &[], &BTreeMap::new());
+        write_back(&mut c, 5, "other", 2);
         assert_eq!(kinds(&c), ["acked-write-lost"]);
         // An acknowledgement of something never committed.
         acked.position_ms = 9;
