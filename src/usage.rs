@@ -4,14 +4,17 @@
 //! [`Ledger`] (sans-IO: times in, records out) counts each open session's time up to the last
 //! flush and splits it at KST midnights, so a session from 23:59 to 00:01 KST gives one minute
 //! to each day. A flush task ([`run_flusher`]) adds what was counted to the replicated ledger in
-//! the store every `--usage-flush-ms`; a failed add goes back into the ledger (bounded), so
-//! nothing is lost while the store has no leader. `GET /admin/v1/usage?day=` reads the store, so
+//! the store every `--usage-flush-ms`. Each flush is numbered (`run`: the meter's start, `seq`:
+//! the flush); one that fails is kept and sent again first, unchanged, and the state machine
+//! applies a node's numbered add once, so a flush whose outcome was unknown (a timeout after it
+//! committed) is neither lost nor counted twice. Meanwhile new time gathers in the ledger
+//! (bounded). `GET /admin/v1/usage?day=` reads the store, so
 //! any node answers for the whole cluster.
 
 use crate::clock::{kst_day, next_kst_midnight};
 use mediamesh_actors::ports::{UsageGuard, ViewerUsage};
 use mediamesh_actors::{RoomId, SessionId};
-use mediamesh_cluster::{Store, UsageRecord};
+use mediamesh_cluster::{Store, StoreError, UsageRecord};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -98,13 +101,6 @@ impl Ledger {
             .collect()
     }
 
-    /// Puts records the store did not take back, to be sent with the next flush.
-    pub fn restore(&mut self, records: Vec<UsageRecord>) {
-        for r in records {
-            self.add((r.day, r.room.as_str().to_string()), r.viewer_ms, r.sessions);
-        }
-    }
-
     fn count(&mut self, open: &mut Open, now_ms: u64) {
         while open.counted_to_ms < now_ms {
             let until = next_kst_midnight(open.counted_to_ms).min(now_ms);
@@ -134,11 +130,25 @@ impl Ledger {
     }
 }
 
+/// A numbered flush the store has not confirmed.
+#[derive(Debug)]
+struct Unsent {
+    seq: u64,
+    records: Vec<UsageRecord>,
+    keep_from_day: String,
+}
+
 /// The node's meter: the [`ViewerUsage`] port the rooms use, over one [`Ledger`].
 pub struct UsageMeter {
     ledger: Mutex<Ledger>,
     /// Added to the wall clock (tests move the meter's clock to a KST midnight).
     clock_offset_ms: i64,
+    /// The meter's start (ms since the Unix epoch): its flushes' `run`.
+    run: u64,
+    /// The last flush number given.
+    seq: AtomicU64,
+    /// A flush that failed, sent again (unchanged) before anything new.
+    unsent: Mutex<Option<Unsent>>,
     /// Records added to the store, and flushes that failed.
     pub flushed: AtomicU64,
     pub flush_failures: AtomicU64,
@@ -149,6 +159,9 @@ impl UsageMeter {
         Arc::new(UsageMeter {
             ledger: Mutex::new(Ledger::default()),
             clock_offset_ms,
+            run: Self::clock_ms(clock_offset_ms),
+            seq: AtomicU64::new(0),
+            unsent: Mutex::new(None),
             flushed: AtomicU64::new(0),
             flush_failures: AtomicU64::new(0),
         })
@@ -156,10 +169,14 @@ impl UsageMeter {
 
     /// The meter's clock: ms since the Unix epoch.
     pub fn now_ms(&self) -> u64 {
+        Self::clock_ms(self.clock_offset_ms)
+    }
+
+    fn clock_ms(offset_ms: i64) -> u64 {
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        wall.saturating_add(self.clock_offset_ms).max(0) as u64
+        wall.saturating_add(offset_ms).max(0) as u64
     }
 
     /// Viewer sessions being counted now.
@@ -172,23 +189,47 @@ impl UsageMeter {
         self.ledger.lock().dropped
     }
 
-    /// Writes what was counted to the store (all of it back into the ledger on failure).
-    pub async fn flush(&self, store: &Store) -> Result<usize, mediamesh_cluster::StoreError> {
+    /// Writes what was counted to the store: first a flush that failed before (unchanged, so
+    /// the store counts it once however often it is sent), then what was counted since, as a
+    /// new numbered flush. Answers the records written.
+    pub async fn flush(&self, store: &Store) -> Result<usize, StoreError> {
+        let mut written = 0;
+        let unsent = self.unsent.lock().take();
+        if let Some(unsent) = unsent {
+            written += self.send(store, unsent).await?;
+        }
         let now = self.now_ms();
         let records = self.ledger.lock().take(now);
         if records.is_empty() {
-            return Ok(0);
+            return Ok(written);
         }
-        let keep_from = kst_day(now.saturating_sub(RETENTION_DAYS * 86_400_000));
-        let count = records.len();
-        match store.add_usage(records.clone(), keep_from).await {
+        let flush = Unsent {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            records,
+            keep_from_day: kst_day(now.saturating_sub(RETENTION_DAYS * 86_400_000)),
+        };
+        Ok(written + self.send(store, flush).await?)
+    }
+
+    /// Sends one numbered flush; keeps it to send again when the store failed (its outcome
+    /// may be unknown), drops it when the store refused its content (it never will take it).
+    async fn send(&self, store: &Store, flush: Unsent) -> Result<usize, StoreError> {
+        let count = flush.records.len();
+        let sent = store
+            .add_usage(self.run, flush.seq, flush.records.clone(), flush.keep_from_day.clone())
+            .await;
+        match sent {
             Ok(()) => {
                 self.flushed.fetch_add(count as u64, Ordering::Relaxed);
                 Ok(count)
             }
             Err(error) => {
                 self.flush_failures.fetch_add(1, Ordering::Relaxed);
-                self.ledger.lock().restore(records);
+                if matches!(error, StoreError::InvalidInput(_)) {
+                    self.ledger.lock().dropped += count as u64;
+                } else {
+                    *self.unsent.lock() = Some(flush);
+                }
                 Err(error)
             }
         }
@@ -352,13 +393,58 @@ mod tests {
         );
     }
 
-    #[test]
-    fn restored_records_add_to_what_comes_next() {
-        let mut ledger = Ledger::default();
-        ledger.start("s", "r", BEFORE_MIDNIGHT - 2 * MINUTE);
-        let failed = ledger.take(BEFORE_MIDNIGHT - MINUTE);
-        ledger.restore(failed);
-        let records = ledger.take(BEFORE_MIDNIGHT);
-        assert_eq!(by_day(&records), [("2026-11-22", "r", 2 * MINUTE, 1)]);
+    /// A flush whose outcome was lost (it committed, the answer timed out) is sent again
+    /// unchanged before anything new, and the store counts it once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_sent_again_after_a_lost_answer_counts_once() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut config = mediamesh_cluster::StoreConfig::new("solo", dir.path(), "usage-test-secret");
+        config.tick_ms = 20;
+        let store = Store::start(config, listener, std::future::pending())
+            .await
+            .expect("store");
+        tokio::time::timeout(Duration::from_secs(10), store.wait_ready())
+            .await
+            .expect("ready in time")
+            .expect("ready");
+        // Fixed at 2026-11-22 23:59 KST: the records fall on one day.
+        let meter = UsageMeter::new(BEFORE_MIDNIGHT as i64 - UsageMeter::clock_ms(0) as i64);
+        let day = kst_day(meter.now_ms());
+        let stored = || async {
+            let records = store
+                .usage(&day, mediamesh_cluster::Consistency::Linearizable)
+                .await
+                .expect("read");
+            records
+                .iter()
+                .fold((0, 0), |(ms, n), r| (ms + r.viewer_ms, n + r.sessions))
+        };
+        meter.ledger.lock().start("s", "live", meter.now_ms() - MINUTE);
+        meter.ledger.lock().end("s", meter.now_ms());
+        // The first flush commits, but its answer is lost: it is left as unsent.
+        let records = meter.ledger.lock().take(meter.now_ms());
+        let lost = Unsent {
+            seq: meter.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            records,
+            keep_from_day: "2026-01-01".into(),
+        };
+        let (seq, records, keep) = (lost.seq, lost.records.clone(), lost.keep_from_day.clone());
+        store.add_usage(meter.run, seq, records, keep).await.expect("committed");
+        *meter.unsent.lock() = Some(lost);
+        let first = stored().await;
+        assert!(first.0 >= MINUTE && first.1 == 1, "{first:?}");
+        // The next flush sends it again, then what was counted since.
+        meter.ledger.lock().start("t", "live", meter.now_ms());
+        meter.ledger.lock().end("t", meter.now_ms() + 30_000);
+        let written = meter.flush(&store).await.expect("flushed");
+        assert_eq!(written, 2, "the resend and the new flush");
+        assert!(meter.unsent.lock().is_none());
+        let second = stored().await;
+        assert_eq!(second.1, 2, "the first session once, the second once: {second:?}");
+        assert!(
+            second.0 >= first.0 + 30_000 && second.0 < 2 * first.0,
+            "the resent minute once: {first:?} then {second:?}"
+        );
     }
 }

@@ -2,7 +2,8 @@
 
 use crate::ids::{NodeId, RoomId, ViewerId};
 use crate::types::{
-    ClusterSettings, NodeLoad, NodeRecord, NodeRegistration, Placement, TurnSecrets, UsageRecord, ViewerState,
+    ClusterSettings, NodeLoad, NodeRecord, NodeRegistration, Placement, TurnSecrets, UsageBatch, UsageRecord,
+    ViewerState,
 };
 
 /// Most commands coalesced into one raft entry.
@@ -45,8 +46,12 @@ pub enum Command {
     /// Rotate the TURN secret (the current one becomes `previous`).
     RotateTurnSecret { secret: String, at_ms: u64 },
     /// Add viewer time to the usage ledger (records for the same day and room add up), then
-    /// drop the days before `keep_from_day` (retention, decided by the proposer's clock).
+    /// drop the days before `keep_from_day` (retention, decided by the proposer's clock). Once
+    /// per `(node, batch)`: an add at or before the last one applied for `node` is a resend
+    /// and changes nothing.
     AddUsage {
+        node: NodeId,
+        batch: UsageBatch,
         records: Vec<UsageRecord>,
         keep_from_day: String,
     },

@@ -52,5 +52,6 @@ pub use store::{Store, StoreConfig};
 pub use transport::FaultInjector;
 pub use types::{
     ClusterSettings, ClusterStatus, Consistency, DISPLAY_NAME_BYTES_MAX, Membership, NodeLoad, NodeRegistration,
-    NodeState, NodeStatus, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, UsageRecord, ViewerState, validate_day,
+    NodeState, NodeStatus, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, UsageBatch, UsageRecord, ViewerState,
+    validate_day,
 };

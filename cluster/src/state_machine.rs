@@ -10,7 +10,8 @@ use crate::codec::{self, DecodeError, RECORD_BYTES_MAX, SNAPSHOT_BYTES_MAX};
 use crate::command::{Command, Outcome, USAGE_PER_ADD_MAX, VIEWERS_PER_EXPIRY_MAX, VIEWERS_PER_UPSERT_MAX};
 use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for};
 use crate::types::{
-    ClusterSettings, NodeRecord, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, UsageRecord, ViewerState, validate_day,
+    ClusterSettings, NodeRecord, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, UsageBatch, UsageRecord, ViewerState,
+    validate_day,
 };
 
 /// Most nodes registered.
@@ -21,6 +22,9 @@ pub const ROOMS_MAX: usize = 100_000;
 pub const VIEWERS_MAX: usize = 500_000;
 /// Most usage records held (rooms × days within the retention).
 pub const USAGE_RECORDS_MAX: usize = 1_000_000;
+/// Most node processes whose last usage batch is remembered; beyond it the oldest run is
+/// forgotten (a resend from a process that old cannot be told from a new add).
+pub const USAGE_SOURCES_MAX: usize = 4096;
 
 /// The sled tree a state machine record lives in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +35,7 @@ pub enum SmTree {
     Rooms,
     /// `viewer id → ViewerState`
     Viewers,
-    /// `applied`, `turn`, `settings`
+    /// `applied`, `turn`, `settings`, `usage_batch/<node>`
     Meta,
     /// `day/room → UsageRecord`
     Usage,
@@ -76,6 +80,8 @@ pub const META_APPLIED: &[u8] = b"applied";
 pub const META_TURN: &[u8] = b"turn";
 /// Meta key of the settings.
 pub const META_SETTINGS: &[u8] = b"settings";
+/// Meta key prefix of a node's last applied usage batch (the node id follows).
+pub const META_USAGE_BATCH: &str = "usage_batch/";
 
 /// Index and term of the last applied entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bincode::Encode, bincode::Decode)]
@@ -97,6 +103,8 @@ pub struct StateMachine {
     applied: AppliedIndex,
     /// The usage ledger, by [`UsageRecord::key`] (day first).
     usage: BTreeMap<String, UsageRecord>,
+    /// The last usage batch applied per proposing node.
+    usage_batches: BTreeMap<NodeId, UsageBatch>,
 }
 
 impl StateMachine {
@@ -346,7 +354,12 @@ impl StateMachine {
                 self.turn = Some(turn.clone());
                 Outcome::Turn(turn)
             }
-            Command::AddUsage { records, keep_from_day } => {
+            Command::AddUsage {
+                node,
+                batch,
+                records,
+                keep_from_day,
+            } => {
                 if records.len() > USAGE_PER_ADD_MAX {
                     return Outcome::Rejected(format!("more than {USAGE_PER_ADD_MAX} usage records in one add"));
                 }
@@ -357,10 +370,18 @@ impl StateMachine {
                 {
                     return Outcome::Rejected(e);
                 }
+                if let Err(e) = node.validate() {
+                    return Outcome::Rejected(e);
+                }
+                if self.usage_batches.get(node).is_some_and(|last| batch <= last) {
+                    // Sent again after an unknown outcome: it was counted already.
+                    return Outcome::Done;
+                }
                 let new_keys = records.iter().filter(|r| !self.usage.contains_key(&r.key())).count();
                 if self.usage.len() + new_keys > USAGE_RECORDS_MAX {
                     return Outcome::Rejected(format!("more than {USAGE_RECORDS_MAX} usage records"));
                 }
+                self.mark_usage_batch(node, *batch, writes);
                 for record in records {
                     let key = record.key();
                     let entry = self.usage.entry(key.clone()).or_insert_with(|| UsageRecord {
@@ -406,6 +427,24 @@ impl StateMachine {
         }
     }
 
+    /// Remembers `batch` as `node`'s last applied usage batch, forgetting the oldest run when
+    /// [`USAGE_SOURCES_MAX`] are remembered.
+    fn mark_usage_batch(&mut self, node: &NodeId, batch: UsageBatch, writes: &mut Vec<SmWrite>) {
+        if !self.usage_batches.contains_key(node) && self.usage_batches.len() >= USAGE_SOURCES_MAX {
+            let oldest = self
+                .usage_batches
+                .iter()
+                .min_by_key(|(id, b)| (b.run, (*id).clone()))
+                .map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                self.usage_batches.remove(&oldest);
+                Self::delete(writes, SmTree::Meta, &format!("{META_USAGE_BATCH}{oldest}"));
+            }
+        }
+        self.usage_batches.insert(node.clone(), batch);
+        Self::put(writes, SmTree::Meta, &format!("{META_USAGE_BATCH}{node}"), &batch);
+    }
+
     /// TTL in force (the default until settings are replicated).
     pub fn viewer_ttl_ms(&self) -> u64 {
         self.settings
@@ -439,6 +478,7 @@ impl StateMachine {
             &self.turn,
             &self.settings,
             &self.usage,
+            &self.usage_batches,
         )));
         hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -469,6 +509,9 @@ impl StateMachine {
         }
         for (key, record) in &self.usage {
             Self::put(&mut writes, SmTree::Usage, key, record);
+        }
+        for (node, batch) in &self.usage_batches {
+            Self::put(&mut writes, SmTree::Meta, &format!("{META_USAGE_BATCH}{node}"), batch);
         }
         if let Some(t) = &self.turn {
             writes.push(SmWrite {
@@ -545,7 +588,15 @@ impl StateMachine {
                         sm.settings =
                             Some(codec::decode::<_, RECORD_BYTES_MAX>(&value).map_err(|e| bad(e.to_string()))?)
                     }
-                    _ => return Err(bad("unknown meta key".into())),
+                    _ => match key_text.strip_prefix(META_USAGE_BATCH) {
+                        Some(node) => {
+                            let node = NodeId::from(node);
+                            node.validate().map_err(bad)?;
+                            let batch = codec::decode::<_, RECORD_BYTES_MAX>(&value).map_err(|e| bad(e.to_string()))?;
+                            sm.usage_batches.insert(node, batch);
+                        }
+                        None => return Err(bad("unknown meta key".into())),
+                    },
                 },
             }
         }
@@ -560,6 +611,7 @@ impl StateMachine {
             || self.rooms.len() > ROOMS_MAX
             || self.viewers.len() > VIEWERS_MAX
             || self.usage.len() > USAGE_RECORDS_MAX
+            || self.usage_batches.len() > USAGE_SOURCES_MAX
         {
             return Err("more records than the limits allow".into());
         }
@@ -834,12 +886,22 @@ mod tests {
         }
     }
 
+    fn add_usage(node: &str, run: u64, seq: u64, part: u32, records: Vec<UsageRecord>, keep: &str) -> Command {
+        Command::AddUsage {
+            node: NodeId::from(node),
+            batch: UsageBatch { run, seq, part },
+            records,
+            keep_from_day: keep.into(),
+        }
+    }
+
     #[test]
     fn usage_adds_up_per_day_and_room_and_old_days_expire() {
         let mut sm = StateMachine::default();
-        let add = |records, keep: &str| Command::AddUsage {
-            records,
-            keep_from_day: keep.into(),
+        let mut seq = 0;
+        let mut add = |records, keep: &str| {
+            seq += 1;
+            add_usage("n1", 1, seq, 0, records, keep)
         };
         let first = vec![usage("2026-11-21", "a", 60_000), usage("2026-11-22", "a", 30_000)];
         assert_eq!(apply(&mut sm, 1, add(first, "2026-01-01")), Outcome::Done);
@@ -876,6 +938,65 @@ mod tests {
         {
             assert!(matches!(apply(&mut sm, 4 + i as u64, bad), Outcome::Rejected(_)));
         }
+    }
+
+    #[test]
+    fn a_usage_flush_sent_again_counts_once() {
+        let mut sm = StateMachine::default();
+        let keep = "2026-01-01";
+        let minute = |room: &str| vec![usage("2026-11-22", room, 60_000)];
+        let viewer_ms = |sm: &StateMachine| sm.usage_of_day("2026-11-22").map(|r| r.viewer_ms).sum::<u64>();
+        // A flush of two commands (parts) in one entry: both count.
+        let mut writes = Vec::new();
+        sm.apply(
+            1,
+            1,
+            &[
+                add_usage("n1", 100, 1, 0, minute("a"), keep),
+                add_usage("n1", 100, 1, 1, minute("b"), keep),
+            ],
+            &mut writes,
+        );
+        assert_eq!(viewer_ms(&sm), 120_000);
+        // Its outcome was lost (a timeout): the node sends it again, unchanged. Nothing changes.
+        let mut writes = Vec::new();
+        sm.apply(
+            2,
+            1,
+            &[
+                add_usage("n1", 100, 1, 0, minute("a"), keep),
+                add_usage("n1", 100, 1, 1, minute("b"), keep),
+            ],
+            &mut writes,
+        );
+        assert_eq!(viewer_ms(&sm), 120_000);
+        assert!(writes.iter().all(|w| w.key == META_APPLIED), "{writes:?}");
+        // Its next flush, another node's, and the same node after a restart (a later run,
+        // numbering from 1 again) count; an older one does not.
+        for (index, (node, run, seq, counted)) in [
+            ("n1", 100, 2, 180_000),
+            ("n2", 50, 1, 240_000),
+            ("n1", 200, 1, 300_000),
+            ("n1", 100, 3, 300_000),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            apply(
+                &mut sm,
+                3 + index as u64,
+                add_usage(node, run, seq, 0, minute("a"), keep),
+            );
+            assert_eq!(viewer_ms(&sm), counted, "{node} run {run} flush {seq}");
+        }
+        // The marks are state: replicated, in the digest, on disk and in snapshots.
+        let records = sm.all_records().into_iter().map(|w| (w.tree, w.key, w.value.unwrap()));
+        let restored = StateMachine::from_records(records).unwrap();
+        assert_eq!(restored, sm);
+        assert_eq!(StateMachine::decode_snapshot(&sm.encode_snapshot()).unwrap(), sm);
+        let mut fresh = StateMachine::default();
+        apply(&mut fresh, 1, add_usage("n1", 200, 1, 0, vec![], keep));
+        assert_ne!(fresh.digest(), StateMachine::default().digest());
     }
 
     #[test]

@@ -840,9 +840,18 @@ impl Store {
         }
     }
 
-    /// Adds viewer time to the usage ledger and drops the days before `keep_from_day`. Records
-    /// are sent in commands of at most [`crate::command::USAGE_PER_ADD_MAX`].
-    pub async fn add_usage(&self, records: Vec<UsageRecord>, keep_from_day: String) -> Result<(), StoreError> {
+    /// Adds viewer time to the usage ledger and drops the days before `keep_from_day`, once per
+    /// `(run, seq)` of this node: an add sent again with the same numbers after an error (it may
+    /// have committed) is not counted twice, and an add at or before one already applied is
+    /// ignored. `run` is the process's start, `seq` rises with every new add. Records are sent
+    /// in commands of at most [`crate::command::USAGE_PER_ADD_MAX`], all in one entry.
+    pub async fn add_usage(
+        &self,
+        run: u64,
+        seq: u64,
+        records: Vec<UsageRecord>,
+        keep_from_day: String,
+    ) -> Result<(), StoreError> {
         if let Some(error) = records
             .iter()
             .find_map(|r| r.validate().err())
@@ -857,9 +866,11 @@ impl Store {
         if chunks.is_empty() {
             chunks.push(Vec::new());
         }
-        let commands = chunks
-            .into_iter()
-            .map(|records| Command::AddUsage {
+        let commands = (0u32..)
+            .zip(chunks)
+            .map(|(part, records)| Command::AddUsage {
+                node: self.node_id().clone(),
+                batch: crate::types::UsageBatch { run, seq, part },
                 records,
                 keep_from_day: keep_from_day.clone(),
             })

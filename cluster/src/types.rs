@@ -245,6 +245,34 @@ impl UsageRecord {
     }
 }
 
+/// Which flush of which node process a usage add is part of: `run` is the process's start
+/// (ms since the Unix epoch), `seq` its flush number, `part` the command's place in that flush
+/// (a flush of more than [`crate::command::USAGE_PER_ADD_MAX`] records is several commands of
+/// one entry). Ordered field by field: the state machine applies a node's add only when it is
+/// past the last one applied, so a flush sent again after an unknown outcome counts once.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    bincode::Encode,
+    bincode::Decode,
+)]
+pub struct UsageBatch {
+    /// The proposing process's start.
+    pub run: u64,
+    /// Its flush number (from 1).
+    pub seq: u64,
+    /// The command's place in the flush.
+    pub part: u32,
+}
+
 /// `YYYY-MM-DD` with a plausible month and day (the edge checks real calendar dates).
 pub fn validate_day(day: &str) -> Result<(), String> {
     let b = day.as_bytes();
