@@ -348,7 +348,13 @@ impl RaftSender {
             if queue.try_send(message).is_err() {
                 self.metrics.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
                 if is_snapshot {
-                    let _ = self.reports.try_send(DeliveryReport::Snapshot { to, delivered: false });
+                    // Raft pauses the follower until it hears how its snapshot went: this report
+                    // must arrive even when the reports queue is full (of `Unreachable`s, say),
+                    // or the follower would never be sent anything again.
+                    let reports = self.reports.clone();
+                    tokio::spawn(async move {
+                        let _ = reports.send(DeliveryReport::Snapshot { to, delivered: false }).await;
+                    });
                 }
             }
         }
@@ -501,4 +507,61 @@ pub fn decode_raft_batch(batch: &pb::RaftBatch, self_raft_id: u64) -> Result<Vec
         messages.push(message);
     }
     Ok(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot dropped at a full peer queue is reported as failed, even when the reports
+    /// queue is full at that moment (a lost report would leave raft's progress for the
+    /// follower in `Snapshot` state, paused for good).
+    #[tokio::test]
+    async fn a_snapshot_dropped_at_a_full_peer_queue_is_reported_even_when_reports_are_full() {
+        let (reports_tx, mut reports_rx) = mpsc::channel(1);
+        reports_tx
+            .try_send(DeliveryReport::Unreachable { to: 9 })
+            .expect("room for one");
+        let sender = RaftSender::new(
+            1,
+            "127.0.0.1:1".into(),
+            SecretInterceptor::new("a-cluster-secret-for-this-test").expect("secret"),
+            Arc::default(),
+            Arc::default(),
+            Arc::default(),
+            reports_tx,
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let message = |kind| {
+            let mut m = Message {
+                to: 2,
+                ..Default::default()
+            };
+            m.set_msg_type(kind);
+            m
+        };
+        // On this single-threaded runtime the peer task cannot run before both sends: its
+        // queue is full when the snapshot comes.
+        sender.send(
+            (0..PEER_QUEUE_MAX)
+                .map(|_| message(MessageType::MsgHeartbeat))
+                .collect(),
+        );
+        sender.send(vec![message(MessageType::MsgSnapshot)]);
+        let reported = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(report) = reports_rx.recv().await {
+                if report
+                    == (DeliveryReport::Snapshot {
+                        to: 2,
+                        delivered: false,
+                    })
+                {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(reported, Ok(true), "the snapshot's failure was never reported");
+    }
 }
