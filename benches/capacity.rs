@@ -184,13 +184,13 @@ fn node_name(n: usize) -> String {
 
 /// A viewer's state as `Joined::viewer_state` (src/signal/session.rs) writes it for a viewer
 /// that kept the room's default tracks and layer (what the SDKs do unless told otherwise):
-/// the viewer and session ids are one `SessionId` (UUIDv7, 32 hex digits), the display name is
-/// masked, no subscriptions, no layer. `updated_at_ms` as `Store::upsert_viewer` sets it;
-/// `expires_at_ms` and `revision` are set by the state machine.
+/// the viewer id and the signal session's own id are `SessionId`s (UUIDv7, 32 hex digits), the
+/// display name is masked, no subscriptions, no layer. `updated_at_ms` as `Store::upsert_viewer`
+/// sets it; `expires_at_ms` and `revision` are set by the state machine.
 fn typical_viewer(i: usize, now: u64) -> ViewerState {
     let session = mediamesh_actors::ids::SessionId::generate().to_string();
     ViewerState {
-        viewer: ViewerId::new(session.clone()),
+        viewer: ViewerId::new(mediamesh_actors::ids::SessionId::generate().to_string()),
         room: RoomId::new(format!("room-{:05}", i % ROOMS)),
         node: NodeId::new(node_name(i % NODES)),
         session,
@@ -1403,7 +1403,7 @@ fn main() {
     let _ = writeln!(md, "|---|---:|");
     let _ = writeln!(
         md,
-        "| typical `ViewerState` in an entry (UUIDv7 viewer = session id, `room-00042`, `seoul-001`, masked name `{}`, \
+        "| typical `ViewerState` in an entry (UUIDv7 viewer and session ids, `room-00042`, `seoul-001`, masked name `{}`, \
          position, no subscriptions or layer, `updated_at_ms`) | {typical_in_entry} |",
         typical.display_name
     );
