@@ -946,29 +946,17 @@ mod tests {
         let keep = "2026-01-01";
         let minute = |room: &str| vec![usage("2026-11-22", room, 60_000)];
         let viewer_ms = |sm: &StateMachine| sm.usage_of_day("2026-11-22").map(|r| r.viewer_ms).sum::<u64>();
-        // A flush of two commands (parts) in one entry: both count.
-        let mut writes = Vec::new();
-        sm.apply(
-            1,
-            1,
-            &[
-                add_usage("n1", 100, 1, 0, minute("a"), keep),
-                add_usage("n1", 100, 1, 1, minute("b"), keep),
-            ],
-            &mut writes,
-        );
+        // A flush of two commands (parts) in one entry.
+        let flush = [
+            add_usage("n1", 100, 1, 0, minute("a"), keep),
+            add_usage("n1", 100, 1, 1, minute("b"), keep),
+        ];
+        // Both parts count.
+        sm.apply(1, 1, &flush, &mut Vec::new());
         assert_eq!(viewer_ms(&sm), 120_000);
         // Its outcome was lost (a timeout): the node sends it again, unchanged. Nothing changes.
         let mut writes = Vec::new();
-        sm.apply(
-            2,
-            1,
-            &[
-                add_usage("n1", 100, 1, 0, minute("a"), keep),
-                add_usage("n1", 100, 1, 1, minute("b"), keep),
-            ],
-            &mut writes,
-        );
+        sm.apply(2, 1, &flush, &mut writes);
         assert_eq!(viewer_ms(&sm), 120_000);
         assert!(writes.iter().all(|w| w.key == META_APPLIED), "{writes:?}");
         // Its next flush, another node's, and the same node after a restart (a later run,
