@@ -373,6 +373,9 @@ pub struct Room {
     follow: Option<RelayGuard>,
     /// An empty room stays open until then.
     hold_until: Option<std::time::Instant>,
+    /// A fence check is waiting for the directory (which may be placing the room again, at the
+    /// store's pace): the next one waits for it.
+    fence_checking: bool,
 }
 
 impl Room {
@@ -392,6 +395,7 @@ impl Room {
             relay_watchers: BTreeMap::new(),
             follow: None,
             hold_until: None,
+            fence_checking: false,
         }
     }
 
@@ -522,8 +526,13 @@ impl Room {
     /// went stale demotes itself, and a relay still pulling from a host the directory no longer
     /// names starts over from the new one (so no viewer gets media from two hosts).
     fn check_fence(&mut self, ctx: &mut Context<Self>) {
+        if self.fence_checking {
+            return;
+        }
+        self.fence_checking = true;
         let current = self.registry.directory().current(self.id.clone());
         ctx.spawn(current.into_actor(self).map(|current, room, ctx| {
+            room.fence_checking = false;
             let host = match current {
                 Ok(Some(host)) => host,
                 Ok(None) => return,
