@@ -216,7 +216,7 @@ impl UsageMeter {
     async fn send(&self, store: &Store, flush: Unsent) -> Result<usize, StoreError> {
         let count = flush.records.len();
         let sent = store
-            .add_usage(self.run, flush.seq, flush.records.clone(), flush.keep_from_day.clone())
+            .add_usage(self.run, flush.seq, &flush.records, &flush.keep_from_day)
             .await;
         match sent {
             Ok(()) => {
@@ -429,8 +429,10 @@ mod tests {
             records,
             keep_from_day: "2026-01-01".into(),
         };
-        let (seq, records, keep) = (lost.seq, lost.records.clone(), lost.keep_from_day.clone());
-        store.add_usage(meter.run, seq, records, keep).await.expect("committed");
+        store
+            .add_usage(meter.run, lost.seq, &lost.records, &lost.keep_from_day)
+            .await
+            .expect("committed");
         *meter.unsent.lock() = Some(lost);
         let first = stored().await;
         assert!(first.0 >= MINUTE && first.1 == 1, "{first:?}");

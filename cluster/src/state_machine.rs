@@ -22,8 +22,9 @@ pub const ROOMS_MAX: usize = 100_000;
 pub const VIEWERS_MAX: usize = 500_000;
 /// Most usage records held (rooms × days within the retention).
 pub const USAGE_RECORDS_MAX: usize = 1_000_000;
-/// Most node processes whose last usage batch is remembered; beyond it the oldest run is
-/// forgotten (a resend from a process that old cannot be told from a new add).
+/// Most nodes whose last usage batch is remembered; beyond it the node whose last batch has
+/// the oldest run is forgotten (a resend from that node's run could no longer be told from a
+/// new add).
 pub const USAGE_SOURCES_MAX: usize = 4096;
 
 /// The sled tree a state machine record lives in.
@@ -82,6 +83,11 @@ pub const META_TURN: &[u8] = b"turn";
 pub const META_SETTINGS: &[u8] = b"settings";
 /// Meta key prefix of a node's last applied usage batch (the node id follows).
 pub const META_USAGE_BATCH: &str = "usage_batch/";
+
+/// The meta key of `node`'s last applied usage batch.
+fn usage_batch_key(node: &NodeId) -> String {
+    format!("{META_USAGE_BATCH}{node}")
+}
 
 /// Index and term of the last applied entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bincode::Encode, bincode::Decode)]
@@ -438,11 +444,11 @@ impl StateMachine {
                 .map(|(id, _)| id.clone());
             if let Some(oldest) = oldest {
                 self.usage_batches.remove(&oldest);
-                Self::delete(writes, SmTree::Meta, &format!("{META_USAGE_BATCH}{oldest}"));
+                Self::delete(writes, SmTree::Meta, &usage_batch_key(&oldest));
             }
         }
         self.usage_batches.insert(node.clone(), batch);
-        Self::put(writes, SmTree::Meta, &format!("{META_USAGE_BATCH}{node}"), &batch);
+        Self::put(writes, SmTree::Meta, &usage_batch_key(node), &batch);
     }
 
     /// TTL in force (the default until settings are replicated).
@@ -511,7 +517,7 @@ impl StateMachine {
             Self::put(&mut writes, SmTree::Usage, key, record);
         }
         for (node, batch) in &self.usage_batches {
-            Self::put(&mut writes, SmTree::Meta, &format!("{META_USAGE_BATCH}{node}"), batch);
+            Self::put(&mut writes, SmTree::Meta, &usage_batch_key(node), batch);
         }
         if let Some(t) = &self.turn {
             writes.push(SmWrite {

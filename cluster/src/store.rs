@@ -849,13 +849,13 @@ impl Store {
         &self,
         run: u64,
         seq: u64,
-        records: Vec<UsageRecord>,
-        keep_from_day: String,
+        records: &[UsageRecord],
+        keep_from_day: &str,
     ) -> Result<(), StoreError> {
         if let Some(error) = records
             .iter()
             .find_map(|r| r.validate().err())
-            .or_else(|| crate::types::validate_day(&keep_from_day).err())
+            .or_else(|| crate::types::validate_day(keep_from_day).err())
         {
             return Err(StoreError::InvalidInput(error));
         }
@@ -872,7 +872,7 @@ impl Store {
                 node: self.node_id().clone(),
                 batch: crate::types::UsageBatch { run, seq, part },
                 records,
-                keep_from_day: keep_from_day.clone(),
+                keep_from_day: keep_from_day.to_string(),
             })
             .collect();
         for outcome in self.propose(commands, self.deadline()).await? {
