@@ -45,6 +45,74 @@ fn entry_index(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(index))
 }
 
+/// The rules of [`raft::Storage`] that depend only on the last snapshot and the log's bounds,
+/// shared by [`SledStorage`] and the simulator's in-memory storage so both answer raft alike.
+pub mod rules {
+    use raft::StorageError;
+    use raft::eraftpb::{ConfState, Snapshot, SnapshotMetadata};
+
+    /// Checks that entries `low..high` are in a log holding `first_index..=last_index`.
+    pub fn check_range(first_index: u64, last_index: u64, low: u64, high: u64) -> raft::Result<()> {
+        if low < first_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > last_index + 1 || low > high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(())
+    }
+
+    /// The term of `index`: `Some` when `snapshot` is at that index (the compaction point
+    /// keeps its term), `None` when the log holds it (the caller reads it there); an error
+    /// outside the log.
+    pub fn snapshot_term(snapshot: &Snapshot, last_index: u64, index: u64) -> raft::Result<Option<u64>> {
+        let meta = snapshot.get_metadata();
+        if index == meta.index {
+            return Ok(Some(meta.term));
+        }
+        if index <= meta.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if index > last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(None)
+    }
+
+    /// A snapshot of the applied state `data` at `index` and `term`, under `conf_state`.
+    pub fn snapshot_at(index: u64, term: u64, conf_state: &ConfState, data: Vec<u8>) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
+        meta.set_conf_state(conf_state.clone());
+        snapshot.set_metadata(meta);
+        snapshot.set_data(data.into());
+        snapshot
+    }
+
+    /// raft's `Storage::snapshot`: the stored snapshot when it is at least `request_index` and
+    /// its configuration holds the peer `to` (a peer only accepts such a one); else "not yet",
+    /// and `wanted` is set so the shell takes a new snapshot.
+    pub fn serve_snapshot(
+        snapshot: &Snapshot,
+        wanted: &mut bool,
+        request_index: u64,
+        to: u64,
+    ) -> raft::Result<Snapshot> {
+        let meta = snapshot.get_metadata();
+        let conf = meta.get_conf_state();
+        let includes_peer = conf.voters.contains(&to) || conf.learners.contains(&to);
+        if meta.index < request_index || !includes_peer {
+            *wanted = true;
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        Ok(snapshot.clone())
+    }
+}
+
 fn storage_error(e: impl std::fmt::Display) -> raft::Error {
     raft::Error::Store(StorageError::Other(e.to_string().into()))
 }
@@ -371,15 +439,7 @@ impl SledStorage {
             return Ok(());
         }
         assert!(index <= core.last_index, "compaction beyond the log");
-        let mut snapshot = Snapshot::default();
-        let mut meta = SnapshotMetadata {
-            index,
-            term,
-            ..Default::default()
-        };
-        meta.set_conf_state(core.conf_state.clone());
-        snapshot.set_metadata(meta);
-        snapshot.set_data(data.into());
+        let snapshot = rules::snapshot_at(index, term, &core.conf_state, data);
         let bytes = snapshot
             .write_to_bytes()
             .map_err(|e| StoreError::Storage(e.to_string()))?;
@@ -430,12 +490,7 @@ impl raft::Storage for SledStorage {
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let core = self.core.read();
-        if low < core.first_index() {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if high > core.last_index + 1 || low > high {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
+        rules::check_range(core.first_index(), core.last_index, low, high)?;
         let mut entries = Vec::with_capacity((high - low) as usize);
         for item in self.raft.range(entry_key(low)..entry_key(high)) {
             let (_, value) = item.map_err(storage_error)?;
@@ -450,15 +505,8 @@ impl raft::Storage for SledStorage {
 
     fn term(&self, index: u64) -> raft::Result<u64> {
         let core = self.core.read();
-        let snapshot_meta = core.snapshot.get_metadata();
-        if index == snapshot_meta.index {
-            return Ok(snapshot_meta.term);
-        }
-        if index < core.first_index() {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if index > core.last_index {
-            return Err(raft::Error::Store(StorageError::Unavailable));
+        if let Some(term) = rules::snapshot_term(&core.snapshot, core.last_index, index)? {
+            return Ok(term);
         }
         let value = self
             .raft
@@ -478,15 +526,7 @@ impl raft::Storage for SledStorage {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let mut core = self.core.write();
-        let meta = core.snapshot.get_metadata();
-        let conf = meta.get_conf_state();
-        // A peer only accepts a snapshot whose configuration contains it.
-        let includes_peer = conf.voters.contains(&to) || conf.learners.contains(&to);
-        if meta.index < request_index || !includes_peer {
-            core.snapshot_wanted = true;
-            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
-        }
-        Ok(core.snapshot.clone())
+        let core = &mut *self.core.write();
+        rules::serve_snapshot(&core.snapshot, &mut core.snapshot_wanted, request_index, to)
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! Why not `raft::storage::MemStorage`: its `snapshot()` carries no data (a follower installing
 //! it would get an empty state machine) and compacting it loses the term at the compaction
-//! point. This mirrors `mediamesh_cluster::storage::SledStorage` instead (same checks, same
-//! `snapshot_wanted` signal), so log compaction and snapshot catch-up run as in production.
+//! point. This keeps what `mediamesh_cluster::storage::SledStorage` keeps and answers raft by
+//! the same rules (`storage::rules`: range and term checks, snapshots, the `snapshot_wanted`
+//! signal), so log compaction and snapshot catch-up run as in production.
 //!
 //! Every write is durable at once: the simulator processes one raft Ready inside one event,
 //! so a crash (which happens between events) never sees half of it.
@@ -13,8 +14,9 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
-use raft::{GetEntriesContext, RaftState, StorageError};
+use mediamesh_cluster::storage::rules;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState};
 
 #[derive(Default)]
 struct Core {
@@ -111,15 +113,7 @@ impl SimStorage {
                 core.last_index()
             )));
         }
-        let mut snapshot = Snapshot::default();
-        let mut meta = SnapshotMetadata {
-            index,
-            term,
-            ..Default::default()
-        };
-        meta.set_conf_state(core.conf_state.clone());
-        snapshot.set_metadata(meta);
-        snapshot.set_data(data.into());
+        let snapshot = rules::snapshot_at(index, term, &core.conf_state, data);
         let drop = (index - core.snapshot_index()) as usize;
         core.entries.drain(..drop);
         core.snapshot = snapshot;
@@ -157,12 +151,7 @@ impl raft::Storage for SimStorage {
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let core = self.core.borrow();
-        if low < core.first_index() {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if high > core.last_index() + 1 || low > high {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
+        rules::check_range(core.first_index(), core.last_index(), low, high)?;
         let from = (low - core.first_index()) as usize;
         let to = (high - core.first_index()) as usize;
         let mut entries = core.entries[from..to].to_vec();
@@ -172,14 +161,8 @@ impl raft::Storage for SimStorage {
 
     fn term(&self, index: u64) -> raft::Result<u64> {
         let core = self.core.borrow();
-        if index == core.snapshot_index() {
-            return Ok(core.snapshot.get_metadata().term);
-        }
-        if index < core.first_index() {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if index > core.last_index() {
-            return Err(raft::Error::Store(StorageError::Unavailable));
+        if let Some(term) = rules::snapshot_term(&core.snapshot, core.last_index(), index)? {
+            return Ok(term);
         }
         Ok(core.entries[(index - core.first_index()) as usize].term)
     }
@@ -193,22 +176,14 @@ impl raft::Storage for SimStorage {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let mut core = self.core.borrow_mut();
-        let meta = core.snapshot.get_metadata();
-        let conf = meta.get_conf_state();
-        // A peer only accepts a snapshot whose configuration contains it.
-        let includes_peer = conf.voters.contains(&to) || conf.learners.contains(&to);
-        if meta.index < request_index || !includes_peer {
-            core.snapshot_wanted = true;
-            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
-        }
-        Ok(core.snapshot.clone())
+        let core = &mut *self.core.borrow_mut();
+        rules::serve_snapshot(&core.snapshot, &mut core.snapshot_wanted, request_index, to)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use raft::Storage;
+    use raft::{Storage, StorageError};
 
     use super::*;
 
