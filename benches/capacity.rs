@@ -39,7 +39,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mediamesh_cluster::codec::{self, ENTRY_BYTES_MAX, SNAPSHOT_BYTES_MAX};
 use mediamesh_cluster::command::{
-    COMMANDS_PER_ENTRY_MAX, Command, EntryPayload, ForwardedCommands, ForwardedOutcome, Outcome, VIEWERS_PER_UPSERT_MAX,
+    COMMANDS_PER_ENTRY_MAX, Command, EntryPayload, ForwardedCommands, ForwardedOutcome, Outcome,
+    VIEWERS_PER_UPSERT_MAX, pack_proposals,
 };
 use mediamesh_cluster::state_machine::{DEFAULT_VIEWER_TTL_MS, StateMachine, VIEWERS_MAX};
 use mediamesh_cluster::storage::Disk;
@@ -391,21 +392,13 @@ impl Shaper<'_> {
             proposals.push((command, size));
         }
         shape.proposals = proposals.len();
-        // Pack as `issue_proposals` does.
-        let mut queue = proposals.into_iter().peekable();
-        while queue.peek().is_some() {
+        // Packed as `issue_proposals` packs them.
+        let entries = pack_proposals(proposals.iter().map(|(_, size)| (1, *size)));
+        let mut queue = proposals.into_iter();
+        for taken in entries {
             let mut commands = Vec::new();
-            let mut size = 0;
             let mut viewers = 0;
-            while let Some((_, s)) = queue.peek() {
-                if !commands.is_empty()
-                    && (size + s > ENTRY_BYTES_MAX / 2 || commands.len() + 1 > COMMANDS_PER_ENTRY_MAX)
-                {
-                    break;
-                }
-                size += s;
-                // peek() just returned Some.
-                let command = queue.next().expect("peeked").0;
+            for (command, _) in queue.by_ref().take(taken) {
                 if let Command::UpsertViewers { viewers: v } = &command {
                     viewers += v.len();
                 }

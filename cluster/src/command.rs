@@ -15,6 +15,29 @@ pub const VIEWERS_PER_EXPIRY_MAX: usize = 512;
 /// Most usage records in one `AddUsage` command.
 pub const USAGE_PER_ADD_MAX: usize = 1024;
 
+/// How the proposals queued in one turn go into raft entries (`Store`'s `issue_proposals`): in
+/// order, an entry takes proposals while it holds at most [`COMMANDS_PER_ENTRY_MAX`] commands
+/// and half of [`crate::codec::ENTRY_BYTES_MAX`] of commands by their sizes; a proposal always
+/// fits an empty entry. Given each proposal's (commands, bytes), answers how many proposals
+/// each entry takes.
+pub fn pack_proposals(proposals: impl IntoIterator<Item = (usize, usize)>) -> Vec<usize> {
+    let mut entries = Vec::new();
+    let (mut taken, mut commands, mut bytes) = (0, 0, 0);
+    for (c, s) in proposals {
+        if taken > 0 && (bytes + s > crate::codec::ENTRY_BYTES_MAX / 2 || commands + c > COMMANDS_PER_ENTRY_MAX) {
+            entries.push(taken);
+            (taken, commands, bytes) = (0, 0, 0);
+        }
+        taken += 1;
+        commands += c;
+        bytes += s;
+    }
+    if taken > 0 {
+        entries.push(taken);
+    }
+    entries
+}
+
 /// A change to the state machine. Everything a replica needs to apply it deterministically is in
 /// the command (clocks are read by the proposer, never by the applier).
 #[derive(Clone, Debug, PartialEq, bincode::Encode, bincode::Decode)]
@@ -131,4 +154,21 @@ pub enum ForwardedOutcome {
     Applied(Vec<Outcome>),
     /// Not applied (no leader here any more, timeout, overload): the message.
     Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::ENTRY_BYTES_MAX;
+
+    #[test]
+    fn proposals_pack_into_entries_by_commands_and_bytes() {
+        assert!(pack_proposals([]).is_empty());
+        // Commands: 4096 fit one entry, the next one starts another.
+        assert_eq!(pack_proposals([(4000, 10), (96, 10), (1, 10)]), [2, 1]);
+        // Bytes: half an entry's limit at most, but a proposal always fits an empty entry.
+        let half = ENTRY_BYTES_MAX / 2;
+        assert_eq!(pack_proposals([(1, half), (1, 1), (1, half + 1), (1, 1)]), [1, 1, 1, 1]);
+        assert_eq!(pack_proposals([(1, half / 2), (1, half / 2), (1, 1)]), [2, 1]);
+    }
 }

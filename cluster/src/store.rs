@@ -1691,20 +1691,13 @@ impl ReplicaTask {
         if self.unproposed.is_empty() {
             return;
         }
-        let mut queue = std::mem::take(&mut self.unproposed).into_iter().peekable();
-        while queue.peek().is_some() {
+        let queued = std::mem::take(&mut self.unproposed);
+        let entries = crate::command::pack_proposals(queued.iter().map(|(c, s, _, _)| (c.len(), *s)));
+        let mut queue = queued.into_iter();
+        for taken in entries {
             let mut commands = Vec::new();
             let mut callers = Vec::new();
-            let mut size = 0;
-            while let Some((c, s, _, _)) = queue.peek() {
-                if !callers.is_empty()
-                    && (size + s > ENTRY_BYTES_MAX / 2 || commands.len() + c.len() > COMMANDS_PER_ENTRY_MAX)
-                {
-                    break;
-                }
-                size += s;
-                // peek() just returned Some.
-                let (c, _, reply, span) = queue.next().expect("peeked");
+            for (c, _, reply, span) in queue.by_ref().take(taken) {
                 // The commit span lasts from proposal to apply on this node.
                 let commit = if span.is_none() {
                     span

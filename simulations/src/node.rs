@@ -24,7 +24,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use mediamesh_cluster::codec::{self, ENTRY_BYTES_MAX};
-use mediamesh_cluster::command::{COMMANDS_PER_ENTRY_MAX, Command, EntryPayload, Outcome, VIEWERS_PER_EXPIRY_MAX};
+use mediamesh_cluster::command::{
+    COMMANDS_PER_ENTRY_MAX, Command, EntryPayload, Outcome, VIEWERS_PER_EXPIRY_MAX, pack_proposals,
+};
 use mediamesh_cluster::driver::{ProposeError, Replica, ReplicaConfig};
 use mediamesh_cluster::state_machine::{SmWrite, StateMachine};
 use mediamesh_cluster::types::ClusterSettings;
@@ -826,15 +828,14 @@ impl Live {
         if self.unproposed.is_empty() {
             return;
         }
-        let mut queue = std::mem::take(&mut self.unproposed).into_iter().peekable();
-        while queue.peek().is_some() {
+        let queued = std::mem::take(&mut self.unproposed);
+        // Sized as `Store::propose` sizes them: the encoding of their commands.
+        let entries = pack_proposals(queued.iter().map(|(c, _)| (c.len(), codec::encode(c).len())));
+        let mut queue = queued.into_iter();
+        for taken in entries {
             let mut commands = Vec::new();
             let mut callers = Vec::new();
-            while let Some((c, _)) = queue.peek() {
-                if !callers.is_empty() && commands.len() + c.len() > COMMANDS_PER_ENTRY_MAX {
-                    break;
-                }
-                let Some((c, caller)) = queue.next() else { break };
+            for (c, caller) in queue.by_ref().take(taken) {
                 callers.push((c.len(), Some(caller)));
                 commands.extend(c);
             }
