@@ -12,8 +12,8 @@
 //! Learner promotion and re-issuing unanswered read requests happen on ticks.
 
 use raft::eraftpb::{
-    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry, HardState, Message,
-    MessageType, Snapshot,
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry, HardState,
+    Message, MessageType, Snapshot,
 };
 use raft::{RawNode, ReadState, SnapshotStatus, StateRole, Storage};
 
@@ -129,6 +129,13 @@ pub fn conf_change(change: ConfChangeType, raft_id: u64) -> ConfChangeV2 {
     let mut cc = ConfChangeV2::default();
     cc.set_transition(ConfChangeTransition::Auto);
     cc.set_changes(vec![single].into());
+    cc
+}
+
+/// A committed v1 conf change (raft's own entries of the first term) as the v2 one raft applies.
+pub fn conf_change_v1_to_v2(v1: ConfChange) -> ConfChangeV2 {
+    let mut cc = conf_change(v1.get_change_type(), v1.node_id);
+    cc.context = v1.context;
     cc
 }
 

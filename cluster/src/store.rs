@@ -23,7 +23,7 @@ use crate::command::{
     COMMANDS_PER_ENTRY_MAX, Command, EntryPayload, ForwardedCommands, ForwardedOutcome, Outcome,
     VIEWERS_PER_EXPIRY_MAX, VIEWERS_PER_UPSERT_MAX,
 };
-use crate::driver::{ProposeError, Replica, ReplicaConfig, conf_change};
+use crate::driver::{ProposeError, Replica, ReplicaConfig, conf_change, conf_change_v1_to_v2};
 use crate::error::StoreError;
 use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for, validate_id};
 use crate::metrics::StoreMetrics;
@@ -45,7 +45,7 @@ pub const VIEWER_UPDATES_MAX: usize = 16_384;
 /// Inputs the replica task takes in one turn before it works on them.
 const INPUTS_PER_TURN_MAX: usize = 1024;
 /// Proposals (of callers) waiting to be coalesced or applied, at most.
-const PENDING_PROPOSALS_MAX: usize = 8192;
+pub const PENDING_PROPOSALS_MAX: usize = 8192;
 
 /// Configuration of one store replica. Filled at the edge; see [`StoreConfig::new`] for the
 /// defaults.
@@ -1347,7 +1347,7 @@ impl Store {
 }
 
 /// Viewer-update proposals one node has in flight at once.
-const VIEWER_BATCHES_IN_FLIGHT_MAX: usize = 4;
+pub const VIEWER_BATCHES_IN_FLIGHT_MAX: usize = 4;
 
 /// Peer delivery reports waiting for the replica task, at most.
 const PEER_REPORTS_MAX: usize = 1024;
@@ -1409,12 +1409,6 @@ fn outcome_error(outcome: Outcome) -> StoreError {
         Outcome::Rejected(reason) => StoreError::Rejected(reason),
         other => StoreError::Rejected(format!("unexpected outcome {other:?}")),
     }
-}
-
-fn conf_change_v1_to_v2(v1: ConfChange) -> ConfChangeV2 {
-    let mut cc = conf_change(v1.get_change_type(), v1.node_id);
-    cc.context = v1.context;
-    cc
 }
 
 struct Backoff {

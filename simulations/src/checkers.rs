@@ -294,27 +294,6 @@ impl Violation {
             Violation::ShellError { .. } => "shell-error",
         }
     }
-
-    /// When it was found.
-    pub fn at(&self) -> At {
-        match self {
-            Violation::TwoLeaders { at, .. }
-            | Violation::LogDivergence { at, .. }
-            | Violation::DigestMismatch { at, .. }
-            | Violation::ExpiredEarly { at, .. }
-            | Violation::AckedWriteLost { at, .. }
-            | Violation::TwoHosts { at, .. }
-            | Violation::HostNotPlaced { at, .. }
-            | Violation::EpochLineage { at, .. }
-            | Violation::NoLiveHost { at, .. }
-            | Violation::StaleHost { at, .. }
-            | Violation::ResumeRefused { at, .. }
-            | Violation::ResumeStale { at, .. }
-            | Violation::ResumeOutsideWindow { at, .. }
-            | Violation::MigrationStuck { at, .. }
-            | Violation::ShellError { at, .. } => *at,
-        }
-    }
 }
 
 /// What the checkers counted (for the summary and for tuning the bounds).
@@ -773,15 +752,11 @@ impl Checker {
             }
             self.digest_checked[node.index] = index;
             self.stats.digests_compared += 1;
-            let expected = if index == self.reference.applied().index {
-                // Same index as the reference: compare the states directly (cheaper than hashing).
-                if live.sm == self.reference {
-                    continue;
-                }
-                self.digests.get(&index).cloned()
-            } else {
-                self.digests.get(&index).cloned()
-            };
+            // Same index as the reference: compare the states directly (cheaper than hashing).
+            if index == self.reference.applied().index && live.sm == self.reference {
+                continue;
+            }
+            let expected = self.digests.get(&index).cloned();
             let found = live.sm.digest();
             if expected.as_ref() != Some(&found) {
                 let node = self.name(node.index);

@@ -34,8 +34,9 @@ pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 pub const SNAPSHOT_EVERY_ENTRIES: u64 = 200;
 /// Most expiry batches the leader proposes per second.
 pub const EXPIRY_BATCHES_PER_SECOND: u64 = 10;
-/// Proposals waiting to be coalesced or applied on one node, at most (as the store).
-pub const PENDING_PROPOSALS_MAX: usize = 8_192;
+/// Proposals waiting to be coalesced or applied on one node, at most; viewer-update proposals
+/// one node has in flight; viewer updates queued on one node: the store's.
+pub use mediamesh_cluster::store::{PENDING_PROPOSALS_MAX, VIEWER_BATCHES_IN_FLIGHT_MAX, VIEWER_UPDATES_MAX};
 /// Store operations (writes and reads) one node has outstanding, at most.
 pub const OPS_PER_NODE_MAX: usize = 4_096;
 /// How long a caller waits before retrying a proposal that found no leader.
@@ -78,10 +79,6 @@ pub const DRAIN_DEADLINE_MS: u64 = 15_000;
 pub const DRAIN_TICK_MS: u64 = 100;
 /// The viewer batcher lingers this long while earlier batches are in flight.
 pub const VIEWER_BATCH_MS: u64 = 5;
-/// Viewer-update proposals one node has in flight at once (as the store).
-pub const VIEWER_BATCHES_IN_FLIGHT_MAX: usize = 4;
-/// Viewer updates queued on one node, at most (as the store's `VIEWER_UPDATES_MAX`).
-pub const VIEWER_UPDATES_MAX: usize = 16_384;
 /// Capacity each node registers (sessions).
 pub const NODE_CAPACITY: u32 = 100;
 
@@ -115,6 +112,8 @@ pub const CROSS_REGION_JITTER_MS: u64 = 3;
 pub const IN_REGION_LATENCY_MS: u64 = 1;
 /// Jitter added to an in-region message, at most.
 pub const IN_REGION_JITTER_MS: u64 = 1;
+/// One-way latency between a client and a node of its region (before jitter).
+pub const CLIENT_IN_REGION_LATENCY_MS: u64 = 2;
 /// Messages in flight on one directed link, at most (more are dropped and counted).
 pub const LINK_IN_FLIGHT_MAX: usize = 10_000;
 /// Messages held on one clogged link, at most (more are dropped and counted).

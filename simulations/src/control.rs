@@ -221,7 +221,6 @@ pub struct Control {
     locates: BTreeMap<RoomId, Locate>,
     /// Migrations running from here.
     pub migrations: BTreeMap<u64, MigrationRun>,
-    busy_rooms: BTreeSet<RoomId>,
     next_migration: u64,
     drain: Option<DrainRun>,
 }
@@ -269,15 +268,9 @@ impl Control {
             rooms: BTreeMap::new(),
             locates: BTreeMap::new(),
             migrations: BTreeMap::new(),
-            busy_rooms: BTreeSet::new(),
             next_migration: 0,
             drain: None,
         }
-    }
-
-    /// Whether a drain runs here.
-    pub fn draining(&self) -> bool {
-        self.drain.is_some()
     }
 }
 
@@ -731,19 +724,9 @@ impl Live {
                     // A relay of this room becomes its host (failover or migration chose us).
                     self.promote(ctx, room, epoch, "located here");
                     Ok(())
-                } else if self.control.rooms.len() >= ROOMS_PER_NODE_MAX {
-                    Err("rooms per node".into())
                 } else {
-                    self.control.rooms.insert(
-                        room.clone(),
-                        LocalRoom {
-                            mode: RoomMode::Host { epoch },
-                            hold_until_ms: None,
-                            last_watch_ok_ms: ctx.now_ms,
-                        },
-                    );
-                    self.host_acting(ctx, room, epoch, "created as host");
-                    Ok(())
+                    self.open_room(ctx, room, RoomMode::Host { epoch })
+                        .map(|()| self.host_acting(ctx, room, epoch, "created as host"))
                 }
             }
             Ok(Some(Location::There { host, epoch })) => {
@@ -762,18 +745,8 @@ impl Live {
                 } else if watch {
                     // Watched here but hosted elsewhere: nothing to serve.
                     Ok(())
-                } else if self.control.rooms.len() >= ROOMS_PER_NODE_MAX {
-                    Err("rooms per node".into())
                 } else {
-                    self.control.rooms.insert(
-                        room.clone(),
-                        LocalRoom {
-                            mode: RoomMode::Relay { host, epoch },
-                            hold_until_ms: None,
-                            last_watch_ok_ms: ctx.now_ms,
-                        },
-                    );
-                    Ok(())
+                    self.open_room(ctx, room, RoomMode::Relay { host, epoch })
                 }
             }
         };
@@ -843,6 +816,20 @@ impl Live {
     }
 
     // ----- rooms -----
+
+    /// Opens a local copy of `room` in `mode` (`get_or_create`), within [`ROOMS_PER_NODE_MAX`].
+    fn open_room(&mut self, ctx: &Ctx<'_>, room: &RoomId, mode: RoomMode) -> Result<(), String> {
+        if self.control.rooms.len() >= ROOMS_PER_NODE_MAX {
+            return Err("rooms per node".into());
+        }
+        let local = LocalRoom {
+            mode,
+            hold_until_ms: None,
+            last_watch_ok_ms: ctx.now_ms,
+        };
+        self.control.rooms.insert(room.clone(), local);
+        Ok(())
+    }
 
     fn host_acting(&mut self, ctx: &mut Ctx<'_>, room: &RoomId, epoch: u64, how: &'static str) {
         ctx.trace(format!("n{} hosts {room}@{epoch} ({how})", self.me));
@@ -948,11 +935,12 @@ impl Live {
         }
         let now = ctx.now_ms;
         let sessions = &self.sessions;
-        let busy = &self.control.busy_rooms;
+        let migrations = &self.control.migrations;
         self.control.rooms.retain(|room, local| {
             let relay = matches!(local.mode, RoomMode::Relay { .. });
             let held = local.hold_until_ms.is_some_and(|until| until > now);
-            !relay || held || busy.contains(room) || sessions.in_room(room) > 0
+            let migrating = migrations.values().any(|m| m.room == *room);
+            !relay || held || migrating || sessions.in_room(room) > 0
         });
     }
 
@@ -1126,7 +1114,9 @@ impl Live {
         let Some(RoomMode::Host { epoch }) = self.control.rooms.get(room).map(|r| r.mode.clone()) else {
             return Err(format!("room {room} is not hosted on this node"));
         };
-        if self.control.busy_rooms.contains(room) || self.control.migrations.len() >= MIGRATIONS_PER_NODE_MAX {
+        if self.control.migrations.values().any(|m| m.room == *room)
+            || self.control.migrations.len() >= MIGRATIONS_PER_NODE_MAX
+        {
             return Err(format!("room {room} is being migrated already"));
         }
         if to == self.node_id() {
@@ -1154,7 +1144,6 @@ impl Live {
         }
         let id = (self.incarnation << 32) | self.control.next_migration;
         self.control.next_migration += 1;
-        self.control.busy_rooms.insert(room.clone());
         self.control.migrations.insert(
             id,
             MigrationRun {
@@ -1291,7 +1280,6 @@ impl Live {
                             migration: id,
                         });
                         self.control.migrations.remove(&id);
-                        self.control.busy_rooms.remove(&room);
                         if origin == MigrationOrigin::Drain
                             && let Some(d) = &mut self.control.drain
                         {

@@ -110,11 +110,7 @@ impl Network {
 
     /// One-way latency of a message from `from` to `to`, jittered.
     pub fn latency_ms(&self, from: NodeIndex, to: NodeIndex, rng: &mut StdRng) -> u64 {
-        if self.regions[from] == self.regions[to] {
-            IN_REGION_LATENCY_MS + rng.random_range(0..=IN_REGION_JITTER_MS)
-        } else {
-            CROSS_REGION_LATENCY_MS + rng.random_range(0..=CROSS_REGION_JITTER_MS)
-        }
+        one_way_ms(self.regions[from] == self.regions[to], IN_REGION_LATENCY_MS, rng)
     }
 
     /// Routes one message; the caller schedules the deliveries and calls [`Self::delivered`]
@@ -191,11 +187,6 @@ impl Network {
         self.blocked.clear();
     }
 
-    /// Number of blocked directed links.
-    pub fn blocked_links(&self) -> usize {
-        self.blocked.len()
-    }
-
     /// Clogs the directed link `from → to`: what is sent on it is held.
     pub fn clog(&mut self, from: NodeIndex, to: NodeIndex) {
         self.clogged.entry((from, to)).or_default();
@@ -222,10 +213,15 @@ impl Network {
     pub fn clogged_links(&self) -> Vec<(NodeIndex, NodeIndex)> {
         self.clogged.keys().copied().collect()
     }
+}
 
-    /// Region of node `index`.
-    pub fn region(&self, index: NodeIndex) -> &str {
-        &self.regions[index]
+/// One-way latency on a link: `in_region_ms` (nodes, or a client and its region's node) or
+/// the Seoul–Busan latency, plus jitter.
+pub fn one_way_ms(same_region: bool, in_region_ms: u64, rng: &mut StdRng) -> u64 {
+    if same_region {
+        in_region_ms + rng.random_range(0..=IN_REGION_JITTER_MS)
+    } else {
+        CROSS_REGION_LATENCY_MS + rng.random_range(0..=CROSS_REGION_JITTER_MS)
     }
 }
 

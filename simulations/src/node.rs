@@ -293,7 +293,7 @@ pub struct Node {
     pub index: NodeIndex,
     /// The raft log and hard state (durable).
     pub storage: SimStorage,
-    /// The applied state while down (while up it lives in [`Live::sm`]).
+    /// The applied state while down (while up it lives in the live node's `sm`).
     pub durable_sm: StateMachine,
     /// The running incarnation, `None` while crashed (or gone).
     pub live: Option<Live>,
@@ -414,11 +414,6 @@ impl Node {
             self.durable_sm = live.sm;
         }
     }
-
-    /// The applied state (live or durable).
-    pub fn sm(&self) -> &StateMachine {
-        self.live.as_ref().map_or(&self.durable_sm, |l| &l.sm)
-    }
 }
 
 impl Live {
@@ -435,11 +430,6 @@ impl Live {
     /// This node's wall clock.
     pub fn clock_ms(&self, ctx: &Ctx<'_>) -> u64 {
         self.roster.clock_ms(self.me, ctx.now_ms)
-    }
-
-    /// The applied state.
-    pub fn sm(&self) -> &StateMachine {
-        &self.sm
     }
 
     /// The known leader's node id, when it is registered (`Store::leader`).
@@ -481,7 +471,7 @@ impl Live {
     }
 
     /// Waits for a linearizable read point, then completes `purpose` (the caller reads
-    /// [`Live::sm`] in its completion): `Store::read_barrier`.
+    /// the live node's `sm` in its completion): `Store::read_barrier`.
     pub fn read(&mut self, ctx: &mut Ctx<'_>, purpose: Purpose) {
         if let Some(id) = self.new_op(ctx, purpose, OpKind::Read, false) {
             if let Some(op) = self.ops.get_mut(&id) {
@@ -1058,11 +1048,7 @@ impl Live {
                 },
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     let cc = if entry.get_entry_type() == EntryType::EntryConfChange {
-                        ConfChange::parse_from_bytes(&entry.data).map(|v1| {
-                            let mut cc = mediamesh_cluster::driver::conf_change(v1.get_change_type(), v1.node_id);
-                            cc.context = v1.context;
-                            cc
-                        })
+                        ConfChange::parse_from_bytes(&entry.data).map(mediamesh_cluster::driver::conf_change_v1_to_v2)
                     } else {
                         ConfChangeV2::parse_from_bytes(&entry.data)
                     };
@@ -1116,10 +1102,5 @@ impl Live {
     /// Whether `m` carries a snapshot (its delivery is reported back to the sender).
     pub fn is_snapshot_message(m: &Message) -> bool {
         Replica::<SimStorage>::is_snapshot(m)
-    }
-
-    /// Pending store operations (for the stats).
-    pub fn ops_outstanding(&self) -> usize {
-        self.ops.len()
     }
 }

@@ -14,7 +14,6 @@ use crate::config::TRACE_TAIL_MAX;
 /// The running trace of one run.
 pub struct Trace {
     hasher: Sha256,
-    lines: u64,
     tail: VecDeque<String>,
     line: String,
     print: bool,
@@ -25,7 +24,6 @@ impl Trace {
     pub fn new(print: bool) -> Self {
         Trace {
             hasher: Sha256::new(),
-            lines: 0,
             tail: VecDeque::with_capacity(TRACE_TAIL_MAX),
             line: String::with_capacity(256),
             print,
@@ -39,19 +37,18 @@ impl Trace {
         let _ = write!(self.line, "{now_ms:>8} {what}");
         self.hasher.update(self.line.as_bytes());
         self.hasher.update(b"\n");
-        self.lines += 1;
         if self.print {
             eprintln!("{}", self.line);
         }
-        if self.tail.len() == TRACE_TAIL_MAX {
-            self.tail.pop_front();
-        }
-        self.tail.push_back(self.line.clone());
-    }
-
-    /// Lines recorded so far.
-    pub fn lines(&self) -> u64 {
-        self.lines
+        // The line leaving the tail lends its buffer to the new one.
+        let mut kept = if self.tail.len() == TRACE_TAIL_MAX {
+            self.tail.pop_front().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        kept.clear();
+        kept.push_str(&self.line);
+        self.tail.push_back(kept);
     }
 
     /// The last lines, oldest first.

@@ -74,7 +74,7 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client in `region` that will first join `room` at `first_wake_ms`.
+    /// A client in `region` that will join `room` when first woken.
     pub fn new(id: ClientId, region: String, room: RoomId) -> Self {
         Client {
             id,

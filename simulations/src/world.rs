@@ -34,8 +34,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::checkers::{At, CheckStats, Checker, Observation, Violation};
 use crate::config::{
-    CHAOS_START_MS, CLIENTS, CONTROL_TICK_MS, CRASHED_AT_ONCE_MAX, CROSS_REGION_JITTER_MS, CROSS_REGION_LATENCY_MS,
-    IN_REGION_JITTER_MS, QUEUE_EVENTS_MAX, RAFT_TICK_JITTER_MS, RAFT_TICK_MS, ROOMS, STEP_MS, SimConfig,
+    CHAOS_START_MS, CLIENT_IN_REGION_LATENCY_MS, CLIENTS, CONTROL_TICK_MS, CRASHED_AT_ONCE_MAX, QUEUE_EVENTS_MAX,
+    RAFT_TICK_JITTER_MS, RAFT_TICK_MS, ROOMS, STEP_MS, SimConfig,
 };
 use crate::control::{MigrationOrigin, RoomMode};
 use crate::message::{ClientId, ClientReply, ClientRequest, NodeIndex, Payload};
@@ -597,11 +597,8 @@ impl World {
     }
 
     fn client_latency(&mut self, client: ClientId, node: NodeIndex) -> u64 {
-        if self.clients[client].region == self.regions[node] {
-            2 + self.rng.random_range(0..=IN_REGION_JITTER_MS)
-        } else {
-            CROSS_REGION_LATENCY_MS + self.rng.random_range(0..=CROSS_REGION_JITTER_MS)
-        }
+        let same_region = self.clients[client].region == self.regions[node];
+        crate::network::one_way_ms(same_region, CLIENT_IN_REGION_LATENCY_MS, &mut self.rng)
     }
 
     fn client_effects(&mut self, client: ClientId, effects: Vec<ClientEffect>) {
