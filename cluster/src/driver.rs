@@ -433,6 +433,19 @@ mod tests {
 
     use raft::storage::MemStorage;
 
+    /// The tests' replica settings: elections after 10 ticks, heartbeats every 2.
+    fn test_config(raft_id: u64, applied_index: u64) -> ReplicaConfig {
+        ReplicaConfig {
+            raft_id,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            applied_index,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 64,
+            promote_lag_entries: 4,
+        }
+    }
+
     use super::*;
 
     /// A minimal in-memory shell: persists to MemStorage, routes messages, records applied data.
@@ -459,15 +472,7 @@ mod tests {
                     .mut_metadata()
                     .set_conf_state(ConfState::from((ids.to_vec(), vec![])));
                 storage.wl().apply_snapshot(snapshot).unwrap();
-                let config = ReplicaConfig {
-                    raft_id: id,
-                    election_ticks: 10,
-                    heartbeat_ticks: 2,
-                    applied_index: 1,
-                    max_size_per_msg: 1 << 20,
-                    max_inflight_msgs: 64,
-                    promote_lag_entries: 4,
-                };
+                let config = test_config(id, 1);
                 replicas.insert(id, Replica::new(config, storage, &logger).unwrap());
             }
             Sim {
@@ -618,15 +623,7 @@ mod tests {
     fn a_one_value_election_range_fixes_the_timeout() {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let storage = MemStorage::new_with_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
-        let config = ReplicaConfig {
-            raft_id: 1,
-            election_ticks: 10,
-            heartbeat_ticks: 2,
-            applied_index: 0,
-            max_size_per_msg: 1 << 20,
-            max_inflight_msgs: 64,
-            promote_lag_entries: 4,
-        };
+        let config = test_config(1, 0);
         let mut fixed = Replica::new_with_election_ticks_max(config.clone(), Some(11), storage, &logger).unwrap();
         for _ in 0..20 {
             fixed.node.raft.reset_randomized_election_timeout();
@@ -647,15 +644,7 @@ mod tests {
         let leader = sim.tick_until_leader();
         // Node 3 starts empty and is added as a learner.
         let storage = MemStorage::new();
-        let config = ReplicaConfig {
-            raft_id: 3,
-            election_ticks: 10,
-            heartbeat_ticks: 2,
-            applied_index: 0,
-            max_size_per_msg: 1 << 20,
-            max_inflight_msgs: 64,
-            promote_lag_entries: 4,
-        };
+        let config = test_config(3, 0);
         sim.replicas.insert(3, Replica::new(config, storage, &logger).unwrap());
         sim.replicas
             .get_mut(&leader)
