@@ -77,9 +77,9 @@ const SHARDING_LINK_BITS_PER_S: f64 = 1e10;
 /// Share of a resource a group may use in the sharding estimate (the rest is for catch-up,
 /// elections, snapshots sent to a lagging follower and bursts).
 const TARGET_UTILISATION: f64 = 0.5;
-/// Node heartbeat period of `mediamesh node` (`--heartbeat-interval-ms`, default in
-/// src/config.rs); each is one `Command::Heartbeat` proposal.
-const NODE_HEARTBEAT_INTERVAL_MS: u64 = 500;
+/// Node heartbeat period of `mediamesh node` (`--heartbeat-interval-ms`'s default); each is
+/// one `Command::Heartbeat` proposal.
+const NODE_HEARTBEAT_INTERVAL_MS: u64 = mediamesh::config::DEFAULT_HEARTBEAT_INTERVAL_MS;
 
 // ----- wire constants (estimates, not measured) -----
 
@@ -554,15 +554,6 @@ impl CostCurve {
     }
 }
 
-/// Removes the sled directory when dropped (also on panic).
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 struct SledTiming {
     insert_viewers_per_s: f64,
@@ -572,8 +563,12 @@ struct SledTiming {
 
 /// Applies into a fresh sled-backed replica state and times `Disk::commit_apply` alone.
 fn measure_sled(states: &[ViewerState], proposer: u64) -> Result<(SledTiming, CostCurve), String> {
-    let dir = TempDir(std::env::temp_dir().join(format!("mediamesh-capacity-{}", uuid::Uuid::now_v7())));
-    let (disk, storage, mut sm) = Disk::open(&dir.0).map_err(|e| e.to_string())?;
+    // Removed when dropped (also on panic).
+    let dir = tempfile::Builder::new()
+        .prefix("mediamesh-capacity-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let (disk, storage, mut sm) = Disk::open(dir.path()).map_err(|e| e.to_string())?;
     let commit = |sm: &mut StateMachine, entries: &[Vec<u8>]| -> Result<(f64, usize), String> {
         let mut seconds = 0.0;
         let mut viewers = 0;
@@ -967,18 +962,10 @@ fn pct(cores: f64) -> String {
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let args = common::args_or_exit(parse_args());
     let run_start = Instant::now();
     let started = SystemTime::now();
-    let load_at_start = std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
+    let load_at_start = common::load_average();
     let facts = common::machine_facts();
     println!(
         "capacity model: {NODES} nodes, {VIEWERS} viewers; {} × {} cores, load {load_at_start}",
@@ -1347,14 +1334,10 @@ fn main() {
     let groups_snapshot = (VIEWERS as f64 / snapshot_cap_viewers).ceil() as usize;
 
     let run_s = run_start.elapsed().as_secs_f64();
-    let load_at_end = std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
+    let load_at_end = common::load_average();
 
     // ----- the report -----
-    let ms = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let date = mediamesh::clock::rfc3339_ms(ms);
-    let stamp = format!("{}Z", date.chars().take(19).collect::<String>().replace(':', "-"));
+    let (date, stamp) = common::report_time(started);
     let commit = common::git_commit(&["cluster", "src/signal", "sdk/src", "actors/src"]);
     let mut md = String::new();
     let _ = writeln!(md, "# Capacity model of one Raft group — {date}\n");

@@ -40,7 +40,7 @@ use mediamesh_sdk::{Client, PlayOptions, PublishOptions, Role};
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 const NODES: [(&str, &str); 3] = [("seoul-1", "seoul"), ("seoul-2", "seoul"), ("busan-1", "busan")];
 const TARGET: &str = "busan-1";
@@ -806,12 +806,6 @@ fn run_failover(args: &Args, viewers: usize) -> FailoverRow {
 
 // ----- the report -----
 
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 fn write_report(
     args: &Args,
     started: SystemTime,
@@ -820,10 +814,7 @@ fn write_report(
     failovers: &[FailoverRow],
 ) {
     let facts = common::machine_facts();
-    let ms = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let date = mediamesh::clock::rfc3339_ms(ms);
-    // 2026-11-21T13:26:29.924Z → 2026-11-21T13-26-29Z
-    let stamp = format!("{}Z", date.chars().take(19).collect::<String>().replace(':', "-"));
+    let (date, stamp) = common::report_time(started);
     // What is measured: the node (src, actors, cluster) and the SDK clients.
     let commit = common::git_commit(&["src", "actors", "cluster", "sdk", "proto"]);
 
@@ -989,16 +980,10 @@ fn write_report(
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let args = common::args_or_exit(parse_args());
     common::require_binary(&args.binary);
     let started = SystemTime::now();
-    let load_at_start = load_average();
+    let load_at_start = common::load_average();
     let facts = common::machine_facts();
     println!(
         "mesh benchmark: migration with {:?} viewers, failover with {:?}; {} × {} cores, load {load_at_start}",

@@ -781,9 +781,7 @@ fn machine() -> Machine {
         temp_dir: temp_dir.display().to_string(),
         temp_dir_filesystem: command_output("stat", &["-f", "-c", "%T", &temp_dir.display().to_string()])
             .unwrap_or_default(),
-        load_average_at_start: std::fs::read_to_string("/proc/loadavg")
-            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default(),
+        load_average_at_start: common::load_average(),
     }
 }
 
@@ -920,13 +918,7 @@ fn write_report(args: &Args, started: SystemTime, machine: &Machine, redis_versi
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let args = common::args_or_exit(parse_args());
     common::require_binary(&args.binary);
     let started = SystemTime::now();
     let machine = machine();

@@ -285,6 +285,8 @@ pub enum ConfigError {
 }
 
 pub const BODY_BYTES_MAX_DEFAULT: usize = 64 * 1024;
+/// `--heartbeat-interval-ms` when not set.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 500;
 const SECRET_BYTES: usize = 32;
 
 impl NodeArgs {
@@ -453,7 +455,9 @@ impl NodeArgs {
             )? as u64,
             heartbeat_interval_ms: positive(
                 "heartbeat_interval_ms",
-                self.heartbeat_interval_ms.or(file.heartbeat_interval_ms).unwrap_or(500) as usize,
+                self.heartbeat_interval_ms
+                    .or(file.heartbeat_interval_ms)
+                    .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL_MS) as usize,
             )? as u64,
             dead_after_missed: positive(
                 "dead_after_missed",

@@ -35,6 +35,32 @@ pub fn machine_facts() -> MachineFacts {
     }
 }
 
+/// The 1-, 5- and 15-minute load averages, as /proc/loadavg gives them (empty if unreadable).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// A report's date (RFC 3339, ms) and the stamp of its file names
+/// (`2026-11-21T13:26:29.924Z` → `2026-11-21T13-26-29Z`) for a run started at `started`.
+pub fn report_time(started: std::time::SystemTime) -> (String, String) {
+    let ms = started
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let date = mediamesh::clock::rfc3339_ms(ms);
+    let stamp = format!("{}Z", date.chars().take(19).collect::<String>().replace(':', "-"));
+    (date, stamp)
+}
+
+/// The parsed arguments, or their error on stderr and exit code 2.
+pub fn args_or_exit<T>(parsed: Result<T, String>) -> T {
+    parsed.unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2);
+    })
+}
+
 /// A TCP port free on loopback now.
 pub fn free_tcp_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
