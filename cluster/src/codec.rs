@@ -20,7 +20,7 @@ pub const SNAPSHOT_BYTES_MAX: usize = 256 * 1024 * 1024;
 pub enum DecodeError {
     #[error("empty input")]
     Empty,
-    #[error("unknown envelope version {0} (expected {ENVELOPE_VERSION})")]
+    #[error("unknown envelope version {0}")]
     Version(u8),
     #[error("{len} bytes is more than the limit of {max}")]
     TooLarge { len: usize, max: usize },
@@ -36,7 +36,13 @@ fn config<const N: usize>() -> Configuration<bincode::config::BigEndian, bincode
 
 /// Encodes `value` behind the version byte.
 pub fn encode<T: Encode>(value: &T) -> Vec<u8> {
-    let mut out = vec![ENVELOPE_VERSION];
+    encode_versioned(ENVELOPE_VERSION, value)
+}
+
+/// Encodes `value` behind `version`, for shapes whose version moved past
+/// [`ENVELOPE_VERSION`] (each such shape names its own constant).
+pub fn encode_versioned<T: Encode>(version: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![version];
     // Encoding into a Vec cannot fail for the plain data types of this crate (no custom
     // encoders that error), and the size limit only applies to decoding.
     let body = bincode::encode_to_vec(value, standard().with_big_endian())
@@ -45,10 +51,25 @@ pub fn encode<T: Encode>(value: &T) -> Vec<u8> {
     out
 }
 
+/// The length of [`encode`]'s output for `value`, without encoding it into memory.
+pub fn encoded_len<T: Encode>(value: &T) -> usize {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    // Writing into a size counter cannot fail for the plain data types of this crate.
+    bincode::encode_into_writer(value, &mut size, standard().with_big_endian())
+        .expect("encoding plain data into a size counter does not fail");
+    1 + size.bytes_written
+}
+
 /// Decodes an envelope written by [`encode`], refusing more than `N` bytes.
 pub fn decode<T: Decode<()>, const N: usize>(bytes: &[u8]) -> Result<T, DecodeError> {
+    decode_versions::<T, N>(bytes, &[ENVELOPE_VERSION])
+}
+
+/// Decodes an envelope of any of `versions` whose bodies decode as the same `T` (a shape whose
+/// newer version only added enum variants, so the older bytes still decode).
+pub fn decode_versions<T: Decode<()>, const N: usize>(bytes: &[u8], versions: &[u8]) -> Result<T, DecodeError> {
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
-    if version != ENVELOPE_VERSION {
+    if !versions.contains(&version) {
         return Err(DecodeError::Version(version));
     }
     if bytes.len() > N {
@@ -73,6 +94,7 @@ mod tests {
     fn round_trip_and_refusals() {
         let v: Vec<String> = vec!["a".into(), "bc".into()];
         let bytes = encode(&v);
+        assert_eq!(encoded_len(&v), bytes.len());
         assert_eq!(decode::<Vec<String>, 1024>(&bytes).unwrap(), v);
         assert_eq!(decode::<Vec<String>, 1024>(&[]), Err(DecodeError::Empty));
         let mut wrong_version = bytes.clone();

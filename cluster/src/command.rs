@@ -116,7 +116,8 @@ pub enum Outcome {
     Placed(Placement),
     /// A compare-and-set on an epoch failed; the current placement.
     EpochConflict(Option<Placement>),
-    /// The stored viewer states after an upsert, in input order.
+    /// The stored viewer states after an upsert, in input order (what leaders of
+    /// forwarded-outcome version 1 answer; [`Outcome::Upserted`] replaced it).
     Viewers(Vec<ViewerState>),
     /// Whether something was deleted.
     Deleted(bool),
@@ -126,6 +127,46 @@ pub enum Outcome {
     Turn(TurnSecrets),
     /// The command was refused (reason). Deterministic, so every replica refuses it.
     Rejected(String),
+    /// The viewers of an upsert as applied (forwarded-outcome version 2): every state sent was
+    /// stored as sent, with `revision` = `index` and `expires_at_ms` = `updated_at_ms` +
+    /// `ttl_ms`, except the viewers in `kept`, whose stored state refused the update
+    /// ([`ViewerState::accepts`]) and is given instead. See [`Outcome::stored_viewers`].
+    Upserted {
+        /// Raft index of the entry.
+        index: u64,
+        /// Viewer TTL in force.
+        ttl_ms: u64,
+        /// Stored states that refused their update, with the update's position in the
+        /// command, in that order.
+        kept: Vec<(u32, ViewerState)>,
+    },
+}
+
+impl Outcome {
+    /// The stored state of each viewer `sent` in an upsert, from its outcome (either version),
+    /// or `None` when the outcome is not an upsert's.
+    pub fn stored_viewers(self, sent: Vec<ViewerState>) -> Option<Vec<ViewerState>> {
+        match self {
+            Outcome::Viewers(stored) => Some(stored),
+            Outcome::Upserted { index, ttl_ms, kept } => {
+                let mut kept = kept.into_iter().peekable();
+                Some(
+                    (0u32..)
+                        .zip(sent)
+                        .map(|(position, mut v)| {
+                            if let Some((_, stored)) = kept.next_if(|(p, _)| *p == position) {
+                                return stored;
+                            }
+                            v.expires_at_ms = v.updated_at_ms.saturating_add(ttl_ms);
+                            v.revision = index;
+                            v
+                        })
+                        .collect(),
+                )
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Payload of one normal raft entry: a batch of commands coalesced by one proposer.
@@ -145,6 +186,16 @@ pub struct EntryPayload {
 pub struct ForwardedCommands {
     /// Commands to propose, in order.
     pub commands: Vec<Command>,
+}
+
+/// Version of the forwarded-proposal envelopes ([`ForwardedCommands`], [`ForwardedOutcome`]):
+/// 2 added [`Outcome::Upserted`]. Version-1 bytes still decode (the variants they use are
+/// unchanged); a version-1 node cannot read a version-2 answer holding `Upserted`.
+pub const FORWARD_VERSION: u8 = 2;
+
+/// Decodes a leader's answer to a forwarded proposal, of version 1 or 2.
+pub fn decode_forwarded_outcome(bytes: &[u8]) -> Result<ForwardedOutcome, crate::codec::DecodeError> {
+    crate::codec::decode_versions::<_, { crate::codec::ENTRY_BYTES_MAX }>(bytes, &[1, FORWARD_VERSION])
 }
 
 /// Answer to a forwarded proposal.

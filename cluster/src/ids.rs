@@ -52,6 +52,12 @@ macro_rules! string_id {
                 Self(s.to_string())
             }
         }
+
+        impl crate::cow_map::ShardKey for $name {
+            fn shard_bytes(&self) -> &[u8] {
+                self.0.as_bytes()
+            }
+        }
     };
 }
 

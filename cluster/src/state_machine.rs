@@ -1,12 +1,18 @@
 //! The replicated state machine: a pure struct (no IO, no clock) that applies committed commands
-//! in log order. It records the key/value writes each apply makes so the shell can persist them to
-//! sled in one transaction together with the applied index.
+//! in log order, in memory. Durability comes from the raft log and snapshots: a restarted
+//! replica decodes its last snapshot and applies the log after it again, so apply writes
+//! nothing to disk. The large tables are [`CowMap`]s: a snapshot clones the state in
+//! microseconds ([`StateMachine::clone`]) and is encoded off the apply path.
+//!
+//! Data directories written before format 2 kept every record in sled trees ([`SmTree`]);
+//! [`StateMachine::from_records`] reads them once, when such a directory is upgraded.
 
 use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
 use crate::codec::{self, DecodeError, RECORD_BYTES_MAX, SNAPSHOT_BYTES_MAX};
+use crate::cow_map::CowMap;
 use crate::command::{Command, Outcome, USAGE_PER_ADD_MAX, VIEWERS_PER_EXPIRY_MAX, VIEWERS_PER_UPSERT_MAX};
 use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for};
 use crate::types::{
@@ -27,7 +33,8 @@ pub const USAGE_RECORDS_MAX: usize = 1_000_000;
 /// new add).
 pub const USAGE_SOURCES_MAX: usize = 4096;
 
-/// The sled tree a state machine record lives in.
+/// The sled tree a state machine record lived in (data directory format 1; see
+/// [`StateMachine::from_records`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SmTree {
     /// `node id → NodeRecord`
@@ -64,7 +71,7 @@ impl SmTree {
     }
 }
 
-/// One key/value change (None value: delete).
+/// One key/value record of data directory format 1 (None value: delete).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SmWrite {
     /// Tree.
@@ -102,8 +109,8 @@ pub struct AppliedIndex {
 #[derive(Clone, Debug, Default, PartialEq, bincode::Encode, bincode::Decode)]
 pub struct StateMachine {
     nodes: BTreeMap<NodeId, NodeRecord>,
-    rooms: BTreeMap<RoomId, Placement>,
-    viewers: BTreeMap<ViewerId, ViewerState>,
+    rooms: CowMap<RoomId, Placement>,
+    viewers: CowMap<ViewerId, ViewerState>,
     turn: Option<TurnSecrets>,
     settings: Option<ClusterSettings>,
     applied: AppliedIndex,
@@ -123,11 +130,11 @@ impl StateMachine {
         &self.nodes
     }
     /// Room placements.
-    pub fn rooms(&self) -> &BTreeMap<RoomId, Placement> {
+    pub fn rooms(&self) -> &CowMap<RoomId, Placement> {
         &self.rooms
     }
     /// Viewer states.
-    pub fn viewers(&self) -> &BTreeMap<ViewerId, ViewerState> {
+    pub fn viewers(&self) -> &CowMap<ViewerId, ViewerState> {
         &self.viewers
     }
     /// The usage ledger's records of one day, by room.
@@ -152,11 +159,11 @@ impl StateMachine {
     }
 
     /// Marks an entry that carries no commands (empty, or a conf change) as applied.
-    pub fn apply_empty(&mut self, index: u64, term: u64, writes: &mut Vec<SmWrite>) {
-        self.advance(index, term, writes);
+    pub fn apply_empty(&mut self, index: u64, term: u64) {
+        self.advance(index, term);
     }
 
-    fn advance(&mut self, index: u64, term: u64, writes: &mut Vec<SmWrite>) {
+    fn advance(&mut self, index: u64, term: u64) {
         // Entries are applied exactly once, in order; anything else is a bug in the shell.
         assert!(
             index > self.applied.index,
@@ -164,17 +171,12 @@ impl StateMachine {
             self.applied.index
         );
         self.applied = AppliedIndex { index, term };
-        writes.push(SmWrite {
-            tree: SmTree::Meta,
-            key: META_APPLIED.to_vec(),
-            value: Some(codec::encode(&self.applied)),
-        });
     }
 
     /// Applies the commands of entry `index` in order; returns one outcome per command.
-    pub fn apply(&mut self, index: u64, term: u64, commands: &[Command], writes: &mut Vec<SmWrite>) -> Vec<Outcome> {
-        let outcomes = commands.iter().map(|c| self.apply_one(index, c, writes)).collect();
-        self.advance(index, term, writes);
+    pub fn apply(&mut self, index: u64, term: u64, commands: Vec<Command>) -> Vec<Outcome> {
+        let outcomes = commands.into_iter().map(|c| self.apply_one(index, c)).collect();
+        self.advance(index, term);
         outcomes
     }
 
@@ -186,15 +188,7 @@ impl StateMachine {
         });
     }
 
-    fn delete(writes: &mut Vec<SmWrite>, tree: SmTree, key: &str) {
-        writes.push(SmWrite {
-            tree,
-            key: key.as_bytes().to_vec(),
-            value: None,
-        });
-    }
-
-    fn apply_one(&mut self, index: u64, command: &Command, writes: &mut Vec<SmWrite>) -> Outcome {
+    fn apply_one(&mut self, index: u64, command: Command) -> Outcome {
         match command {
             Command::RegisterNode(registration) => {
                 if let Err(e) = registration.validate() {
@@ -227,34 +221,23 @@ impl StateMachine {
                         last_heartbeat_ms: 0,
                     },
                 };
-                Self::put(writes, SmTree::Nodes, registration.id.as_str(), &record);
-                self.nodes.insert(registration.id.clone(), record.clone());
+                self.nodes.insert(registration.id, record.clone());
                 Outcome::Node(record)
             }
-            Command::Heartbeat { node, load, at_ms } => match self.nodes.get_mut(node) {
+            Command::Heartbeat { node, load, at_ms } => match self.nodes.get_mut(&node) {
                 None => Outcome::Rejected(format!("unknown node {node}")),
                 Some(record) => {
-                    record.last_load = Some(load.clone());
-                    record.last_heartbeat_ms = record.last_heartbeat_ms.max(*at_ms);
-                    let record = record.clone();
-                    Self::put(writes, SmTree::Nodes, node.as_str(), &record);
-                    Outcome::Node(record)
+                    record.last_load = Some(load);
+                    record.last_heartbeat_ms = record.last_heartbeat_ms.max(at_ms);
+                    Outcome::Node(record.clone())
                 }
             },
-            Command::RemoveNode { node } => {
-                let existed = self.nodes.remove(node).is_some();
-                if existed {
-                    Self::delete(writes, SmTree::Nodes, node.as_str());
-                }
-                Outcome::Deleted(existed)
-            }
-            Command::SetNodeDraining { node, draining } => match self.nodes.get_mut(node) {
+            Command::RemoveNode { node } => Outcome::Deleted(self.nodes.remove(&node).is_some()),
+            Command::SetNodeDraining { node, draining } => match self.nodes.get_mut(&node) {
                 None => Outcome::Rejected(format!("unknown node {node}")),
                 Some(record) => {
-                    record.draining = *draining;
-                    let record = record.clone();
-                    Self::put(writes, SmTree::Nodes, node.as_str(), &record);
-                    Outcome::Node(record)
+                    record.draining = draining;
+                    Outcome::Node(record.clone())
                 }
             },
             Command::PlaceRoom {
@@ -265,9 +248,9 @@ impl StateMachine {
                 if let Err(e) = room.validate().and_then(|_| node.validate()) {
                     return Outcome::Rejected(e);
                 }
-                let current = self.rooms.get(room);
+                let current = self.rooms.get(&room);
                 let current_epoch = current.map(|p| p.epoch);
-                if current_epoch != *expected_epoch {
+                if current_epoch != expected_epoch {
                     return Outcome::EpochConflict(current.cloned());
                 }
                 if current.is_none() && self.rooms.len() >= ROOMS_MAX {
@@ -275,69 +258,29 @@ impl StateMachine {
                 }
                 let placement = Placement {
                     room: room.clone(),
-                    node: node.clone(),
+                    node,
                     epoch: current_epoch.unwrap_or(0) + 1,
                 };
-                Self::put(writes, SmTree::Rooms, room.as_str(), &placement);
-                self.rooms.insert(room.clone(), placement.clone());
+                self.rooms.insert(room, placement.clone());
                 Outcome::Placed(placement)
             }
-            Command::DeleteRoom { room, expected_epoch } => {
-                let current = self.rooms.get(room);
-                match current {
-                    Some(p) if p.epoch == *expected_epoch => {
-                        self.rooms.remove(room);
-                        Self::delete(writes, SmTree::Rooms, room.as_str());
-                        Outcome::Deleted(true)
-                    }
-                    other => Outcome::EpochConflict(other.cloned()),
+            Command::DeleteRoom { room, expected_epoch } => match self.rooms.get(&room) {
+                Some(p) if p.epoch == expected_epoch => {
+                    self.rooms.remove(&room);
+                    Outcome::Deleted(true)
                 }
-            }
-            Command::UpsertViewers { viewers } => {
-                if viewers.len() > VIEWERS_PER_UPSERT_MAX {
-                    return Outcome::Rejected(format!("more than {VIEWERS_PER_UPSERT_MAX} viewers in one upsert"));
-                }
-                if let Some(e) = viewers.iter().find_map(|v| v.validate().err()) {
-                    return Outcome::Rejected(e);
-                }
-                let new_count = viewers.iter().filter(|v| !self.viewers.contains_key(&v.viewer)).count();
-                if self.viewers.len() + new_count > VIEWERS_MAX {
-                    return Outcome::Rejected(format!("more than {VIEWERS_MAX} viewer states"));
-                }
-                let ttl_ms = self.viewer_ttl_ms();
-                let mut stored = Vec::with_capacity(viewers.len());
-                for v in viewers {
-                    if let Some(owner) = self.viewers.get(&v.viewer).filter(|s| !s.accepts(v)) {
-                        // A late write of a session the viewer left, or of a resume that lost the
-                        // claim to another one from the same state: the owner's state stays.
-                        stored.push(owner.clone());
-                        continue;
-                    }
-                    let mut v = v.clone();
-                    v.expires_at_ms = v.updated_at_ms.saturating_add(ttl_ms);
-                    v.revision = index;
-                    Self::put(writes, SmTree::Viewers, v.viewer.as_str(), &v);
-                    self.viewers.insert(v.viewer.clone(), v.clone());
-                    stored.push(v);
-                }
-                Outcome::Viewers(stored)
-            }
-            Command::DeleteViewer { viewer } => {
-                let existed = self.viewers.remove(viewer).is_some();
-                if existed {
-                    Self::delete(writes, SmTree::Viewers, viewer.as_str());
-                }
-                Outcome::Deleted(existed)
-            }
+                other => Outcome::EpochConflict(other.cloned()),
+            },
+            Command::UpsertViewers { viewers } => self.upsert_viewers(index, viewers),
+            Command::DeleteViewer { viewer } => Outcome::Deleted(self.viewers.remove(&viewer).is_some()),
             Command::ExpireViewers { viewers } => {
                 if viewers.len() > VIEWERS_PER_EXPIRY_MAX {
                     return Outcome::Rejected(format!("more than {VIEWERS_PER_EXPIRY_MAX} viewers in one expiry"));
                 }
                 let mut expired = 0;
                 for (viewer, revision) in viewers {
-                    if self.viewers.get(viewer).is_some_and(|v| v.revision == *revision) {
-                        self.viewers.remove(viewer);
-                        Self::delete(writes, SmTree::Viewers, viewer.as_str());
+                    if self.viewers.get(&viewer).is_some_and(|v| v.revision == revision) {
+                        self.viewers.remove(&viewer);
                         expired += 1;
                     }
                 }
@@ -348,15 +291,10 @@ impl StateMachine {
                     return Outcome::Rejected(format!("TURN secret must be 1..={TURN_SECRET_BYTES_MAX} bytes"));
                 }
                 let turn = TurnSecrets {
-                    current: secret.clone(),
+                    current: secret,
                     previous: self.turn.as_ref().map(|t| t.current.clone()),
-                    rotated_at_ms: *at_ms,
+                    rotated_at_ms: at_ms,
                 };
-                writes.push(SmWrite {
-                    tree: SmTree::Meta,
-                    key: META_TURN.to_vec(),
-                    value: Some(codec::encode(&turn)),
-                });
                 self.turn = Some(turn.clone());
                 Outcome::Turn(turn)
             }
@@ -372,14 +310,14 @@ impl StateMachine {
                 if let Some(e) = records
                     .iter()
                     .find_map(|r| r.validate().err())
-                    .or_else(|| validate_day(keep_from_day).err())
+                    .or_else(|| validate_day(&keep_from_day).err())
                 {
                     return Outcome::Rejected(e);
                 }
                 if let Err(e) = node.validate() {
                     return Outcome::Rejected(e);
                 }
-                if self.usage_batches.get(node).is_some_and(|last| batch <= last) {
+                if self.usage_batches.get(&node).is_some_and(|last| batch <= *last) {
                     // Sent again after an unknown outcome: it was counted already.
                     return Outcome::Done;
                 }
@@ -387,56 +325,77 @@ impl StateMachine {
                 if self.usage.len() + new_keys > USAGE_RECORDS_MAX {
                     return Outcome::Rejected(format!("more than {USAGE_RECORDS_MAX} usage records"));
                 }
-                self.mark_usage_batch(node, *batch, writes);
+                self.mark_usage_batch(node, batch);
                 for record in records {
-                    let key = record.key();
-                    let entry = self.usage.entry(key.clone()).or_insert_with(|| UsageRecord {
+                    let entry = self.usage.entry(record.key()).or_insert_with(|| UsageRecord {
                         viewer_ms: 0,
                         sessions: 0,
                         ..record.clone()
                     });
                     entry.viewer_ms = entry.viewer_ms.saturating_add(record.viewer_ms);
                     entry.sessions = entry.sessions.saturating_add(record.sessions);
-                    let entry = entry.clone();
-                    Self::put(writes, SmTree::Usage, &key, &entry);
                 }
                 // Keys sort by day first: everything before `keep_from_day/` is older.
-                let expired: Vec<String> = self
-                    .usage
-                    .range(..keep_from_day.clone())
-                    .map(|(key, _)| key.clone())
-                    .collect();
-                for key in expired {
-                    self.usage.remove(&key);
-                    Self::delete(writes, SmTree::Usage, &key);
-                }
+                self.usage = self.usage.split_off(&keep_from_day);
                 Outcome::Done
             }
             Command::SetSettings {
                 settings,
                 only_if_unset,
             } => {
-                if *only_if_unset && self.settings.is_some() {
+                if only_if_unset && self.settings.is_some() {
                     return Outcome::Done;
                 }
                 if settings.viewer_ttl_ms == 0 {
                     return Outcome::Rejected("viewer_ttl_ms must be positive".into());
                 }
-                writes.push(SmWrite {
-                    tree: SmTree::Meta,
-                    key: META_SETTINGS.to_vec(),
-                    value: Some(codec::encode(settings)),
-                });
-                self.settings = Some(settings.clone());
+                self.settings = Some(settings);
                 Outcome::Done
             }
         }
     }
 
+    /// `UpsertViewers`: every state is checked before any is stored (the command applies whole
+    /// or not at all); each is then stored unless the stored state refuses it
+    /// ([`ViewerState::accepts`]). The outcome names only the refusals: the proposer knows what
+    /// it sent, so the stored states are not sent back.
+    fn upsert_viewers(&mut self, index: u64, viewers: Vec<ViewerState>) -> Outcome {
+        if viewers.len() > VIEWERS_PER_UPSERT_MAX {
+            return Outcome::Rejected(format!("more than {VIEWERS_PER_UPSERT_MAX} viewers in one upsert"));
+        }
+        if let Some(e) = viewers.iter().find_map(|v| v.validate().err()) {
+            return Outcome::Rejected(e);
+        }
+        let new_count = viewers.iter().filter(|v| !self.viewers.contains_key(&v.viewer)).count();
+        if self.viewers.len() + new_count > VIEWERS_MAX {
+            return Outcome::Rejected(format!("more than {VIEWERS_MAX} viewer states"));
+        }
+        let ttl_ms = self.viewer_ttl_ms();
+        let mut kept = Vec::new();
+        for (position, mut v) in (0u32..).zip(viewers) {
+            if let Some(stored) = self.viewers.get_mut(&v.viewer) {
+                if !stored.accepts(&v) {
+                    // A late write of a session the viewer left, or of a resume that lost the
+                    // claim to another one from the same state: the owner's state stays.
+                    kept.push((position, stored.clone()));
+                    continue;
+                }
+                v.expires_at_ms = v.updated_at_ms.saturating_add(ttl_ms);
+                v.revision = index;
+                *stored = v;
+            } else {
+                v.expires_at_ms = v.updated_at_ms.saturating_add(ttl_ms);
+                v.revision = index;
+                self.viewers.insert(v.viewer.clone(), v);
+            }
+        }
+        Outcome::Upserted { index, ttl_ms, kept }
+    }
+
     /// Remembers `batch` as `node`'s last applied usage batch, forgetting the oldest run when
     /// [`USAGE_SOURCES_MAX`] are remembered.
-    fn mark_usage_batch(&mut self, node: &NodeId, batch: UsageBatch, writes: &mut Vec<SmWrite>) {
-        if !self.usage_batches.contains_key(node) && self.usage_batches.len() >= USAGE_SOURCES_MAX {
+    fn mark_usage_batch(&mut self, node: NodeId, batch: UsageBatch) {
+        if !self.usage_batches.contains_key(&node) && self.usage_batches.len() >= USAGE_SOURCES_MAX {
             let oldest = self
                 .usage_batches
                 .iter()
@@ -444,11 +403,9 @@ impl StateMachine {
                 .map(|(id, _)| id.clone());
             if let Some(oldest) = oldest {
                 self.usage_batches.remove(&oldest);
-                Self::delete(writes, SmTree::Meta, &usage_batch_key(&oldest));
             }
         }
-        self.usage_batches.insert(node.clone(), batch);
-        Self::put(writes, SmTree::Meta, &usage_batch_key(node), &batch);
+        self.usage_batches.insert(node, batch);
     }
 
     /// TTL in force (the default until settings are replicated).
@@ -501,16 +458,17 @@ impl StateMachine {
         Ok(sm)
     }
 
-    /// Every record of the state, as writes that recreate it in empty trees.
+    /// Every record of the state as data directory format 1 kept it in its sled trees (the
+    /// format [`Self::from_records`] upgrades from; tests write such directories with it).
     pub fn all_records(&self) -> Vec<SmWrite> {
         let mut writes = Vec::new();
         for (id, n) in &self.nodes {
             Self::put(&mut writes, SmTree::Nodes, id.as_str(), n);
         }
-        for (id, p) in &self.rooms {
+        for (id, p) in self.rooms.iter() {
             Self::put(&mut writes, SmTree::Rooms, id.as_str(), p);
         }
-        for (id, v) in &self.viewers {
+        for (id, v) in self.viewers.iter() {
             Self::put(&mut writes, SmTree::Viewers, id.as_str(), v);
         }
         for (key, record) in &self.usage {
@@ -541,8 +499,8 @@ impl StateMachine {
         writes
     }
 
-    /// Rebuilds the state from stored records (tree, key, value), checking each. The error says
-    /// which tree and key is wrong.
+    /// Rebuilds the state from the records of a format-1 data directory (tree, key, value),
+    /// checking each. The error says which tree and key is wrong.
     pub fn from_records(
         records: impl IntoIterator<Item = (SmTree, Vec<u8>, Vec<u8>)>,
     ) -> Result<StateMachine, (SmTree, Vec<u8>, String)> {
@@ -621,12 +579,12 @@ impl StateMachine {
         {
             return Err("more records than the limits allow".into());
         }
-        for (id, p) in &self.rooms {
+        for (id, p) in self.rooms.iter() {
             if &p.room != id || p.epoch == 0 {
                 return Err(format!("room {id}: bad placement"));
             }
         }
-        for (id, v) in &self.viewers {
+        for (id, v) in self.viewers.iter() {
             if &v.viewer != id || v.revision > self.applied.index {
                 return Err(format!("viewer {id}: bad record"));
             }
@@ -685,8 +643,7 @@ mod tests {
     }
 
     fn apply(sm: &mut StateMachine, index: u64, command: Command) -> Outcome {
-        let mut writes = Vec::new();
-        sm.apply(index, 1, &[command], &mut writes).remove(0)
+        sm.apply(index, 1, vec![command]).remove(0)
     }
 
     #[test]
@@ -798,15 +755,11 @@ mod tests {
             },
         );
         assert_eq!(sm.viewer_ttl_ms(), 2_000);
-        let Outcome::Viewers(stored) = apply(
-            &mut sm,
-            3,
-            Command::UpsertViewers {
-                viewers: vec![viewer("v1", 1_000), viewer("v2", 1_500)],
-            },
-        ) else {
-            panic!("upsert should return viewers");
-        };
+        let sent = vec![viewer("v1", 1_000), viewer("v2", 1_500)];
+        let outcome = apply(&mut sm, 3, Command::UpsertViewers { viewers: sent.clone() });
+        assert!(matches!(&outcome, Outcome::Upserted { kept, .. } if kept.is_empty()), "{outcome:?}");
+        let stored = outcome.stored_viewers(sent).expect("an upsert's outcome");
+        assert_eq!(stored, [&sm.viewers()[&ViewerId::from("v1")], &sm.viewers()[&ViewerId::from("v2")]].map(Clone::clone));
         assert_eq!(stored[0].expires_at_ms, 3_000);
         assert_eq!(stored[0].revision, 3);
         // Nothing is due before the deadline, or before the new leader's grace.
@@ -866,14 +819,13 @@ mod tests {
                 at_ms: 2,
             },
         ];
-        let mut writes = Vec::new();
-        let outcomes = a.apply(1, 1, &commands, &mut writes);
-        b.apply(1, 1, &commands, &mut Vec::new());
+        let outcomes = a.apply(1, 1, commands.clone());
+        b.apply(1, 1, commands);
         assert!(matches!(outcomes[2], Outcome::Rejected(_)));
         assert_eq!(a.turn().unwrap().previous.as_deref(), Some("s1"));
         assert_eq!(a.turn().unwrap().current, "s2");
         assert_eq!(a.digest(), b.digest());
-        // Records written round-trip to the same state.
+        // Format-1 records round-trip to the same state.
         let records = a.all_records().into_iter().map(|w| (w.tree, w.key, w.value.unwrap()));
         let restored = StateMachine::from_records(records).unwrap();
         assert_eq!(restored, a);
@@ -926,11 +878,9 @@ mod tests {
         let records = sm.all_records().into_iter().map(|w| (w.tree, w.key, w.value.unwrap()));
         assert_eq!(StateMachine::from_records(records).unwrap(), sm);
         // Retention: the days before keep_from_day go, in the same entry.
-        let mut writes = Vec::new();
-        sm.apply(3, 1, &[add(vec![], "2026-11-22")], &mut writes);
+        sm.apply(3, 1, vec![add(vec![], "2026-11-22")]);
         assert_eq!(sm.usage_of_day("2026-11-21").count(), 0);
         assert_eq!(sm.usage_of_day("2026-11-22").count(), 2);
-        assert!(writes.iter().any(|w| w.tree == SmTree::Usage && w.value.is_none()));
         // Bad input is refused on every replica alike.
         for (i, bad) in [
             add(vec![usage("2026-13-01", "a", 1)], "2026-01-01"),
@@ -958,13 +908,14 @@ mod tests {
             add_usage("n1", 100, 1, 1, minute("b"), keep),
         ];
         // Both parts count.
-        sm.apply(1, 1, &flush, &mut Vec::new());
+        sm.apply(1, 1, flush.to_vec());
         assert_eq!(viewer_ms(&sm), 120_000);
         // Its outcome was lost (a timeout): the node sends it again, unchanged. Nothing changes.
-        let mut writes = Vec::new();
-        sm.apply(2, 1, &flush, &mut writes);
+        let before = sm.clone();
+        let outcomes = sm.apply(2, 1, flush.to_vec());
+        assert_eq!(outcomes, [Outcome::Done, Outcome::Done]);
+        assert_eq!(sm.digest(), before.digest(), "a resent flush changes nothing");
         assert_eq!(viewer_ms(&sm), 120_000);
-        assert!(writes.iter().all(|w| w.key == META_APPLIED), "{writes:?}");
         // Its next flush, another node's, and the same node after a restart (a later run,
         // numbering from 1 again) count; an older one does not.
         for (index, (node, run, seq, counted)) in [
@@ -1003,11 +954,9 @@ mod tests {
         // The session the viewer left writes late (simulator seed 7).
         let mut late = viewer("v", 10);
         late.position_ms = 7_050;
-        let outcome = apply(&mut sm, 2, Command::UpsertViewers { viewers: vec![late] });
-        assert!(
-            matches!(&outcome, Outcome::Viewers(v) if v[0].position_ms == 8_309),
-            "{outcome:?}"
-        );
+        let outcome = apply(&mut sm, 2, Command::UpsertViewers { viewers: vec![late.clone()] });
+        let stored = outcome.clone().stored_viewers(vec![late]).expect("an upsert's outcome");
+        assert!(stored[0].position_ms == 8_309, "{outcome:?}");
         assert_eq!(sm.viewers()[&ViewerId::from("v")].position_ms, 8_309);
         assert_eq!(sm.viewers()[&ViewerId::from("v")].revision, 1);
         // The same generation writes in log order; a newer one too.
@@ -1045,15 +994,11 @@ mod tests {
                 viewers: vec![resume("b", 4_070)],
             },
         );
-        let outcome = apply(
-            &mut sm,
-            3,
-            Command::UpsertViewers {
-                viewers: vec![resume("a", 2_718)],
-            },
-        );
+        let loser = vec![resume("a", 2_718)];
+        let outcome = apply(&mut sm, 3, Command::UpsertViewers { viewers: loser.clone() });
+        let stored = outcome.clone().stored_viewers(loser).expect("an upsert's outcome");
         assert!(
-            matches!(&outcome, Outcome::Viewers(v) if v[0].session == "b" && v[0].revision == 2),
+            stored[0].session == "b" && stored[0].revision == 2,
             "the loser is answered with the owner's state: {outcome:?}"
         );
         assert_eq!(sm.viewers()[&ViewerId::from("v")].position_ms, 4_070);

@@ -1,26 +1,40 @@
-//! sled storage: the raft log, hard state, conf state and snapshot in the `raft` tree
-//! (implementing [`raft::Storage`]), and the state machine's records in the `sm_*` trees.
+//! sled storage of one replica, data directory format 2: the raft log, hard state and the last
+//! snapshot in the `raft` tree, implementing [`raft::Storage`] and the [`LogStore`] writes the
+//! replica core makes. The state machine lives in memory: it is the last snapshot's data plus
+//! the log after it, applied again on start.
 //!
 //! Writes here only reach sled's page cache; the shell flushes (`Disk::flush`, run on a blocking
 //! thread) before it sends messages that depend on them or reports them persisted to raft.
 //! Opening checks every record and reports the first bad one by tree and key.
+//!
+//! # Format versions
+//!
+//! The `format` key of the `raft` tree holds [`DATA_FORMAT`]. Format 1 (before it had the key)
+//! also kept every state machine record in `sm_*` trees, written after each apply; such a
+//! directory is upgraded on open: its records become a snapshot at their applied index, the log
+//! up to it is dropped, and the `sm_*` trees go. A directory of a newer format is refused with a
+//! message naming both versions. Log entries and snapshot data carry the codec's version byte.
 
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
-use sled::Transactional;
 
 use crate::error::{StoreError, printable_key};
-use crate::state_machine::{SmTree, SmWrite, StateMachine};
+use crate::state_machine::{SmTree, StateMachine};
 
 const RAFT_TREE: &str = "raft";
 const KEY_HARD_STATE: &[u8] = b"hs";
+/// Format 1 only: the conf state written with each apply (format 2 keeps it in the snapshot).
 const KEY_CONF_STATE: &[u8] = b"cs";
 const KEY_SNAPSHOT: &[u8] = b"snap";
+const KEY_FORMAT: &[u8] = b"format";
 const ENTRY_PREFIX: u8 = b'e';
+
+/// The data directory format this build writes.
+pub const DATA_FORMAT: u8 = 2;
 
 /// Index and term of the snapshot a brand-new cluster starts from. Starting at a non-zero index
 /// means a joining node (empty log) always catches up by snapshot first, so it learns the
@@ -43,6 +57,28 @@ fn entry_index(key: &[u8]) -> Option<u64> {
     let mut index = [0u8; 8];
     index.copy_from_slice(&key[1..]);
     Some(u64::from_be_bytes(index))
+}
+
+/// The writes the replica core makes to its log storage, besides what [`raft::Storage`] reads.
+/// They need not be durable when they return: the shell flushes before it reports a Ready
+/// persisted. Implemented by [`SledStorage`] and by the simulator's in-memory storage.
+pub trait LogStore: raft::Storage {
+    /// Appends entries from a Ready, replacing any conflicting suffix.
+    fn append(&self, entries: &[Entry]) -> Result<(), StoreError>;
+    /// Saves the hard state.
+    fn set_hard_state(&self, hard_state: &HardState) -> Result<(), StoreError>;
+    /// The configuration after an applied membership change. Kept in memory: it is persisted
+    /// with the next snapshot, and a restart applies the changes after the snapshot again.
+    fn set_conf_state(&self, conf_state: &ConfState);
+    /// Replaces the log with a snapshot received from the leader.
+    fn install_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError>;
+    /// Records a snapshot of the applied state at `index` (configuration `conf_state`) and
+    /// drops the log up to it. A snapshot at or below the current one is ignored.
+    fn compact(&self, index: u64, term: u64, conf_state: &ConfState, data: Vec<u8>) -> Result<(), StoreError>;
+    /// Index of the last snapshot (the compaction point).
+    fn snapshot_index(&self) -> u64;
+    /// True when raft asked for a newer snapshot than the one stored (take one).
+    fn snapshot_wanted(&self) -> bool;
 }
 
 /// The rules of [`raft::Storage`] that depend only on the last snapshot and the log's bounds,
@@ -125,8 +161,13 @@ fn corrupt(tree: &str, key: &[u8], reason: impl std::fmt::Display) -> StoreError
     }
 }
 
+fn encode_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
 struct Core {
     hard_state: HardState,
+    /// The configuration at the applied index (in memory; the snapshot holds the durable one).
     conf_state: ConfState,
     /// Last snapshot (metadata and state machine data); its index is the compaction point.
     snapshot: Snapshot,
@@ -147,7 +188,6 @@ impl Core {
 pub struct Disk {
     db: sled::Db,
     raft: sled::Tree,
-    sm: Vec<sled::Tree>,
 }
 
 /// [`raft::Storage`] over the `raft` tree. Cheap to clone (shared core).
@@ -158,37 +198,89 @@ pub struct SledStorage {
 }
 
 impl Disk {
-    /// Opens (or creates) the database in `dir`, checks every record and returns the raft storage
-    /// and the state machine it holds.
+    /// Opens (or creates) the database in `dir`, upgrading a format-1 directory, checks every
+    /// record and returns the raft storage and the state machine of its last snapshot (the
+    /// replica applies the committed log after it again).
     pub fn open(dir: &std::path::Path) -> Result<(Disk, SledStorage, StateMachine), StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .open()
             .map_err(|e| StoreError::Storage(format!("opening {}: {e}", dir.display())))?;
         let raft = db.open_tree(RAFT_TREE)?;
-        let sm = SmTree::ALL
-            .iter()
-            .map(|t| db.open_tree(t.name()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let disk = Disk { db, raft, sm };
+        let disk = Disk { db, raft };
+        match disk.raft.get(KEY_FORMAT)? {
+            Some(v) if v.as_ref() == [DATA_FORMAT] => {}
+            Some(v) => {
+                let found = v.first().map_or("unreadable".to_string(), |b| b.to_string());
+                return Err(StoreError::Config(format!(
+                    "data directory {} has format {found}; this build reads formats 1 and {DATA_FORMAT}: \
+                     run the mediamesh version that wrote it, or start this node with an empty data \
+                     directory so it catches up from the cluster",
+                    dir.display()
+                )));
+            }
+            None => disk.upgrade_from_format_1()?,
+        }
         let storage = disk.load_raft()?;
-        let state_machine = disk.load_state_machine()?;
-        {
+        let state_machine = {
             let core = storage.core.read();
-            let applied = state_machine.applied().index;
-            let snapshot_index = core.snapshot.get_metadata().index;
-            if applied < snapshot_index || applied > core.last_index.max(snapshot_index) {
-                return Err(corrupt(
-                    SmTree::Meta.name(),
-                    crate::state_machine::META_APPLIED,
-                    format!(
-                        "applied index {applied} outside the log [{snapshot_index}, {}]",
-                        core.last_index
-                    ),
-                ));
+            if core.snapshot.get_metadata().index == 0 {
+                StateMachine::default()
+            } else {
+                StateMachine::decode_snapshot(core.snapshot.get_data())
+                    .map_err(|e| corrupt(RAFT_TREE, KEY_SNAPSHOT, format!("snapshot data: {e}")))?
+            }
+        };
+        Ok((disk, storage, state_machine))
+    }
+
+    /// Format 1 → 2 (see the module doc). A brand-new directory only gets the format key.
+    fn upgrade_from_format_1(&self) -> Result<(), StoreError> {
+        let mut records = Vec::new();
+        for tree in SmTree::ALL {
+            if !self.db.tree_names().iter().any(|n| n.as_ref() == tree.name().as_bytes()) {
+                continue;
+            }
+            for item in self.db.open_tree(tree.name())?.iter() {
+                let (key, value) = item?;
+                records.push((tree, key.to_vec(), value.to_vec()));
             }
         }
-        Ok((disk, storage, state_machine))
+        if records.is_empty() {
+            if !self.raft.is_empty() {
+                return Err(corrupt(RAFT_TREE, KEY_FORMAT, "a log without a format or state records"));
+            }
+            self.raft.insert(KEY_FORMAT, &[DATA_FORMAT])?;
+            self.flush_blocking()?;
+            return Ok(());
+        }
+        let sm = StateMachine::from_records(records).map_err(|(tree, key, reason)| corrupt(tree.name(), &key, reason))?;
+        let conf_state = match self.raft.get(KEY_CONF_STATE)? {
+            Some(v) => ConfState::parse_from_bytes(&v).map_err(|e| corrupt(RAFT_TREE, KEY_CONF_STATE, e))?,
+            None => ConfState::default(),
+        };
+        let applied = sm.applied();
+        let snapshot = rules::snapshot_at(applied.index, applied.term, &conf_state, sm.encode_snapshot());
+        let mut batch = sled::Batch::default();
+        for item in self.raft.range(entry_key(0)..=entry_key(applied.index)) {
+            let (key, _) = item?;
+            batch.remove(key);
+        }
+        batch.insert(KEY_SNAPSHOT, snapshot.write_to_bytes().map_err(encode_error)?);
+        batch.remove(KEY_CONF_STATE);
+        batch.insert(KEY_FORMAT, &[DATA_FORMAT]);
+        self.raft.apply_batch(batch)?;
+        self.flush_blocking()?;
+        for tree in SmTree::ALL {
+            self.db.drop_tree(tree.name())?;
+        }
+        self.flush_blocking()?;
+        tracing::info!(
+            index = applied.index,
+            viewers = sm.viewers().len(),
+            "upgraded the data directory from format 1 to {DATA_FORMAT}"
+        );
+        Ok(())
     }
 
     fn load_raft(&self) -> Result<SledStorage, StoreError> {
@@ -196,17 +288,8 @@ impl Disk {
             Some(v) => HardState::parse_from_bytes(&v).map_err(|e| corrupt(RAFT_TREE, KEY_HARD_STATE, e))?,
             None => HardState::default(),
         };
-        let conf_state = match self.raft.get(KEY_CONF_STATE)? {
-            Some(v) => ConfState::parse_from_bytes(&v).map_err(|e| corrupt(RAFT_TREE, KEY_CONF_STATE, e))?,
-            None => ConfState::default(),
-        };
         let snapshot = match self.raft.get(KEY_SNAPSHOT)? {
-            Some(v) => {
-                let snapshot = Snapshot::parse_from_bytes(&v).map_err(|e| corrupt(RAFT_TREE, KEY_SNAPSHOT, e))?;
-                StateMachine::decode_snapshot(snapshot.get_data())
-                    .map_err(|e| corrupt(RAFT_TREE, KEY_SNAPSHOT, format!("snapshot data: {e}")))?;
-                snapshot
-            }
+            Some(v) => Snapshot::parse_from_bytes(&v).map_err(|e| corrupt(RAFT_TREE, KEY_SNAPSHOT, e))?,
             None => Snapshot::default(),
         };
         let snapshot_index = snapshot.get_metadata().index;
@@ -229,7 +312,7 @@ impl Disk {
         }
         for item in self.raft.iter() {
             let (key, _) = item?;
-            if entry_index(&key).is_none() && ![KEY_HARD_STATE, KEY_CONF_STATE, KEY_SNAPSHOT].contains(&key.as_ref()) {
+            if entry_index(&key).is_none() && ![KEY_HARD_STATE, KEY_SNAPSHOT, KEY_FORMAT].contains(&key.as_ref()) {
                 return Err(corrupt(RAFT_TREE, &key, "unknown key"));
             }
         }
@@ -244,23 +327,12 @@ impl Disk {
             raft: self.raft.clone(),
             core: Arc::new(RwLock::new(Core {
                 hard_state,
-                conf_state,
+                conf_state: snapshot.get_metadata().get_conf_state().clone(),
                 snapshot,
                 last_index,
                 snapshot_wanted: false,
             })),
         })
-    }
-
-    fn load_state_machine(&self) -> Result<StateMachine, StoreError> {
-        let mut records = Vec::new();
-        for (tree, sled_tree) in SmTree::ALL.iter().zip(&self.sm) {
-            for item in sled_tree.iter() {
-                let (key, value) = item?;
-                records.push((*tree, key.to_vec(), value.to_vec()));
-            }
-        }
-        StateMachine::from_records(records).map_err(|(tree, key, reason)| corrupt(tree.name(), &key, reason))
     }
 
     /// Flushes everything written so far to disk. Blocking: call it on a blocking thread.
@@ -277,127 +349,36 @@ impl Disk {
             .map_err(|e| StoreError::Storage(format!("flush task: {e}")))?
     }
 
-    /// Persists state machine writes and (if changed) the conf state in one transaction, so the
-    /// applied index, the records and the membership never disagree after a crash.
-    pub fn commit_apply(
-        &self,
-        storage: &SledStorage,
-        writes: &[SmWrite],
-        conf_state: Option<&ConfState>,
-    ) -> Result<(), StoreError> {
-        let conf_bytes = conf_state
-            .map(|c| c.write_to_bytes())
-            .transpose()
-            .map_err(|e| StoreError::Storage(e.to_string()))?;
-        let mut trees: Vec<sled::Tree> = vec![self.raft.clone()];
-        trees.extend(self.sm.iter().cloned());
-        trees
-            .as_slice()
-            .transaction(|views| {
-                if let Some(bytes) = &conf_bytes {
-                    views[0].insert(KEY_CONF_STATE, bytes.as_slice())?;
-                }
-                for write in writes {
-                    let position = 1 + SmTree::ALL.iter().position(|t| *t == write.tree).unwrap_or(0);
-                    match &write.value {
-                        Some(v) => views[position].insert(write.key.as_slice(), v.as_slice())?,
-                        None => views[position].remove(write.key.as_slice())?,
-                    };
-                }
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| StoreError::Storage(format!("apply transaction: {e:?}")))?;
-        if let Some(cs) = conf_state {
-            storage.core.write().conf_state = cs.clone();
-        }
-        Ok(())
-    }
-
-    /// Replaces the whole state (log, raft metadata, state machine) with a received snapshot.
-    pub fn apply_snapshot(
-        &self,
-        storage: &SledStorage,
-        snapshot: &Snapshot,
-        sm: &StateMachine,
-    ) -> Result<(), StoreError> {
-        let meta = snapshot.get_metadata();
-        let snapshot_bytes = snapshot
-            .write_to_bytes()
-            .map_err(|e| StoreError::Storage(e.to_string()))?;
-        let conf_bytes = meta
-            .get_conf_state()
-            .write_to_bytes()
-            .map_err(|e| StoreError::Storage(e.to_string()))?;
-        let mut hard_state = storage.core.read().hard_state.clone();
-        hard_state.term = hard_state.term.max(meta.term);
-        hard_state.commit = meta.index;
-        let hs_bytes = hard_state
-            .write_to_bytes()
-            .map_err(|e| StoreError::Storage(e.to_string()))?;
-        let old_entries: Vec<sled::IVec> = self
-            .raft
-            .range(entry_key(0)..=entry_key(u64::MAX))
-            .keys()
-            .collect::<Result<_, _>>()?;
-        let mut old_sm_keys: Vec<Vec<sled::IVec>> = Vec::new();
-        for tree in &self.sm {
-            old_sm_keys.push(tree.iter().keys().collect::<Result<_, _>>()?);
-        }
-        let records = sm.all_records();
-        let mut trees: Vec<sled::Tree> = vec![self.raft.clone()];
-        trees.extend(self.sm.iter().cloned());
-        trees
-            .as_slice()
-            .transaction(|views| {
-                for key in &old_entries {
-                    views[0].remove(key)?;
-                }
-                views[0].insert(KEY_SNAPSHOT, snapshot_bytes.as_slice())?;
-                views[0].insert(KEY_CONF_STATE, conf_bytes.as_slice())?;
-                views[0].insert(KEY_HARD_STATE, hs_bytes.as_slice())?;
-                for (position, keys) in old_sm_keys.iter().enumerate() {
-                    for key in keys {
-                        views[1 + position].remove(key)?;
-                    }
-                }
-                for write in &records {
-                    let position = 1 + SmTree::ALL.iter().position(|t| *t == write.tree).unwrap_or(0);
-                    if let Some(v) = &write.value {
-                        views[position].insert(write.key.as_slice(), v.as_slice())?;
-                    }
-                }
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| StoreError::Storage(format!("snapshot transaction: {e:?}")))?;
-        let mut core = storage.core.write();
-        core.snapshot = snapshot.clone();
-        core.conf_state = meta.get_conf_state().clone();
-        core.hard_state = hard_state;
-        core.last_index = meta.index;
-        Ok(())
-    }
-
     /// Creates a brand-new single-voter cluster: a snapshot at [`BOOTSTRAP_INDEX`] whose conf
-    /// state has `raft_id` as the only voter.
+    /// state has `raft_id` as the only voter, holding an empty state machine.
     pub fn bootstrap(&self, storage: &SledStorage, raft_id: u64, sm: &mut StateMachine) -> Result<(), StoreError> {
-        let mut writes = Vec::new();
-        sm.apply_empty(BOOTSTRAP_INDEX, BOOTSTRAP_TERM, &mut writes);
-        let mut snapshot = Snapshot::default();
-        let mut meta = SnapshotMetadata {
-            index: BOOTSTRAP_INDEX,
-            term: BOOTSTRAP_TERM,
-            ..Default::default()
-        };
-        meta.set_conf_state(ConfState::from((vec![raft_id], Vec::<u64>::new())));
-        snapshot.set_metadata(meta);
-        snapshot.set_data(sm.encode_snapshot().into());
-        self.apply_snapshot(storage, &snapshot, sm)
+        sm.apply_empty(BOOTSTRAP_INDEX, BOOTSTRAP_TERM);
+        let conf_state = ConfState::from((vec![raft_id], Vec::<u64>::new()));
+        let snapshot = rules::snapshot_at(BOOTSTRAP_INDEX, BOOTSTRAP_TERM, &conf_state, sm.encode_snapshot());
+        storage.install_snapshot(&snapshot)
     }
 }
 
 impl SledStorage {
-    /// Appends entries from a Ready, replacing any conflicting suffix.
-    pub fn append(&self, entries: &[Entry]) -> Result<(), StoreError> {
+    /// True when the storage holds no configuration (a node that must join).
+    pub fn is_empty(&self) -> bool {
+        let core = self.core.read();
+        core.conf_state.voters.is_empty() && core.conf_state.learners.is_empty() && core.last_index == 0
+    }
+
+    /// The current (applied) configuration.
+    pub fn conf_state(&self) -> ConfState {
+        self.core.read().conf_state.clone()
+    }
+
+    /// The last snapshot, as stored.
+    pub fn snapshot_stored(&self) -> Snapshot {
+        self.core.read().snapshot.clone()
+    }
+}
+
+impl LogStore for SledStorage {
+    fn append(&self, entries: &[Entry]) -> Result<(), StoreError> {
         let Some(first) = entries.first() else {
             return Ok(());
         };
@@ -410,7 +391,7 @@ impl SledStorage {
         assert!(first.index <= core.last_index + 1, "append leaves a gap");
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let bytes = entry.write_to_bytes().map_err(|e| StoreError::Storage(e.to_string()))?;
+            let bytes = entry.write_to_bytes().map_err(encode_error)?;
             batch.insert(&entry_key(entry.index), bytes);
         }
         let new_last = entries.last().map_or(core.last_index, |e| e.index);
@@ -422,27 +403,47 @@ impl SledStorage {
         Ok(())
     }
 
-    /// Saves the hard state.
-    pub fn set_hard_state(&self, hard_state: &HardState) -> Result<(), StoreError> {
-        let bytes = hard_state
-            .write_to_bytes()
-            .map_err(|e| StoreError::Storage(e.to_string()))?;
+    fn set_hard_state(&self, hard_state: &HardState) -> Result<(), StoreError> {
+        let bytes = hard_state.write_to_bytes().map_err(encode_error)?;
         self.raft.insert(KEY_HARD_STATE, bytes)?;
         self.core.write().hard_state = hard_state.clone();
         Ok(())
     }
 
-    /// Records a snapshot of the applied state at `index` and drops the log up to it.
-    pub fn compact(&self, index: u64, term: u64, data: Vec<u8>) -> Result<(), StoreError> {
+    fn set_conf_state(&self, conf_state: &ConfState) {
+        self.core.write().conf_state = conf_state.clone();
+    }
+
+    fn install_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let meta = snapshot.get_metadata();
+        let mut core = self.core.write();
+        let mut hard_state = core.hard_state.clone();
+        hard_state.term = hard_state.term.max(meta.term);
+        hard_state.commit = meta.index;
+        let mut batch = sled::Batch::default();
+        for item in self.raft.range(entry_key(0)..=entry_key(u64::MAX)) {
+            let (key, _) = item?;
+            batch.remove(key);
+        }
+        batch.insert(KEY_SNAPSHOT, snapshot.write_to_bytes().map_err(encode_error)?);
+        batch.insert(KEY_HARD_STATE, hard_state.write_to_bytes().map_err(encode_error)?);
+        batch.insert(KEY_FORMAT, &[DATA_FORMAT]);
+        self.raft.apply_batch(batch)?;
+        core.snapshot = snapshot.clone();
+        core.conf_state = meta.get_conf_state().clone();
+        core.hard_state = hard_state;
+        core.last_index = meta.index;
+        Ok(())
+    }
+
+    fn compact(&self, index: u64, term: u64, conf_state: &ConfState, data: Vec<u8>) -> Result<(), StoreError> {
         let mut core = self.core.write();
         if index <= core.snapshot.get_metadata().index {
             return Ok(());
         }
         assert!(index <= core.last_index, "compaction beyond the log");
-        let snapshot = rules::snapshot_at(index, term, &core.conf_state, data);
-        let bytes = snapshot
-            .write_to_bytes()
-            .map_err(|e| StoreError::Storage(e.to_string()))?;
+        let snapshot = rules::snapshot_at(index, term, conf_state, data);
+        let bytes = snapshot.write_to_bytes().map_err(encode_error)?;
         let mut batch = sled::Batch::default();
         batch.insert(KEY_SNAPSHOT, bytes);
         for compacted in core.first_index()..=index {
@@ -454,25 +455,12 @@ impl SledStorage {
         Ok(())
     }
 
-    /// True when raft asked for a newer snapshot than the one stored (take one).
-    pub fn snapshot_wanted(&self) -> bool {
-        self.core.read().snapshot_wanted
-    }
-
-    /// Index of the last snapshot (the compaction point).
-    pub fn snapshot_index(&self) -> u64 {
+    fn snapshot_index(&self) -> u64 {
         self.core.read().snapshot.get_metadata().index
     }
 
-    /// Current conf state.
-    pub fn conf_state(&self) -> ConfState {
-        self.core.read().conf_state.clone()
-    }
-
-    /// True when the storage holds no configuration (a node that must join).
-    pub fn is_empty(&self) -> bool {
-        let core = self.core.read();
-        core.conf_state.voters.is_empty() && core.conf_state.learners.is_empty() && core.last_index == 0
+    fn snapshot_wanted(&self) -> bool {
+        self.core.read().snapshot_wanted
     }
 }
 

@@ -158,29 +158,44 @@ async fn corrupt_records_in_the_data_directory_are_clear_errors() {
         .unwrap();
     node.stop().await;
 
-    // A state machine record.
+    // The snapshot (it holds the state machine).
+    let good_snapshot = {
+        let db = sled::open(&dir).unwrap();
+        let raft = db.open_tree("raft").unwrap();
+        let good = raft.get("snap").unwrap().expect("a snapshot");
+        raft.insert("snap", &[0xFF, 0x01, 0x02][..]).unwrap();
+        db.flush().unwrap();
+        good
+    };
+    let err = Node::start(fast_config("solo", &dir, vec![])).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt { tree, key, .. } if tree == "raft" && key == "snap"),
+        "{err:?}"
+    );
+    eprintln!("{err}");
+
+    // A data directory of a newer format is refused, naming the versions.
     {
         let db = sled::open(&dir).unwrap();
-        db.open_tree("sm_rooms")
-            .unwrap()
-            .insert("lobby", &[1, 0xFF, 0x00][..])
-            .unwrap();
+        let raft = db.open_tree("raft").unwrap();
+        raft.insert("snap", good_snapshot).unwrap();
+        raft.insert("format", &[9][..]).unwrap();
         db.flush().unwrap();
     }
     let err = Node::start(fast_config("solo", &dir, vec![])).await.unwrap_err();
-    match &err {
-        StoreError::Corrupt { tree, key, .. } => {
-            assert_eq!(tree, "sm_rooms");
-            assert_eq!(key, "lobby");
-        }
-        other => panic!("expected a corrupt-record error, got {other:?}"),
+    assert!(
+        matches!(&err, StoreError::Config(m) if m.contains("format 9") && m.contains("formats 1 and 2")),
+        "{err:?}"
+    );
+    {
+        let db = sled::open(&dir).unwrap();
+        db.open_tree("raft").unwrap().insert("format", &[2][..]).unwrap();
+        db.flush().unwrap();
     }
-    eprintln!("{err}");
 
     // The raft hard state.
     {
         let db = sled::open(&dir).unwrap();
-        db.open_tree("sm_rooms").unwrap().remove("lobby").unwrap();
         db.open_tree("raft")
             .unwrap()
             .insert("hs", &[0xFF, 0xFF, 0xFF][..])

@@ -1,37 +1,34 @@
 //! The store: the async handle the edge calls, and the tasks that do the IO around the sans-IO
-//! [`Replica`] driver and [`StateMachine`]: the replica task (ticks, messages, proposals, reads,
-//! persistence, apply), the cluster gRPC server, the viewer-update batcher and the lifecycle task
-//! (join, registration, heartbeats).
+//! [`ReplicaCore`]: the replica task ([`task`]: ticks, messages, operations, one flush per
+//! turn, snapshot encoding off the apply path), the cluster gRPC server, the viewer-update
+//! batcher and the lifecycle task (join, registration, heartbeats).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mediamesh_proto::cluster::v1 as pb;
 use parking_lot::{Mutex, RwLock};
-use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChangeType, ConfChangeV2, Message};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, ENTRY_BYTES_MAX};
-use crate::command::{
-    COMMANDS_PER_ENTRY_MAX, Command, EntryPayload, ForwardedCommands, ForwardedOutcome, Outcome,
-    VIEWERS_PER_EXPIRY_MAX, VIEWERS_PER_UPSERT_MAX,
-};
-use crate::driver::{ProposeError, Replica, ReplicaConfig, conf_change, conf_change_v1_to_v2};
+use crate::command::{COMMANDS_PER_ENTRY_MAX, Command, Outcome, VIEWERS_PER_UPSERT_MAX};
+use crate::driver::{ReplicaConfig, conf_change};
+use crate::replica::{CoreConfig, ForwardResult, OpId, OpKind, OpResult, ReplicaCore};
 use crate::error::StoreError;
 use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for, validate_id};
 use crate::metrics::StoreMetrics;
-use crate::state_machine::{SmWrite, StateMachine};
-use crate::storage::{Disk, SledStorage};
+use crate::state_machine::StateMachine;
+use crate::storage::Disk;
 use crate::transport::{
-    self, DeliveryReport, FaultInjector, PeerBook, PeerClient, RaftSender, SecretCheck, SecretInterceptor,
-    TransportMetrics,
+    self, FaultInjector, PeerBook, PeerClient, RaftSender, SecretCheck, SecretInterceptor, TransportMetrics,
 };
 use crate::types::{
     ClusterSettings, ClusterStatus, Consistency, Membership, NodeLoad, NodeRegistration, NodeState, NodeStatus,
@@ -42,10 +39,11 @@ use crate::types::{
 pub const REPLICA_INPUTS_MAX: usize = 4096;
 /// Viewer updates waiting for the batcher, at most.
 pub const VIEWER_UPDATES_MAX: usize = 16_384;
-/// Inputs the replica task takes in one turn before it works on them.
-const INPUTS_PER_TURN_MAX: usize = 1024;
-/// Proposals (of callers) waiting to be coalesced or applied, at most.
-pub const PENDING_PROPOSALS_MAX: usize = 8192;
+/// Bytes of applied log after which a snapshot is taken even before
+/// [`StoreConfig::snapshot_every_entries`], so a restart replays at most about this much.
+pub const SNAPSHOT_EVERY_BYTES: u64 = 64 * 1024 * 1024;
+
+mod task;
 
 /// Configuration of one store replica. Filled at the edge; see [`StoreConfig::new`] for the
 /// defaults.
@@ -150,10 +148,6 @@ impl StoreConfig {
         }
         Ok(())
     }
-
-    fn election_timeout_ms(&self) -> u64 {
-        self.tick_ms * self.election_ticks as u64
-    }
 }
 
 fn now_ms() -> u64 {
@@ -175,30 +169,29 @@ struct View {
     snapshot_index: u64,
 }
 
-/// Why the replica task did not apply a proposal.
-#[derive(Debug)]
-enum ProposeFailure {
-    NotLeader,
-    Error(StoreError),
-}
-
-type ProposeReply = oneshot::Sender<Result<Vec<Outcome>, ProposeFailure>>;
-
+/// What the replica task takes in.
 enum Input {
     Raft(Vec<Message>),
-    Propose {
-        commands: Vec<Command>,
-        size: usize,
-        reply: ProposeReply,
-        /// The proposer's span: the commit span is its child.
+    /// An operation of this node's callers.
+    Submit {
+        op: OpId,
+        kind: OpKind,
+        deadline: Instant,
+        retry: bool,
+        reply: oneshot::Sender<OpResult>,
+        /// The caller's span: the commit span is its child.
         span: tracing::Span,
     },
-    ConfChange {
-        cc: ConfChangeV2,
-        reply: oneshot::Sender<Result<(), ProposeFailure>>,
+    /// A follower's proposal, forwarded here (the `Propose` RPC).
+    Forwarded {
+        commands: Vec<Command>,
+        reply: oneshot::Sender<ForwardResult>,
+        span: tracing::Span,
     },
-    Read {
-        reply: oneshot::Sender<Result<u64, ProposeFailure>>,
+    /// The leader's answer to one of our forwarded operations.
+    ForwardReply {
+        op: OpId,
+        result: ForwardResult,
     },
     Compact {
         reply: oneshot::Sender<Result<u64, StoreError>>,
@@ -220,8 +213,10 @@ struct Shared {
     node_id: NodeId,
     raft_id: u64,
     advertise_cluster: String,
-    sm: RwLock<StateMachine>,
+    /// The applied state, shared with the replica core (which writes it).
+    sm: Arc<RwLock<StateMachine>>,
     view: watch::Sender<View>,
+    next_op: AtomicU64,
     inputs: mpsc::Sender<Input>,
     viewer_updates: mpsc::Sender<ViewerUpdate>,
     peers: Arc<PeerBook>,
@@ -311,26 +306,41 @@ impl Store {
             tracing::info!(node = %node_id, raft_id, "bootstrapped a new cluster");
         }
         let logger = slog::Logger::root(SlogToTracing, slog::o!());
-        let replica_config = ReplicaConfig {
-            raft_id,
-            election_ticks: config.election_ticks,
-            heartbeat_ticks: config.heartbeat_ticks,
-            applied_index: sm.applied().index,
-            max_size_per_msg: 1024 * 1024,
-            max_inflight_msgs: 256,
-            promote_lag_entries: 16,
+        let seed: u64 = rand::random();
+        let core_config = CoreConfig {
+            replica: ReplicaConfig {
+                raft_id,
+                election_ticks: config.election_ticks,
+                heartbeat_ticks: config.heartbeat_ticks,
+                applied_index: sm.applied().index,
+                max_size_per_msg: 1024 * 1024,
+                max_inflight_msgs: 256,
+                promote_lag_entries: 16,
+            },
+            election_ticks_max: None,
+            tick_ms: config.tick_ms,
+            request_timeout_ms: config.request_timeout_ms,
+            snapshot_every_entries: config.snapshot_every_entries,
+            snapshot_every_bytes: SNAPSHOT_EVERY_BYTES,
+            expiry_batches_per_second: config.expiry_batches_per_second,
+            viewer_ttl_ms: config.viewer_ttl_ms,
+            // Random, so a restarted node never takes an entry of its previous life for one of
+            // its batches, nor a read answer for one of its reads.
+            first_batch_id: seed >> 1,
+            read_context_prefix: rand::random(),
+            observe: false,
         };
-        let mut replica = Replica::new(replica_config, storage.clone(), &logger)
-            .map_err(|e| StoreError::Storage(format!("raft init: {e}")))?;
-        if fresh && config.join.is_empty() {
-            // A single new voter need not wait an election timeout.
-            let _ = replica.campaign();
-        }
-
         let peers = Arc::new(PeerBook::default());
         for node in sm.nodes().values() {
             peers.set(node.raft_id, &node.registration.cluster_addr);
         }
+        let mut core = ReplicaCore::new(core_config, storage, sm, &logger)
+            .map_err(|e| StoreError::Storage(format!("raft init: {e}")))?;
+        if fresh && config.join.is_empty() {
+            // A single new voter need not wait an election timeout.
+            core.campaign();
+        }
+
         peers.set(raft_id, &advertise_cluster);
         let metrics = Arc::new(TransportMetrics::default());
         let faults = Arc::new(FaultInjector::default());
@@ -344,8 +354,9 @@ impl Store {
             node_id,
             raft_id,
             advertise_cluster: advertise_cluster.clone(),
-            sm: RwLock::new(sm),
+            sm: core.state().clone(),
             view: view_tx,
+            next_op: AtomicU64::new(1),
             inputs: inputs_tx,
             viewer_updates: viewer_tx,
             peers: peers.clone(),
@@ -371,7 +382,7 @@ impl Store {
             reports_tx,
             token.clone(),
         );
-        let task = ReplicaTask::new(shared.clone(), replica, disk, storage, sender);
+        let task = task::ReplicaTask::new(shared.clone(), core, disk, sender);
         let replica_token = token.clone();
         tokio::spawn(async move {
             task.run(inputs_rx, reports_rx, replica_token).await;
@@ -485,9 +496,38 @@ impl Store {
 
     // ----- writes -----
 
+    /// Runs one operation through the replica core and waits for its result (or `deadline`).
+    async fn run_op(&self, kind: OpKind, deadline: Instant, retry: bool) -> Result<Vec<Outcome>, StoreError> {
+        let timeout_ms = self.shared.config.request_timeout_ms;
+        let op = self.shared.next_op.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .inputs
+            .try_send(Input::Submit {
+                op,
+                kind,
+                deadline,
+                retry,
+                reply,
+                span: tracing::Span::current(),
+            })
+            .map_err(|_| StoreError::Overloaded("replica input queue"))?;
+        tokio::select! {
+            result = rx => match result {
+                Err(_) => Err(StoreError::Shutdown),
+                Ok(result) => result.map_err(|e| e.into_store_error(timeout_ms)),
+            },
+            // The core answers at its deadline too; this bounds a stalled task.
+            _ = tokio::time::sleep_until(deadline + Duration::from_millis(self.shared.config.tick_ms * 2)) => {
+                Err(StoreError::Timeout(timeout_ms))
+            }
+            _ = self.shared.shutdown.cancelled() => Err(StoreError::Shutdown),
+        }
+    }
+
     /// Proposes commands (forwarding to the leader when this node is a follower) and returns one
-    /// outcome per command once applied. Retries only where the command certainly was not
-    /// proposed (no leader yet, or the target said it is not the leader).
+    /// outcome per command once applied. The core retries only where the command certainly was
+    /// not proposed (no leader yet, or the target said it is not the leader).
     #[tracing::instrument(name = "store.propose", skip_all, fields(commands = commands.len() as i64))]
     pub(crate) async fn propose(&self, commands: Vec<Command>, deadline: Instant) -> Result<Vec<Outcome>, StoreError> {
         if commands.is_empty() || commands.len() > COMMANDS_PER_ENTRY_MAX {
@@ -495,65 +535,13 @@ impl Store {
                 "1..={COMMANDS_PER_ENTRY_MAX} commands per proposal"
             )));
         }
-        let size = codec::encode(&commands).len();
+        let size = codec::encoded_len(&commands);
         if size > ENTRY_BYTES_MAX - 64 {
             return Err(StoreError::InvalidInput(format!(
                 "proposal of {size} bytes is too large"
             )));
         }
-        let mut view = self.shared.view.subscribe();
-        loop {
-            let leader = view.borrow_and_update().leader;
-            let mut retry = false;
-            if leader == self.shared.raft_id {
-                match self.propose_local(commands.clone(), size, deadline).await {
-                    Ok(outcomes) => return Ok(outcomes),
-                    Err(ProposeFailure::NotLeader) => retry = true,
-                    Err(ProposeFailure::Error(e)) => return Err(e),
-                }
-            } else if leader != 0 {
-                match self.forward_propose(leader, &commands, deadline).await {
-                    Ok(outcomes) => return Ok(outcomes),
-                    Err(ProposeFailure::NotLeader) => retry = true,
-                    Err(ProposeFailure::Error(e)) => return Err(e),
-                }
-            }
-            // Wait for a (new) leader, or a short pause if the view did not change.
-            let pause = tokio::time::sleep(Duration::from_millis(if retry { 20 } else { 200 }));
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(if leader == 0 { StoreError::NoLeader } else { StoreError::Timeout(self.shared.config.request_timeout_ms) });
-                }
-                _ = view.changed() => {}
-                _ = pause => {}
-                _ = self.shared.shutdown.cancelled() => return Err(StoreError::Shutdown),
-            }
-        }
-    }
-
-    async fn propose_local(
-        &self,
-        commands: Vec<Command>,
-        size: usize,
-        deadline: Instant,
-    ) -> Result<Vec<Outcome>, ProposeFailure> {
-        let (reply, rx) = oneshot::channel();
-        self.shared
-            .inputs
-            .try_send(Input::Propose {
-                commands,
-                size,
-                reply,
-                span: tracing::Span::current(),
-            })
-            .map_err(|_| ProposeFailure::Error(StoreError::Overloaded("replica input queue")))?;
-        match tokio::time::timeout_at(deadline, rx).await {
-            Err(_) => Err(ProposeFailure::Error(StoreError::Timeout(
-                self.shared.config.request_timeout_ms,
-            ))),
-            Ok(Err(_)) => Err(ProposeFailure::Error(StoreError::Shutdown)),
-            Ok(Ok(result)) => result,
-        }
+        self.run_op(OpKind::Propose(commands), deadline, true).await
     }
 
     fn client_for(&self, addr: &str) -> Result<PeerClient, StoreError> {
@@ -569,53 +557,20 @@ impl Store {
         Ok(client)
     }
 
-    /// A client for the node with `raft_id`, unless the fault injector blocks it.
-    fn client_for_raft_id(&self, raft_id: u64) -> Result<PeerClient, ProposeFailure> {
+    /// A client for the node with `raft_id`; `Err(None)` when nothing can be sent to it (the
+    /// fault injector blocks it, or its address is unknown), so a caller may try again.
+    fn client_for_raft_id(&self, raft_id: u64) -> Result<PeerClient, Option<StoreError>> {
         if self.shared.faults.is_blocked(raft_id) {
-            // Known not sent: the caller may retry.
-            return Err(ProposeFailure::NotLeader);
+            return Err(None);
         }
-        let addr = self.shared.peers.get(raft_id).ok_or(ProposeFailure::NotLeader)?;
-        self.client_for(&addr).map_err(ProposeFailure::Error)
-    }
-
-    async fn forward_propose(
-        &self,
-        leader: u64,
-        commands: &[Command],
-        deadline: Instant,
-    ) -> Result<Vec<Outcome>, ProposeFailure> {
-        let mut client = self.client_for_raft_id(leader)?;
-        let body = codec::encode(&ForwardedCommands {
-            commands: commands.to_vec(),
-        });
-        let mut request = tonic::Request::new(pb::ProposeRequest { commands: body });
-        crate::trace_context::inject_current(request.metadata_mut());
-        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        let timeout_ms = self.shared.config.request_timeout_ms;
-        match tokio::time::timeout_at(deadline, client.propose(request)).await {
-            Err(_) => Err(ProposeFailure::Error(StoreError::Timeout(timeout_ms))),
-            Ok(Err(status)) => Err(forward_failure(status, timeout_ms)),
-            Ok(Ok(response)) => {
-                let outcome: ForwardedOutcome = codec::decode::<_, ENTRY_BYTES_MAX>(&response.into_inner().results)
-                    .map_err(|e| {
-                        ProposeFailure::Error(StoreError::Transport(format!("bad answer from leader: {e}")))
-                    })?;
-                match outcome {
-                    ForwardedOutcome::Applied(outcomes) if outcomes.len() == commands.len() => Ok(outcomes),
-                    ForwardedOutcome::Applied(_) => Err(ProposeFailure::Error(StoreError::Transport(
-                        "leader answered the wrong number of outcomes".into(),
-                    ))),
-                    ForwardedOutcome::Failed(message) => Err(ProposeFailure::Error(StoreError::Transport(message))),
-                }
-            }
-        }
+        let addr = self.shared.peers.get(raft_id).ok_or(None)?;
+        self.client_for(&addr).map_err(Some)
     }
 
     /// Leader side of a forwarded proposal (the `Propose` RPC).
     pub(crate) async fn handle_forwarded(&self, body: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-        let forwarded: ForwardedCommands = codec::decode::<_, ENTRY_BYTES_MAX>(body)
-            .map_err(|e| tonic::Status::invalid_argument(format!("commands: {e}")))?;
+        let forwarded =
+            task::decode_forwarded(body).map_err(|e| tonic::Status::invalid_argument(format!("commands: {e}")))?;
         let commands = forwarded.commands;
         if commands.is_empty() || commands.len() > COMMANDS_PER_ENTRY_MAX {
             return Err(tonic::Status::invalid_argument("bad number of commands"));
@@ -623,15 +578,20 @@ impl Store {
         if self.shared.view.borrow().leader != self.shared.raft_id {
             return Err(tonic::Status::failed_precondition(NOT_LEADER));
         }
-        let size = body.len();
-        let outcome = match self.propose_local(commands, size, self.deadline()).await {
-            Ok(outcomes) => ForwardedOutcome::Applied(outcomes),
-            Err(ProposeFailure::NotLeader) => {
-                return Err(tonic::Status::failed_precondition(NOT_LEADER));
-            }
-            Err(ProposeFailure::Error(e)) => ForwardedOutcome::Failed(e.to_string()),
-        };
-        Ok(codec::encode(&outcome))
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .inputs
+            .try_send(Input::Forwarded {
+                commands,
+                reply,
+                span: tracing::Span::current(),
+            })
+            .map_err(|_| tonic::Status::resource_exhausted("replica input queue is full"))?;
+        let result = tokio::time::timeout_at(self.deadline(), rx)
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("timed out"))?
+            .map_err(|_| tonic::Status::unavailable("store is shut down"))?;
+        task::encode_forward_result(result)
     }
 
     async fn propose_one(&self, command: Command) -> Result<Outcome, StoreError> {
@@ -765,14 +725,12 @@ impl Store {
                         request.set_timeout(deadline.saturating_duration_since(Instant::now()));
                         match client.remove(request).await {
                             Ok(_) => return Ok(()),
-                            Err(status) => match forward_failure(status, self.shared.config.request_timeout_ms) {
-                                ProposeFailure::NotLeader => {}
-                                ProposeFailure::Error(e) => return Err(e),
-                            },
+                            Err(status) if not_sent_or_not_leader(&status) => {}
+                            Err(status) => return Err(forward_error(status, self.shared.config.request_timeout_ms)),
                         }
                     }
-                    Err(ProposeFailure::NotLeader) => {}
-                    Err(ProposeFailure::Error(e)) => return Err(e),
+                    Err(None) => {}
+                    Err(Some(e)) => return Err(e),
                 }
             }
             tokio::select! {
@@ -793,21 +751,13 @@ impl Store {
 
     async fn conf_change(&self, cc: ConfChangeV2, deadline: Instant) -> Result<(), StoreError> {
         loop {
-            let (reply, rx) = oneshot::channel();
-            self.shared
-                .inputs
-                .try_send(Input::ConfChange { cc: cc.clone(), reply })
-                .map_err(|_| StoreError::Overloaded("replica input queue"))?;
-            match tokio::time::timeout_at(deadline, rx).await {
-                Err(_) => return Err(StoreError::Timeout(self.shared.config.request_timeout_ms)),
-                Ok(Err(_)) => return Err(StoreError::Shutdown),
-                Ok(Ok(Ok(()))) => return Ok(()),
-                Ok(Ok(Err(ProposeFailure::NotLeader))) => return Err(StoreError::NoLeader),
-                Ok(Ok(Err(ProposeFailure::Error(StoreError::Overloaded(_))))) => {
+            match self.run_op(OpKind::ConfChange(cc.clone()), deadline, false).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Overloaded("membership change")) if Instant::now() < deadline => {
                     // A membership change is pending: one at a time.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Ok(Ok(Err(ProposeFailure::Error(e)))) => return Err(e),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -908,21 +858,7 @@ impl Store {
         if consistency == Consistency::Local {
             return Ok(());
         }
-        let deadline = self.deadline();
-        loop {
-            let (reply, rx) = oneshot::channel();
-            self.shared
-                .inputs
-                .try_send(Input::Read { reply })
-                .map_err(|_| StoreError::Overloaded("replica input queue"))?;
-            match tokio::time::timeout_at(deadline, rx).await {
-                Err(_) => return Err(StoreError::Timeout(self.shared.config.request_timeout_ms)),
-                Ok(Err(_)) => return Err(StoreError::Shutdown),
-                Ok(Ok(Ok(_index))) => return Ok(()),
-                Ok(Ok(Err(ProposeFailure::NotLeader))) => tokio::time::sleep(Duration::from_millis(20)).await,
-                Ok(Ok(Err(ProposeFailure::Error(e)))) => return Err(e),
-            }
-        }
+        self.run_op(OpKind::Read, self.deadline(), true).await.map(|_| ())
     }
 
     /// A room's placement.
@@ -931,10 +867,12 @@ impl Store {
         Ok(self.shared.sm.read().rooms().get(room).cloned())
     }
 
-    /// All placements.
+    /// All placements, by room id.
     pub async fn rooms(&self, consistency: Consistency) -> Result<Vec<Placement>, StoreError> {
         self.read_barrier(consistency).await?;
-        Ok(self.shared.sm.read().rooms().values().cloned().collect())
+        let mut rooms: Vec<Placement> = self.shared.sm.read().rooms().values().cloned().collect();
+        rooms.sort_unstable_by(|a, b| a.room.cmp(&b.room));
+        Ok(rooms)
     }
 
     /// A viewer's state.
@@ -943,10 +881,12 @@ impl Store {
         Ok(self.shared.sm.read().viewers().get(viewer).cloned())
     }
 
-    /// All viewer states (at most the state machine's limit).
+    /// All viewer states (at most the state machine's limit), by viewer id.
     pub async fn viewers(&self, consistency: Consistency) -> Result<Vec<ViewerState>, StoreError> {
         self.read_barrier(consistency).await?;
-        Ok(self.shared.sm.read().viewers().values().cloned().collect())
+        let mut viewers: Vec<ViewerState> = self.shared.sm.read().viewers().values().cloned().collect();
+        viewers.sort_unstable_by(|a, b| a.viewer.cmp(&b.viewer));
+        Ok(viewers)
     }
 
     /// Current and previous TURN secrets.
@@ -1312,34 +1252,33 @@ impl Store {
         }
     }
 
-    async fn propose_viewer_batch(&self, mut pending: BTreeMap<ViewerId, (ViewerState, Vec<ViewerReply>)>) {
-        let viewers: Vec<ViewerState> = pending.values().map(|(s, _)| s.clone()).collect();
+    async fn propose_viewer_batch(&self, pending: BTreeMap<ViewerId, (ViewerState, Vec<ViewerReply>)>) {
+        let (viewers, replies): (Vec<ViewerState>, Vec<Vec<ViewerReply>>) = pending.into_values().unzip();
+        let sent = viewers.clone();
         let result = self
             .propose(vec![Command::UpsertViewers { viewers }], self.deadline())
-            .await;
-        match result.map(|mut o| o.pop()) {
-            Ok(Some(Outcome::Viewers(stored))) => {
-                for state in stored {
-                    if let Some((_, replies)) = pending.remove(&state.viewer) {
-                        for reply in replies {
-                            let _ = reply.send(Ok(state.clone()));
-                        }
-                    }
+            .await
+            .and_then(|mut outcomes| {
+                let outcome = outcomes.pop().ok_or_else(|| StoreError::Rejected("no outcome".into()))?;
+                if !matches!(outcome, Outcome::Viewers(_) | Outcome::Upserted { .. }) {
+                    return Err(outcome_error(outcome));
                 }
-            }
-            Ok(other) => {
-                let e = other.map_or(StoreError::Rejected("no outcome".into()), outcome_error);
-                for (_, (_, replies)) in pending {
+                match outcome.stored_viewers(sent) {
+                    Some(stored) if stored.len() == replies.len() => Ok(stored),
+                    _ => Err(StoreError::Rejected("the store answered another number of viewers".into())),
+                }
+            });
+        match result {
+            Ok(stored) => {
+                for (state, replies) in stored.into_iter().zip(replies) {
                     for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
+                        let _ = reply.send(Ok(state.clone()));
                     }
                 }
             }
             Err(e) => {
-                for (_, (_, replies)) in pending {
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
+                for reply in replies.into_iter().flatten() {
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
@@ -1357,13 +1296,18 @@ const NOT_LEADER: &str = "not the leader";
 /// Set on a `Join` forwarded by a follower, so it is forwarded at most once.
 pub(crate) const FORWARDED_METADATA_KEY: &str = "x-mediamesh-forwarded";
 
-fn forward_failure(status: tonic::Status, timeout_ms: u64) -> ProposeFailure {
-    match status.code() {
-        tonic::Code::FailedPrecondition => ProposeFailure::NotLeader,
-        // The leader we knew is gone (crashed, restarting): nothing was sent, so the caller may
-        // wait for the next leader within its deadline instead of failing at once.
-        _ if connection_refused(&status) => ProposeFailure::NotLeader,
-        _ => ProposeFailure::Error(forward_error(status, timeout_ms)),
+/// True when a call to the leader we knew may be tried again: it said it is not the leader,
+/// or the leader is gone (crashed, restarting) and nothing was sent.
+fn not_sent_or_not_leader(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition || connection_refused(status)
+}
+
+/// A failed forwarded proposal as the replica core takes it.
+fn forward_failure(status: tonic::Status, timeout_ms: u64) -> ForwardResult {
+    if not_sent_or_not_leader(&status) {
+        ForwardResult::NotLeader
+    } else {
+        ForwardResult::Failed(forward_error(status, timeout_ms).to_string())
     }
 }
 
@@ -1427,530 +1371,6 @@ impl Backoff {
     }
 }
 
-// ----- the replica task -----
-
-struct PendingBatch {
-    /// Number of commands, reply and commit span per caller, in entry order.
-    callers: Vec<(usize, Option<ProposeReply>, tracing::Span)>,
-    proposed: Instant,
-}
-
-/// A proposal waiting for the next turn: commands, encoded size, reply, proposer's span.
-type Unproposed = (Vec<Command>, usize, Option<ProposeReply>, tracing::Span);
-
-struct ReplicaTask {
-    shared: Arc<Shared>,
-    replica: Replica<SledStorage>,
-    disk: Disk,
-    storage: SledStorage,
-    sender: RaftSender,
-    next_batch_id: u64,
-    unproposed: Vec<Unproposed>,
-    pending: HashMap<u64, PendingBatch>,
-    next_conf_id: u64,
-    conf_pending: HashMap<u64, oneshot::Sender<Result<(), ProposeFailure>>>,
-    unissued_reads: Vec<oneshot::Sender<Result<u64, ProposeFailure>>>,
-    reads_by_ctx: HashMap<Vec<u8>, Vec<oneshot::Sender<Result<u64, ProposeFailure>>>>,
-    reads_waiting_apply: Vec<(u64, oneshot::Sender<Result<u64, ProposeFailure>>)>,
-    next_read_ctx: u64,
-    leader_since_ms: u64,
-    expiry_in_flight: Option<oneshot::Receiver<Result<Vec<Outcome>, ProposeFailure>>>,
-    last_expiry_ms: u64,
-    settings_in_flight: Option<oneshot::Receiver<Result<Vec<Outcome>, ProposeFailure>>>,
-    ticks: u64,
-}
-
-impl ReplicaTask {
-    fn new(
-        shared: Arc<Shared>,
-        replica: Replica<SledStorage>,
-        disk: Disk,
-        storage: SledStorage,
-        sender: RaftSender,
-    ) -> Self {
-        let seed: u64 = rand::random();
-        ReplicaTask {
-            shared,
-            replica,
-            disk,
-            storage,
-            sender,
-            // A random start, so a restarted node never mistakes an old entry of its previous
-            // life for one of its new batches.
-            next_batch_id: seed >> 1,
-            unproposed: Vec::new(),
-            pending: HashMap::new(),
-            next_conf_id: seed >> 1,
-            conf_pending: HashMap::new(),
-            unissued_reads: Vec::new(),
-            reads_by_ctx: HashMap::new(),
-            reads_waiting_apply: Vec::new(),
-            next_read_ctx: 0,
-            leader_since_ms: 0,
-            expiry_in_flight: None,
-            last_expiry_ms: 0,
-            settings_in_flight: None,
-            ticks: 0,
-        }
-    }
-
-    async fn run(
-        mut self,
-        mut inputs: mpsc::Receiver<Input>,
-        mut reports: mpsc::Receiver<DeliveryReport>,
-        token: CancellationToken,
-    ) {
-        let mut ticker = tokio::time::interval(Duration::from_millis(self.shared.config.tick_ms));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = token.cancelled() => break,
-                _ = ticker.tick() => self.on_tick(),
-                Some(report) = reports.recv() => self.on_report(report),
-                Some(input) = inputs.recv() => {
-                    self.on_input(input);
-                    for _ in 0..INPUTS_PER_TURN_MAX {
-                        match inputs.try_recv() {
-                            Ok(input) => self.on_input(input),
-                            Err(_) => break,
-                        }
-                    }
-                }
-            }
-            self.issue_proposals();
-            self.issue_reads();
-            if let Err(e) = self.process_readies().await {
-                tracing::error!(node = %self.shared.node_id, "replica stopped on a storage error: {e}");
-                break;
-            }
-            self.answer_reads();
-            self.publish_view();
-            if let Err(e) = self.maybe_compact(false) {
-                tracing::error!(node = %self.shared.node_id, "compaction failed: {e}");
-            }
-        }
-        if let Err(e) = self.disk.flush().await {
-            tracing::error!("final flush failed: {e}");
-        }
-        token.cancel();
-    }
-
-    fn on_report(&mut self, report: DeliveryReport) {
-        match report {
-            DeliveryReport::Snapshot { to, delivered } => self.replica.report_snapshot(to, delivered),
-            DeliveryReport::Unreachable { to } => self.replica.report_unreachable(to),
-        }
-    }
-
-    fn on_input(&mut self, input: Input) {
-        match input {
-            Input::Raft(messages) => {
-                for m in messages {
-                    if let Err(e) = self.replica.step(m) {
-                        tracing::debug!("raft refused a message: {e}");
-                    }
-                }
-            }
-            Input::Propose {
-                commands,
-                size,
-                reply,
-                span,
-            } => {
-                if !self.replica.is_leader() {
-                    let _ = reply.send(Err(ProposeFailure::NotLeader));
-                } else if self.unproposed.len() + self.pending.len() >= PENDING_PROPOSALS_MAX {
-                    let _ = reply.send(Err(ProposeFailure::Error(StoreError::Overloaded("pending proposals"))));
-                } else {
-                    self.unproposed.push((commands, size, Some(reply), span));
-                }
-            }
-            Input::ConfChange { mut cc, reply } => {
-                let id = self.next_conf_id;
-                self.next_conf_id = self.next_conf_id.wrapping_add(1);
-                let mut context = self.shared.raft_id.to_be_bytes().to_vec();
-                context.extend_from_slice(&id.to_be_bytes());
-                cc.context = context.into();
-                let context = cc.context.to_vec();
-                match self.replica.propose_conf_change(context, cc) {
-                    Ok(()) => {
-                        self.conf_pending.insert(id, reply);
-                    }
-                    Err(ProposeError::NotLeader { .. }) => {
-                        let _ = reply.send(Err(ProposeFailure::NotLeader));
-                    }
-                    Err(ProposeError::ConfChangePending) => {
-                        let _ = reply.send(Err(ProposeFailure::Error(StoreError::Overloaded("membership change"))));
-                    }
-                    Err(ProposeError::Refused(e)) => {
-                        let _ = reply.send(Err(ProposeFailure::Error(StoreError::Rejected(e))));
-                    }
-                }
-            }
-            Input::Read { reply } => self.unissued_reads.push(reply),
-            Input::Compact { reply } => {
-                let result = self.maybe_compact(true);
-                let _ = reply.send(result.map(|_| self.storage.snapshot_index()));
-            }
-            Input::TransferLeader { to } => self.replica.transfer_leader(to),
-        }
-    }
-
-    fn on_tick(&mut self) {
-        self.ticks += 1;
-        self.replica.tick();
-        if self.replica.leader_ready() {
-            self.leader_jobs();
-        }
-        if self.ticks.is_multiple_of(20) {
-            self.reads_waiting_apply.retain(|(_, r)| !r.is_closed());
-            let closed: Vec<Vec<u8>> = self
-                .reads_by_ctx
-                .iter_mut()
-                .filter_map(|(ctx, replies)| {
-                    replies.retain(|r| !r.is_closed());
-                    replies.is_empty().then(|| ctx.clone())
-                })
-                .collect();
-            for ctx in closed {
-                self.reads_by_ctx.remove(&ctx);
-                self.replica.cancel_read(&ctx);
-            }
-            // Batches whose callers all gave up and that never applied (lost with a leader).
-            self.pending.retain(|_, b| {
-                b.callers
-                    .iter()
-                    .any(|(_, r, _)| r.as_ref().is_some_and(|r| !r.is_closed()))
-            });
-            self.conf_pending.retain(|_, r| !r.is_closed());
-        }
-    }
-
-    /// Leader-only background work: write the initial settings, expire viewers (etcd's model: the
-    /// leader decides from its clock; a new leader first grants one election timeout of grace).
-    fn leader_jobs(&mut self) {
-        let now = now_ms();
-        let config = &self.shared.config;
-        if let Some(rx) = &mut self.settings_in_flight {
-            if !matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
-                self.settings_in_flight = None;
-            }
-        } else if self.shared.sm.read().settings().is_none() {
-            let (tx, rx) = oneshot::channel();
-            let command = Command::SetSettings {
-                settings: ClusterSettings {
-                    viewer_ttl_ms: config.viewer_ttl_ms,
-                },
-                only_if_unset: true,
-            };
-            self.unproposed
-                .push((vec![command], 64, Some(tx), tracing::Span::none()));
-            self.settings_in_flight = Some(rx);
-        }
-        if let Some(rx) = &mut self.expiry_in_flight {
-            if matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
-                return;
-            }
-            self.expiry_in_flight = None;
-        }
-        let interval_ms = 1000 / u64::from(config.expiry_batches_per_second);
-        if now.saturating_sub(self.last_expiry_ms) < interval_ms {
-            return;
-        }
-        let not_before = self.leader_since_ms + config.election_timeout_ms();
-        let due = self
-            .shared
-            .sm
-            .read()
-            .due_viewers(now, not_before, VIEWERS_PER_EXPIRY_MAX);
-        if due.is_empty() {
-            return;
-        }
-        self.last_expiry_ms = now;
-        let (tx, rx) = oneshot::channel();
-        let size = due.len() * 300;
-        self.unproposed.push((
-            vec![Command::ExpireViewers { viewers: due }],
-            size,
-            Some(tx),
-            tracing::Span::none(),
-        ));
-        self.expiry_in_flight = Some(rx);
-    }
-
-    /// Coalesces everything proposed since the last turn into as few entries as the limits allow
-    /// (usually one), so concurrent writers share one entry and one flush.
-    fn issue_proposals(&mut self) {
-        if self.unproposed.is_empty() {
-            return;
-        }
-        let queued = std::mem::take(&mut self.unproposed);
-        let entries = crate::command::pack_proposals(queued.iter().map(|(c, s, _, _)| (c.len(), *s)));
-        let mut queue = queued.into_iter();
-        for taken in entries {
-            let mut commands = Vec::new();
-            let mut callers = Vec::new();
-            for (c, _, reply, span) in queue.by_ref().take(taken) {
-                // The commit span lasts from proposal to apply on this node.
-                let commit = if span.is_none() {
-                    span
-                } else {
-                    tracing::info_span!(parent: &span, "store.commit", raft.index = tracing::field::Empty)
-                };
-                callers.push((c.len(), reply, commit));
-                commands.extend(c);
-            }
-            let batch_id = self.next_batch_id;
-            self.next_batch_id = self.next_batch_id.wrapping_add(1);
-            let payload = EntryPayload {
-                proposer: self.shared.raft_id,
-                batch_id,
-                commands,
-            };
-            match self.replica.propose(codec::encode(&payload)) {
-                Ok(()) => {
-                    self.pending.insert(
-                        batch_id,
-                        PendingBatch {
-                            callers,
-                            proposed: Instant::now(),
-                        },
-                    );
-                }
-                Err(e) => {
-                    for (_, reply, _) in callers {
-                        let failure = match &e {
-                            ProposeError::NotLeader { .. } => ProposeFailure::NotLeader,
-                            other => ProposeFailure::Error(StoreError::Rejected(format!("{other:?}"))),
-                        };
-                        if let Some(reply) = reply {
-                            let _ = reply.send(Err(failure));
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn issue_reads(&mut self) {
-        if self.unissued_reads.is_empty() {
-            return;
-        }
-        let replies = std::mem::take(&mut self.unissued_reads);
-        self.next_read_ctx += 1;
-        let ctx = self.next_read_ctx.to_be_bytes().to_vec();
-        match self.replica.read_index(ctx.clone()) {
-            Ok(()) => {
-                self.reads_by_ctx.insert(ctx, replies);
-            }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(ProposeFailure::Error(StoreError::Rejected(format!("{e:?}")))));
-                }
-            }
-        }
-    }
-
-    fn answer_reads(&mut self) {
-        let applied = self.shared.sm.read().applied().index;
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_waiting_apply)
-            .into_iter()
-            .partition(|(index, _)| *index <= applied);
-        self.reads_waiting_apply = waiting;
-        for (index, reply) in ready {
-            let _ = reply.send(Ok(index));
-        }
-    }
-
-    fn publish_view(&mut self) {
-        let status = self.replica.status();
-        let view = View {
-            leader: status.leader,
-            term: status.term,
-            commit_index: status.commit_index,
-            applied_index: status.applied_index,
-            role: status.role,
-            voters: status.voters,
-            learners: status.learners,
-            snapshot_index: self.storage.snapshot_index(),
-        };
-        self.shared.view.send_if_modified(|current| {
-            if *current == view {
-                false
-            } else {
-                *current = view;
-                true
-            }
-        });
-    }
-
-    async fn process_readies(&mut self) -> Result<(), StoreError> {
-        while let Some(batch) = self.replica.poll_ready() {
-            if let Some(leader) = batch.leader_changed {
-                let metrics = &self.shared.store_metrics;
-                metrics.leader_changes.inc();
-                metrics.is_leader.set(i64::from(leader == self.shared.raft_id));
-                if leader == self.shared.raft_id {
-                    self.leader_since_ms = now_ms();
-                } else {
-                    // Queued proposals can no longer be proposed here; callers retry elsewhere.
-                    for (_, _, reply, _) in self.unproposed.drain(..) {
-                        if let Some(reply) = reply {
-                            let _ = reply.send(Err(ProposeFailure::NotLeader));
-                        }
-                    }
-                }
-            }
-            self.sender.send(batch.messages);
-            let wrote = batch.snapshot.is_some() || !batch.entries.is_empty() || batch.hard_state.is_some();
-            if let Some(snapshot) = &batch.snapshot {
-                let sm = StateMachine::decode_snapshot(snapshot.get_data()).map_err(|e| StoreError::Corrupt {
-                    tree: "raft snapshot from leader".into(),
-                    key: String::new(),
-                    reason: e.to_string(),
-                })?;
-                self.disk.apply_snapshot(&self.storage, snapshot, &sm)?;
-                for node in sm.nodes().values() {
-                    self.shared.peers.set(node.raft_id, &node.registration.cluster_addr);
-                }
-                let index = sm.applied().index;
-                *self.shared.sm.write() = sm;
-                tracing::info!(node = %self.shared.node_id, index, "installed snapshot");
-            }
-            self.storage.append(&batch.entries)?;
-            if let Some(hs) = &batch.hard_state {
-                self.storage.set_hard_state(hs)?;
-            }
-            self.replica.on_written();
-            self.apply(batch.committed_entries)?;
-            for state in batch.read_states {
-                if let Some(replies) = self.reads_by_ctx.remove(&state.request_ctx) {
-                    self.reads_waiting_apply
-                        .extend(replies.into_iter().map(|r| (state.index, r)));
-                }
-            }
-            if wrote || batch.must_sync {
-                self.disk.flush().await?;
-            }
-            self.sender.send(batch.persisted_messages);
-            self.replica.on_persisted(batch.number);
-            if let Some(snapshot) = &batch.snapshot {
-                // Only now is the snapshot persisted in raft's eyes, so it may count as applied.
-                self.replica.on_applied(snapshot.get_metadata().index);
-            }
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
-        let Some(last) = entries.last() else {
-            return Ok(());
-        };
-        let last_index = last.index;
-        let mut writes: Vec<SmWrite> = Vec::new();
-        let mut conf_state: Option<ConfState> = None;
-        let mut replies: Vec<(u64, Vec<Outcome>, PendingBatch)> = Vec::new();
-        let mut conf_replies = Vec::new();
-        {
-            let mut sm = self.shared.sm.write();
-            for entry in entries {
-                if entry.index <= sm.applied().index {
-                    continue; // already in the state (from a snapshot)
-                }
-                match entry.get_entry_type() {
-                    EntryType::EntryNormal if entry.data.is_empty() => {
-                        sm.apply_empty(entry.index, entry.term, &mut writes)
-                    }
-                    EntryType::EntryNormal => {
-                        match codec::decode::<EntryPayload, ENTRY_BYTES_MAX>(&entry.data) {
-                            Ok(payload) => {
-                                let outcomes = sm.apply(entry.index, entry.term, &payload.commands, &mut writes);
-                                for (command, outcome) in payload.commands.iter().zip(&outcomes) {
-                                    if let (Command::RegisterNode(r), Outcome::Node(n)) = (command, outcome) {
-                                        self.shared.peers.set(n.raft_id, &r.cluster_addr);
-                                    }
-                                }
-                                if payload.proposer == self.shared.raft_id
-                                    && let Some(batch) = self.pending.remove(&payload.batch_id)
-                                {
-                                    replies.push((entry.index, outcomes, batch));
-                                }
-                            }
-                            Err(e) => {
-                                // Every replica fails the same way on the same bytes, so skipping keeps
-                                // them identical; it means a newer writer or a bug.
-                                tracing::error!(index = entry.index, "undecodable entry skipped: {e}");
-                                sm.apply_empty(entry.index, entry.term, &mut writes);
-                            }
-                        }
-                    }
-                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                        let cc = if entry.get_entry_type() == EntryType::EntryConfChange {
-                            ConfChange::parse_from_bytes(&entry.data).map(conf_change_v1_to_v2)
-                        } else {
-                            ConfChangeV2::parse_from_bytes(&entry.data)
-                        };
-                        match cc {
-                            Ok(cc) => {
-                                match self.replica.apply_conf_change(&cc) {
-                                    Ok(cs) => conf_state = Some(cs),
-                                    Err(e) => tracing::error!(index = entry.index, "conf change refused: {e}"),
-                                }
-                                if cc.context.len() == 16 && cc.context[..8] == self.shared.raft_id.to_be_bytes() {
-                                    let mut id = [0u8; 8];
-                                    id.copy_from_slice(&cc.context[8..]);
-                                    if let Some(reply) = self.conf_pending.remove(&u64::from_be_bytes(id)) {
-                                        conf_replies.push(reply);
-                                    }
-                                }
-                            }
-                            Err(e) => tracing::error!(index = entry.index, "undecodable conf change skipped: {e}"),
-                        }
-                        sm.apply_empty(entry.index, entry.term, &mut writes);
-                    }
-                }
-            }
-        }
-        self.disk.commit_apply(&self.storage, &writes, conf_state.as_ref())?;
-        self.replica.on_applied(last_index);
-        for (index, outcomes, batch) in replies {
-            self.shared
-                .store_metrics
-                .commit_seconds
-                .observe(batch.proposed.elapsed().as_secs_f64());
-            let mut outcomes = outcomes.into_iter();
-            for (count, reply, span) in batch.callers {
-                span.record("raft.index", i64::try_from(index).unwrap_or(i64::MAX));
-                let mine: Vec<Outcome> = outcomes.by_ref().take(count).collect();
-                if let Some(reply) = reply {
-                    let _ = reply.send(Ok(mine));
-                }
-            }
-        }
-        for reply in conf_replies {
-            let _ = reply.send(Ok(()));
-        }
-        Ok(())
-    }
-
-    fn maybe_compact(&mut self, force: bool) -> Result<(), StoreError> {
-        let (index, term, data) = {
-            let sm = self.shared.sm.read();
-            let applied = sm.applied();
-            let since = applied.index.saturating_sub(self.storage.snapshot_index());
-            let force = force || self.storage.snapshot_wanted();
-            if since == 0 || (!force && since < self.shared.config.snapshot_every_entries) {
-                return Ok(());
-            }
-            (applied.index, applied.term, sm.encode_snapshot())
-        };
-        self.storage.compact(index, term, data)?;
-        tracing::info!(node = %self.shared.node_id, index, "compacted the log");
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1968,13 +1388,10 @@ mod tests {
             .await
             .expect_err("nothing listens there");
         assert!(connection_refused(&status), "{status:?}");
-        assert!(matches!(forward_failure(status, 1), ProposeFailure::NotLeader));
+        assert_eq!(forward_failure(status, 1), ForwardResult::NotLeader);
 
         let unknown = tonic::Status::unavailable("connection reset after the request was sent");
         assert!(!connection_refused(&unknown));
-        assert!(matches!(
-            forward_failure(unknown, 1),
-            ProposeFailure::Error(StoreError::Transport(_))
-        ));
+        assert!(matches!(forward_failure(unknown, 1), ForwardResult::Failed(_)));
     }
 }
