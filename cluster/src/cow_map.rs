@@ -223,7 +223,12 @@ mod tests {
         assert_eq!((frozen.len(), map.len()), (1000, 1000));
         assert_eq!(map.get(&"k1".to_string()), Some(&99));
         // Shards the writes did not touch are still shared.
-        let shared = map.shards.iter().zip(&frozen.shards).filter(|(a, b)| Arc::ptr_eq(a, b)).count();
+        let shared = map
+            .shards
+            .iter()
+            .zip(&frozen.shards)
+            .filter(|(a, b)| Arc::ptr_eq(a, b))
+            .count();
         assert!(shared >= SHARDS - 4, "{shared} shards shared");
     }
 

@@ -32,14 +32,14 @@
 //! Node ids are strings; raft ids are derived by a stable hash (see [`ids`]).
 
 pub mod codec;
-pub mod cow_map;
 pub mod command;
+pub mod cow_map;
 pub mod driver;
 pub mod error;
 pub mod ids;
-pub mod replica;
 pub mod mesh;
 pub mod metrics;
+pub mod replica;
 pub mod server;
 pub mod state_machine;
 pub mod storage;

@@ -38,9 +38,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message};
 
 use crate::codec::{self, ENTRY_BYTES_MAX};
-use crate::command::{
-    COMMANDS_PER_ENTRY_MAX, Command, EntryPayload, Outcome, VIEWERS_PER_EXPIRY_MAX, pack_proposals,
-};
+use crate::command::{COMMANDS_PER_ENTRY_MAX, Command, EntryPayload, Outcome, VIEWERS_PER_EXPIRY_MAX, pack_proposals};
 use crate::driver::{ProposeError, Replica, ReplicaConfig, ReplicaStatus, conf_change_v1_to_v2};
 use crate::error::StoreError;
 use crate::state_machine::StateMachine;
@@ -253,7 +251,7 @@ pub enum Output {
         /// The configuration at that index.
         conf_state: ConfState,
         /// A frozen copy of the state (copy-on-write: cheap to make and to keep).
-        state: StateMachine,
+        state: Box<StateMachine>,
     },
     /// A snapshot from the leader replaced the state.
     SnapshotInstalled {
@@ -363,7 +361,12 @@ pub struct ReplicaCore<S: LogStore> {
 impl<S: LogStore + Clone> ReplicaCore<S> {
     /// A core over `storage`, whose applied state is `state` (the state of its last snapshot;
     /// the log after it is applied again as raft hands it out).
-    pub fn new(config: CoreConfig, storage: S, state: StateMachine, logger: &slog::Logger) -> Result<Self, raft::Error> {
+    pub fn new(
+        config: CoreConfig,
+        storage: S,
+        state: StateMachine,
+        logger: &slog::Logger,
+    ) -> Result<Self, raft::Error> {
         let mut replica_config = config.replica.clone();
         replica_config.applied_index = state.applied().index;
         let replica =
@@ -488,7 +491,9 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
         {
             self.done(
                 op,
-                Err(OpError::Rejected(format!("1..={COMMANDS_PER_ENTRY_MAX} commands per proposal"))),
+                Err(OpError::Rejected(format!(
+                    "1..={COMMANDS_PER_ENTRY_MAX} commands per proposal"
+                ))),
             );
             return;
         }
@@ -521,7 +526,8 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
     /// A raft message from a peer. Refused messages are reported as a warning.
     pub fn step(&mut self, message: Message) {
         if let Err(e) = self.replica.step(message) {
-            self.outputs.push(Output::Warning(format!("raft refused a message: {e}")));
+            self.outputs
+                .push(Output::Warning(format!("raft refused a message: {e}")));
         }
     }
 
@@ -538,8 +544,7 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
         } else if commands.is_empty() || commands.len() > COMMANDS_PER_ENTRY_MAX {
             self.outputs
                 .push(reply(ForwardResult::Failed("bad number of commands".into())));
-        } else if self.unproposed.len() + self.pending.len() >= PENDING_PROPOSALS_MAX
-            || self.forwarded >= FORWARDED_MAX
+        } else if self.unproposed.len() + self.pending.len() >= PENDING_PROPOSALS_MAX || self.forwarded >= FORWARDED_MAX
         {
             self.outputs
                 .push(reply(ForwardResult::Failed("overloaded: pending proposals".into())));
@@ -684,8 +689,7 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
                 }
             }
         }
-        self.pending
-            .retain(|_, b| b.callers.iter().any(|(_, c)| c.is_some()));
+        self.pending.retain(|_, b| b.callers.iter().any(|(_, c)| c.is_some()));
         self.forwarded = self.forwarded.saturating_sub(timed_out.len());
         for (from, request) in timed_out {
             self.outputs.push(Output::ForwardReply {
@@ -834,15 +838,21 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
         }
         let grace_ms = self.config.replica.election_ticks as u64 * self.config.tick_ms;
         let not_before = self.leader_since_wall_ms + grace_ms;
-        let due = self.state.read().due_viewers(clock.wall_ms, not_before, VIEWERS_PER_EXPIRY_MAX);
+        let due = self
+            .state
+            .read()
+            .due_viewers(clock.wall_ms, not_before, VIEWERS_PER_EXPIRY_MAX);
         if due.is_empty() {
             return;
         }
         self.last_expiry_wall_ms = clock.wall_ms;
         self.expiry_in_flight = true;
         let size = due.len() * 300;
-        self.unproposed
-            .push((vec![Command::ExpireViewers { viewers: due }], size, Caller::Job(Job::Expire)));
+        self.unproposed.push((
+            vec![Command::ExpireViewers { viewers: due }],
+            size,
+            Caller::Job(Job::Expire),
+        ));
     }
 
     fn job_done(&mut self, job: Job) {
@@ -910,7 +920,10 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
             };
             let data = codec::encode(&payload);
             let refused = if data.len() > ENTRY_BYTES_MAX {
-                Some(OpError::Rejected(format!("proposal of {} bytes is too large", data.len())))
+                Some(OpError::Rejected(format!(
+                    "proposal of {} bytes is too large",
+                    data.len()
+                )))
             } else {
                 match self.replica.propose(data) {
                     Ok(()) => None,
@@ -923,10 +936,7 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
                     if self.config.observe {
                         self.outputs.push(Output::Proposed {
                             batch_id,
-                            callers: callers
-                                .iter()
-                                .filter_map(|(n, c)| c.clone().map(|c| (c, *n)))
-                                .collect(),
+                            callers: callers.iter().filter_map(|(n, c)| c.clone().map(|c| (c, *n))).collect(),
                         });
                     }
                     self.pending.insert(batch_id, PendingBatch { callers });
@@ -956,10 +966,13 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
             }
             Err(e) => {
                 for id in ids {
-                    self.done(id, Err(OpError::Overloaded(match e {
-                        ProposeError::Refused(_) => "pending reads",
-                        _ => "reads",
-                    })));
+                    self.done(
+                        id,
+                        Err(OpError::Overloaded(match e {
+                            ProposeError::Refused(_) => "pending reads",
+                            _ => "reads",
+                        })),
+                    );
                 }
             }
         }
@@ -1091,8 +1104,10 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
                         Err(e) => {
                             // Every replica fails the same way on the same bytes, so skipping keeps
                             // them identical; it means a newer writer or a bug.
-                            self.outputs
-                                .push(Output::Warning(format!("undecodable entry {} skipped: {e}", entry.index)));
+                            self.outputs.push(Output::Warning(format!(
+                                "undecodable entry {} skipped: {e}",
+                                entry.index
+                            )));
                             state.apply_empty(entry.index, entry.term);
                         }
                     },
@@ -1110,7 +1125,8 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
                                         .outputs
                                         .push(Output::Warning(format!("conf change {} refused: {e}", entry.index))),
                                 }
-                                if cc.context.len() == 16 && cc.context[..8] == self.config.replica.raft_id.to_be_bytes()
+                                if cc.context.len() == 16
+                                    && cc.context[..8] == self.config.replica.raft_id.to_be_bytes()
                                 {
                                     let mut id = [0u8; 8];
                                     id.copy_from_slice(&cc.context[8..]);
@@ -1173,7 +1189,7 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
             index: applied.index,
             term: applied.term,
             conf_state: self.storage_conf_state(),
-            state: frozen,
+            state: Box::new(frozen),
         });
     }
 

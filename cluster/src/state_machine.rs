@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use crate::codec::{self, DecodeError, RECORD_BYTES_MAX, SNAPSHOT_BYTES_MAX};
-use crate::cow_map::CowMap;
 use crate::command::{Command, Outcome, USAGE_PER_ADD_MAX, VIEWERS_PER_EXPIRY_MAX, VIEWERS_PER_UPSERT_MAX};
+use crate::cow_map::CowMap;
 use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for};
 use crate::types::{
     ClusterSettings, NodeRecord, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, UsageBatch, UsageRecord, ViewerState,
@@ -757,9 +757,19 @@ mod tests {
         assert_eq!(sm.viewer_ttl_ms(), 2_000);
         let sent = vec![viewer("v1", 1_000), viewer("v2", 1_500)];
         let outcome = apply(&mut sm, 3, Command::UpsertViewers { viewers: sent.clone() });
-        assert!(matches!(&outcome, Outcome::Upserted { kept, .. } if kept.is_empty()), "{outcome:?}");
+        assert!(
+            matches!(&outcome, Outcome::Upserted { kept, .. } if kept.is_empty()),
+            "{outcome:?}"
+        );
         let stored = outcome.stored_viewers(sent).expect("an upsert's outcome");
-        assert_eq!(stored, [&sm.viewers()[&ViewerId::from("v1")], &sm.viewers()[&ViewerId::from("v2")]].map(Clone::clone));
+        assert_eq!(
+            stored,
+            [
+                &sm.viewers()[&ViewerId::from("v1")],
+                &sm.viewers()[&ViewerId::from("v2")]
+            ]
+            .map(Clone::clone)
+        );
         assert_eq!(stored[0].expires_at_ms, 3_000);
         assert_eq!(stored[0].revision, 3);
         // Nothing is due before the deadline, or before the new leader's grace.
@@ -954,7 +964,13 @@ mod tests {
         // The session the viewer left writes late (simulator seed 7).
         let mut late = viewer("v", 10);
         late.position_ms = 7_050;
-        let outcome = apply(&mut sm, 2, Command::UpsertViewers { viewers: vec![late.clone()] });
+        let outcome = apply(
+            &mut sm,
+            2,
+            Command::UpsertViewers {
+                viewers: vec![late.clone()],
+            },
+        );
         let stored = outcome.clone().stored_viewers(vec![late]).expect("an upsert's outcome");
         assert!(stored[0].position_ms == 8_309, "{outcome:?}");
         assert_eq!(sm.viewers()[&ViewerId::from("v")].position_ms, 8_309);

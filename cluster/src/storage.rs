@@ -238,7 +238,12 @@ impl Disk {
     fn upgrade_from_format_1(&self) -> Result<(), StoreError> {
         let mut records = Vec::new();
         for tree in SmTree::ALL {
-            if !self.db.tree_names().iter().any(|n| n.as_ref() == tree.name().as_bytes()) {
+            if !self
+                .db
+                .tree_names()
+                .iter()
+                .any(|n| n.as_ref() == tree.name().as_bytes())
+            {
                 continue;
             }
             for item in self.db.open_tree(tree.name())?.iter() {
@@ -248,13 +253,18 @@ impl Disk {
         }
         if records.is_empty() {
             if !self.raft.is_empty() {
-                return Err(corrupt(RAFT_TREE, KEY_FORMAT, "a log without a format or state records"));
+                return Err(corrupt(
+                    RAFT_TREE,
+                    KEY_FORMAT,
+                    "a log without a format or state records",
+                ));
             }
             self.raft.insert(KEY_FORMAT, &[DATA_FORMAT])?;
             self.flush_blocking()?;
             return Ok(());
         }
-        let sm = StateMachine::from_records(records).map_err(|(tree, key, reason)| corrupt(tree.name(), &key, reason))?;
+        let sm =
+            StateMachine::from_records(records).map_err(|(tree, key, reason)| corrupt(tree.name(), &key, reason))?;
         let conf_state = match self.raft.get(KEY_CONF_STATE)? {
             Some(v) => ConfState::parse_from_bytes(&v).map_err(|e| corrupt(RAFT_TREE, KEY_CONF_STATE, e))?,
             None => ConfState::default(),

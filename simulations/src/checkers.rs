@@ -37,7 +37,7 @@ use std::rc::Rc;
 
 use mediamesh_cluster::codec::{self, ENTRY_BYTES_MAX};
 use mediamesh_cluster::command::{Command, EntryPayload, Outcome};
-use mediamesh_cluster::state_machine::{SmWrite, StateMachine};
+use mediamesh_cluster::state_machine::StateMachine;
 use mediamesh_cluster::types::ViewerState;
 use mediamesh_cluster::{NodeId, RoomId, ViewerId};
 use raft::eraftpb::EntryType;
@@ -333,7 +333,6 @@ pub struct Checker {
     /// Committed entries by index: term, type, bytes.
     log: BTreeMap<u64, (u64, EntryType, Vec<u8>)>,
     reference: StateMachine,
-    scratch: Vec<SmWrite>,
     digests: BTreeMap<u64, String>,
     placements: BTreeMap<(RoomId, u64), NodeId>,
     batches: BTreeMap<(u64, u64), Callers>,
@@ -364,7 +363,6 @@ impl Checker {
             heal_ms,
             log: BTreeMap::new(),
             reference: initial,
-            scratch: Vec::new(),
             digests,
             placements: BTreeMap::new(),
             batches: BTreeMap::new(),
@@ -491,13 +489,12 @@ impl Checker {
     /// placement and viewer history and checking lineage and expiry.
     fn apply_reference(&mut self, at: At, index: u64, term: u64, entry_type: EntryType, data: &[u8]) {
         self.stats.entries += 1;
-        self.scratch.clear();
         let payload = match entry_type {
             EntryType::EntryNormal if !data.is_empty() => codec::decode::<EntryPayload, ENTRY_BYTES_MAX>(data).ok(),
             _ => None,
         };
         let Some(payload) = payload else {
-            self.reference.apply_empty(index, term, &mut self.scratch);
+            self.reference.apply_empty(index, term);
             self.digests.insert(index, self.reference.digest());
             return;
         };
@@ -515,7 +512,7 @@ impl Checker {
                 }
             }
         }
-        let outcomes = self.reference.apply(index, term, &payload.commands, &mut self.scratch);
+        let outcomes = self.reference.apply(index, term, payload.commands.clone());
         let origins = self.batches.remove(&(payload.proposer, payload.batch_id));
         for (position, (command, outcome)) in payload.commands.iter().zip(&outcomes).enumerate() {
             match (command, outcome) {
@@ -533,9 +530,10 @@ impl Checker {
                     self.placements.retain(|(r, _), _| r != room);
                     self.hosts.retain(|(r, _), _| r != room);
                 }
-                (Command::UpsertViewers { .. }, Outcome::Viewers(stored)) => {
-                    // A write of an older generation is ignored: its outcome is the stored
+                (Command::UpsertViewers { viewers }, outcome @ Outcome::Upserted { .. }) => {
+                    // A refused write (an older generation, a lost claim) leaves the stored
                     // state, written at an earlier index (recorded there already).
+                    let stored = outcome.clone().stored_viewers(viewers.clone()).unwrap_or_default();
                     for s in stored.iter().filter(|s| s.revision == index) {
                         self.viewer_history
                             .entry(s.viewer.clone())
@@ -721,10 +719,10 @@ impl Checker {
     fn check_leaders(&mut self, at: At, nodes: &[Node]) {
         for node in nodes {
             let Some(live) = &node.live else { continue };
-            if !live.replica.is_leader() {
+            if !live.core.is_leader() {
                 continue;
             }
-            let term = live.replica.status().term;
+            let term = live.core.status().term;
             match self.leaders.get(&term) {
                 Some(&first) if first != node.index => {
                     let (first, second) = (self.name(first), self.name(node.index));
@@ -746,18 +744,19 @@ impl Checker {
     fn check_digests(&mut self, at: At, nodes: &[Node]) {
         for node in nodes {
             let Some(live) = &node.live else { continue };
-            let index = live.sm.applied().index;
+            let sm = live.sm();
+            let index = sm.applied().index;
             if index == self.digest_checked[node.index] {
                 continue;
             }
             self.digest_checked[node.index] = index;
             self.stats.digests_compared += 1;
             // Same index as the reference: compare the states directly (cheaper than hashing).
-            if index == self.reference.applied().index && live.sm == self.reference {
+            if index == self.reference.applied().index && *sm == self.reference {
                 continue;
             }
             let expected = self.digests.get(&index).cloned();
-            let found = live.sm.digest();
+            let found = sm.digest();
             if expected.as_ref() != Some(&found) {
                 let node = self.name(node.index);
                 self.violations.push(Violation::DigestMismatch {
@@ -978,7 +977,7 @@ mod tests {
             })
             .collect();
         let mut initial = StateMachine::default();
-        initial.apply_empty(1, 1, &mut Vec::new());
+        initial.apply_empty(1, 1);
         Checker::new(Rc::new(Roster { nodes }), initial, None)
     }
 

@@ -34,15 +34,9 @@ pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 pub const SNAPSHOT_EVERY_ENTRIES: u64 = 200;
 /// Most expiry batches the leader proposes per second.
 pub const EXPIRY_BATCHES_PER_SECOND: u64 = 10;
-/// Proposals waiting to be coalesced or applied on one node, at most; viewer-update proposals
-/// one node has in flight; viewer updates queued on one node: the store's.
-pub use mediamesh_cluster::store::{PENDING_PROPOSALS_MAX, VIEWER_BATCHES_IN_FLIGHT_MAX, VIEWER_UPDATES_MAX};
-/// Store operations (writes and reads) one node has outstanding, at most.
-pub const OPS_PER_NODE_MAX: usize = 4_096;
-/// How long a caller waits before retrying a proposal that found no leader.
-pub const NO_LEADER_RETRY_MS: u64 = 200;
-/// How long a caller waits before retrying a proposal the leader refused as not-leader.
-pub const NOT_LEADER_RETRY_MS: u64 = 20;
+/// Viewer-update proposals one node has in flight; viewer updates queued on one node: the
+/// store's. (Operation limits and retry pauses live in the replica core the simulator runs.)
+pub use mediamesh_cluster::store::{VIEWER_BATCHES_IN_FLIGHT_MAX, VIEWER_UPDATES_MAX};
 
 // ----- the node's control plane (src/ defaults) -----
 

@@ -292,8 +292,10 @@ impl Live {
 
     /// The registered nodes as this node reads them (`Store::node_statuses`).
     pub fn node_views(&self, clock_ms: u64) -> Vec<NodeView> {
-        let status = self.replica.status();
-        self.sm
+        let status = self.core.status();
+        self.core
+            .state()
+            .read()
             .nodes()
             .values()
             .map(|n| NodeView {
@@ -372,11 +374,11 @@ impl Live {
     fn lifecycle(&mut self, ctx: &mut Ctx<'_>, clock: u64) {
         if !self.control.registered {
             let mine = self.registration();
-            if self.sm.nodes().get(&mine.id).map(|n| &n.registration) == Some(&mine) {
+            if self.core.state().read().nodes().get(&mine.id).map(|n| &n.registration) == Some(&mine) {
                 self.control.registered = true;
             } else if !self.control.register_in_flight
                 && clock >= self.control.register_next_ms
-                && self.replica.leader() != 0
+                && self.core.leader() != 0
             {
                 self.control.register_in_flight = true;
                 self.propose(ctx, vec![Command::RegisterNode(mine)], Purpose::Register);
@@ -459,7 +461,7 @@ impl Live {
                         return;
                     }
                     Err(e) => {
-                        let current_epoch = self.sm.rooms().get(&run.room).map(|p| p.epoch);
+                        let current_epoch = self.core.state().read().rooms().get(&run.room).map(|p| p.epoch);
                         ctx.trace(format!(
                             "n{} migration m{migration}: the flip's outcome is still unknown ({e}); giving up with this replica's epoch {current_epoch:?}",
                             self.me
@@ -580,7 +582,9 @@ impl Live {
                 .map(|n| n.region.clone())
                 .unwrap_or_default();
             let rooms: Vec<(RoomId, NodeId, u64)> = self
-                .sm
+                .core
+                .state()
+                .read()
                 .rooms()
                 .values()
                 .map(|p| (p.room.clone(), p.node.clone(), p.epoch))
@@ -624,7 +628,7 @@ impl Live {
             return;
         }
         let clock = self.clock_ms(ctx);
-        let current = self.sm.rooms().get(&room).cloned();
+        let current = self.core.state().read().rooms().get(&room).cloned();
         let nodes = self.node_views(clock);
         if let Some(p) = &current {
             let host_alive = nodes.iter().any(|n| n.id == p.node && n.state != NodeState::Dead);
@@ -686,7 +690,7 @@ impl Live {
         if p.node == *self.node_id() {
             return Ok(Location::Here { epoch: p.epoch });
         }
-        if self.sm.nodes().contains_key(&p.node) {
+        if self.core.state().read().nodes().contains_key(&p.node) {
             Ok(Location::There {
                 host: p.node.clone(),
                 epoch: p.epoch,
@@ -898,10 +902,10 @@ impl Live {
     fn fence(&mut self, ctx: &mut Ctx<'_>) {
         let rooms: Vec<RoomId> = self.control.rooms.keys().cloned().collect();
         for room in rooms {
-            let Some(current) = self.sm.rooms().get(&room).cloned() else {
+            let Some(current) = self.core.state().read().rooms().get(&room).cloned() else {
                 continue;
             };
-            if !self.sm.nodes().contains_key(&current.node) {
+            if !self.core.state().read().nodes().contains_key(&current.node) {
                 // Its host left the cluster: placed again, as a join would (`StoreDirectory::
                 // current`); the next fence follows the new placement (seed 2639).
                 self.ensure_room(ctx, room, RoomWaiter::Relocate);
@@ -1307,7 +1311,7 @@ impl Live {
         // compare-and-set on whatever this node's replica shows now.
         let expected = match flip.expected_epoch {
             Some(e) => Some(e),
-            None => self.sm.rooms().get(&room).map(|p| p.epoch),
+            None => self.core.state().read().rooms().get(&room).map(|p| p.epoch),
         };
         let command = Command::PlaceRoom {
             room,
@@ -1336,7 +1340,7 @@ impl Live {
         }
         run.blocked = Blocked::No;
         let (room, to, epoch) = (run.room.clone(), run.to.clone(), run.moved_epoch);
-        if self.sm.nodes().contains_key(&to) {
+        if self.core.state().read().nodes().contains_key(&to) {
             self.demote(ctx, &room, to, epoch);
         }
         self.pump_migration(ctx, id);

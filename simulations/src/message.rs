@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use mediamesh_cluster::command::{Command, Outcome};
+use mediamesh_cluster::command::Command;
 use mediamesh_cluster::types::ViewerState;
 use mediamesh_cluster::{RoomId, ViewerId};
 use raft::eraftpb::Message;
@@ -44,16 +44,8 @@ pub enum Payload {
     WatchReply { room: RoomId, hosting: Option<u64> },
 }
 
-/// How the leader answered a forwarded proposal.
-#[derive(Clone, Debug)]
-pub enum ForwardResult {
-    /// Applied; one outcome per command.
-    Applied(Vec<Outcome>),
-    /// Not the leader (nothing was proposed): the follower may retry.
-    NotLeader,
-    /// Failed after it may have been proposed (deadline): the follower must not retry.
-    Failed(String),
-}
+/// How the leader answered a forwarded proposal: the replica core's own answer.
+pub use mediamesh_cluster::replica::ForwardResult;
 
 impl fmt::Display for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

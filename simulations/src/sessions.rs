@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 
-use mediamesh_cluster::command::{Command, Outcome, VIEWERS_PER_UPSERT_MAX};
+use mediamesh_cluster::command::{Command, VIEWERS_PER_UPSERT_MAX};
 use mediamesh_cluster::types::ViewerState;
 use mediamesh_cluster::{RoomId, ViewerId};
 
@@ -172,7 +172,7 @@ impl Live {
         j.outcome = match (result, &j.resume) {
             (Err(e), _) => ResumeOutcome::Unreadable(e.to_string()),
             (Ok(_), None) => ResumeOutcome::Fresh,
-            (Ok(_), Some(viewer)) => match self.sm.viewers().get(viewer) {
+            (Ok(_), Some(viewer)) => match self.core.state().read().viewers().get(viewer) {
                 Some(state) if clock.saturating_sub(state.updated_at_ms) <= RESUME_WINDOW_MS => {
                     ResumeOutcome::Resumed(state.clone())
                 }
@@ -294,10 +294,11 @@ impl Live {
         }
         self.sessions.queued_since_ms = (!self.sessions.queue.is_empty()).then_some(ctx.now_ms);
         self.sessions.in_flight += 1;
+        let sent = states.clone();
         self.propose(
             ctx,
             vec![Command::UpsertViewers { viewers: states }],
-            Purpose::ViewerBatch { waiters },
+            Purpose::ViewerBatch { waiters, sent },
         );
     }
 
@@ -305,12 +306,18 @@ impl Live {
     /// session's state lost the viewer (`persist_viewer`): a resume took it over, or it was a
     /// resume that lost the claim to another resume of the same state. Its session ends here
     /// without a final write, and its waiter fails, so a client still there resumes again.
-    pub(crate) fn viewer_batch_done(&mut self, ctx: &mut Ctx<'_>, waiters: Vec<(ViewerId, Writers)>, result: OpResult) {
+    pub(crate) fn viewer_batch_done(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        waiters: Vec<(ViewerId, Writers)>,
+        sent: Vec<ViewerState>,
+        result: OpResult,
+    ) {
         self.sessions.in_flight = self.sessions.in_flight.saturating_sub(1);
         let stored: Result<BTreeMap<ViewerId, ViewerState>, String> = match result {
-            Ok(mut outcomes) => match outcomes.pop() {
-                Some(Outcome::Viewers(states)) => Ok(states.into_iter().map(|s| (s.viewer.clone(), s)).collect()),
-                other => Err(format!("unexpected outcome {other:?}")),
+            Ok(mut outcomes) => match outcomes.pop().and_then(|o| o.stored_viewers(sent)) {
+                Some(states) => Ok(states.into_iter().map(|s| (s.viewer.clone(), s)).collect()),
+                None => Err("unexpected outcome".to_string()),
             },
             Err(e) => Err(e.to_string()),
         };

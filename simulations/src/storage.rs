@@ -9,12 +9,15 @@
 //! signal), so log compaction and snapshot catch-up run as in production.
 //!
 //! Every write is durable at once: the simulator processes one raft Ready inside one event,
-//! so a crash (which happens between events) never sees half of it.
+//! so a crash (which happens between events) never sees half of it. The configuration after
+//! applied membership changes is not (as in the node): [`SimStorage::reopen`] goes back to the
+//! snapshot's, and the restarted core applies the changes after it again.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use mediamesh_cluster::storage::rules;
+use mediamesh_cluster::StoreError;
+use mediamesh_cluster::storage::{LogStore, rules};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState};
 
@@ -91,18 +94,21 @@ impl SimStorage {
         Ok(())
     }
 
-    /// Saves the hard state.
-    pub fn set_hard_state(&self, hard_state: &HardState) {
-        self.core.borrow_mut().hard_state = hard_state.clone();
+    /// What a restart sees: the configuration of the last snapshot (applied changes after it
+    /// were in memory only).
+    pub fn reopen(&self) {
+        let mut core = self.core.borrow_mut();
+        core.conf_state = core.snapshot.get_metadata().get_conf_state().clone();
+        core.snapshot_wanted = false;
     }
 
-    /// Saves the conf state (a membership change applied).
-    pub fn set_conf_state(&self, conf_state: &ConfState) {
-        self.core.borrow_mut().conf_state = conf_state.clone();
+    /// The state machine bytes of the last snapshot.
+    pub fn snapshot_data(&self) -> Vec<u8> {
+        self.core.borrow().snapshot.get_data().to_vec()
     }
 
     /// Records a snapshot of the applied state at `index` and drops the log up to it.
-    pub fn compact(&self, index: u64, term: u64, data: Vec<u8>) -> Result<(), StorageBug> {
+    pub fn compact_to(&self, index: u64, term: u64, conf_state: &ConfState, data: Vec<u8>) -> Result<(), StorageBug> {
         let mut core = self.core.borrow_mut();
         if index <= core.snapshot_index() {
             return Ok(());
@@ -113,7 +119,7 @@ impl SimStorage {
                 core.last_index()
             )));
         }
-        let snapshot = rules::snapshot_at(index, term, &core.conf_state, data);
+        let snapshot = rules::snapshot_at(index, term, conf_state, data);
         let drop = (index - core.snapshot_index()) as usize;
         core.entries.drain(..drop);
         core.snapshot = snapshot;
@@ -121,19 +127,45 @@ impl SimStorage {
         Ok(())
     }
 
-    /// True when raft asked for a newer snapshot than the one stored.
-    pub fn snapshot_wanted(&self) -> bool {
-        self.core.borrow().snapshot_wanted
-    }
-
-    /// Index of the last snapshot (the compaction point).
-    pub fn snapshot_index(&self) -> u64 {
-        self.core.borrow().snapshot_index()
-    }
-
     /// Index of the last entry (or of the snapshot when the log is empty).
     pub fn last_index(&self) -> u64 {
         self.core.borrow().last_index()
+    }
+}
+
+fn storage_bug(e: StorageBug) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+impl LogStore for SimStorage {
+    fn append(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        SimStorage::append(self, entries).map_err(storage_bug)
+    }
+
+    fn set_hard_state(&self, hard_state: &HardState) -> Result<(), StoreError> {
+        self.core.borrow_mut().hard_state = hard_state.clone();
+        Ok(())
+    }
+
+    fn set_conf_state(&self, conf_state: &ConfState) {
+        self.core.borrow_mut().conf_state = conf_state.clone();
+    }
+
+    fn install_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        self.apply_snapshot(snapshot);
+        Ok(())
+    }
+
+    fn compact(&self, index: u64, term: u64, conf_state: &ConfState, data: Vec<u8>) -> Result<(), StoreError> {
+        self.compact_to(index, term, conf_state, data).map_err(storage_bug)
+    }
+
+    fn snapshot_index(&self) -> u64 {
+        self.core.borrow().snapshot_index()
+    }
+
+    fn snapshot_wanted(&self) -> bool {
+        self.core.borrow().snapshot_wanted
     }
 }
 
@@ -217,7 +249,8 @@ mod tests {
         assert_eq!(Storage::last_index(&s).unwrap(), 3);
         assert_eq!(s.term(3).unwrap(), 2);
         assert!(s.append(&[entry(9, 2)]).is_err(), "a gap is a shell bug");
-        s.compact(2, 1, vec![7]).unwrap();
+        s.compact_to(2, 1, &ConfState::from((vec![1, 2], vec![])), vec![7])
+            .unwrap();
         assert_eq!(s.term(2).unwrap(), 1, "the compaction point keeps its term");
         assert!(matches!(
             s.entries(2, 3, None, GetEntriesContext::empty(false)),

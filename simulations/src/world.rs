@@ -230,7 +230,7 @@ impl World {
         // As in production: start from a snapshot at index 1 whose configuration has every
         // node as a voter, and a state machine that applied it.
         let mut initial = StateMachine::default();
-        initial.apply_empty(1, 1, &mut Vec::new());
+        initial.apply_empty(1, 1);
         let mut snapshot = Snapshot::default();
         snapshot.mut_metadata().index = 1;
         snapshot.mut_metadata().term = 1;
@@ -240,7 +240,7 @@ impl World {
             .set_conf_state(ConfState::from((voters, Vec::<u64>::new())));
         snapshot.set_data(initial.encode_snapshot().into());
         let nodes = (0..config.nodes)
-            .map(|i| Node::new(i, SimStorage::from_snapshot(snapshot.clone()), initial.clone()))
+            .map(|i| Node::new(i, SimStorage::from_snapshot(snapshot.clone())))
             .collect();
         let clients = (0..CLIENTS)
             .map(|i| {

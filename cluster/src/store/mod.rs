@@ -21,10 +21,10 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::{self, ENTRY_BYTES_MAX};
 use crate::command::{COMMANDS_PER_ENTRY_MAX, Command, Outcome, VIEWERS_PER_UPSERT_MAX};
 use crate::driver::{ReplicaConfig, conf_change};
-use crate::replica::{CoreConfig, ForwardResult, OpId, OpKind, OpResult, ReplicaCore};
 use crate::error::StoreError;
 use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for, validate_id};
 use crate::metrics::StoreMetrics;
+use crate::replica::{CoreConfig, ForwardResult, OpId, OpKind, OpResult, ReplicaCore};
 use crate::state_machine::StateMachine;
 use crate::storage::Disk;
 use crate::transport::{
@@ -1259,13 +1259,17 @@ impl Store {
             .propose(vec![Command::UpsertViewers { viewers }], self.deadline())
             .await
             .and_then(|mut outcomes| {
-                let outcome = outcomes.pop().ok_or_else(|| StoreError::Rejected("no outcome".into()))?;
+                let outcome = outcomes
+                    .pop()
+                    .ok_or_else(|| StoreError::Rejected("no outcome".into()))?;
                 if !matches!(outcome, Outcome::Viewers(_) | Outcome::Upserted { .. }) {
                     return Err(outcome_error(outcome));
                 }
                 match outcome.stored_viewers(sent) {
                     Some(stored) if stored.len() == replies.len() => Ok(stored),
-                    _ => Err(StoreError::Rejected("the store answered another number of viewers".into())),
+                    _ => Err(StoreError::Rejected(
+                        "the store answered another number of viewers".into(),
+                    )),
                 }
             });
         match result {

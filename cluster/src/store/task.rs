@@ -361,7 +361,12 @@ impl super::Store {
     /// The forwarding call itself: the `Propose` RPC to the leader, its answer as the core
     /// takes it. A refused connection or a fault-blocked peer means nothing was sent (the core
     /// may try again); a failure after sending is a failure (the proposal may have applied).
-    async fn call_leader(&self, leader: u64, commands: Vec<crate::command::Command>, deadline: Instant) -> ForwardResult {
+    async fn call_leader(
+        &self,
+        leader: u64,
+        commands: Vec<crate::command::Command>,
+        deadline: Instant,
+    ) -> ForwardResult {
         let timeout_ms = self.shared.config.request_timeout_ms;
         let mut client = match self.client_for_raft_id(leader) {
             Ok(client) => client,
