@@ -129,6 +129,23 @@ pub struct NodeArgs {
         allow_hyphen_values = true
     )]
     pub test_clock_offset_ms: Option<i64>,
+    /// Benchmarks only: this many synthetic viewers write their state through the store's
+    /// viewer batcher (see `synthetic.rs`); with the four flags below.
+    #[arg(long, env = "MEDIAMESH_SYNTHETIC_VIEWERS", hide = true)]
+    pub synthetic_viewers: Option<usize>,
+    /// Benchmarks only: each synthetic viewer writes once per this many milliseconds.
+    #[arg(long, hide = true, default_value_t = 2_000)]
+    pub synthetic_report_ms: u64,
+    /// Benchmarks only: synthetic writes are not measured for this long first.
+    #[arg(long, hide = true, default_value_t = 5_000)]
+    pub synthetic_warmup_ms: u64,
+    /// Benchmarks only: synthetic writes are measured for this long, then stop.
+    #[arg(long, hide = true, default_value_t = 60_000)]
+    pub synthetic_duration_ms: u64,
+    /// Benchmarks only: the synthetic viewers' JSON summary goes here (relative: in the data
+    /// directory).
+    #[arg(long, hide = true)]
+    pub synthetic_out: Option<PathBuf>,
     /// Display names containing Hangul are kept, shown and logged only masked (김민수 → Kim*Su);
     /// `false` keeps them raw in the store, the admin API and the dashboard (logs stay masked) [default: true]
     #[arg(long, env = "MEDIAMESH_MASK_NAMES")]
@@ -241,6 +258,8 @@ pub struct NodeConfig {
     pub otlp_endpoint: Option<String>,
     pub trace_sample_floor: f64,
     pub traces: bool,
+    /// Benchmarks only: synthetic viewers (`--synthetic-viewers`).
+    pub synthetic: Option<crate::synthetic::SyntheticConfig>,
 }
 
 impl NodeConfig {
@@ -493,6 +512,27 @@ impl NodeArgs {
             otlp_endpoint,
             trace_sample_floor,
             traces,
+            synthetic: match (self.synthetic_viewers, &self.synthetic_out) {
+                (None | Some(0), _) => None,
+                (Some(_), None) => {
+                    return Err(ConfigError::Invalid {
+                        name: "synthetic_viewers",
+                        message: "needs --synthetic-out".into(),
+                    });
+                }
+                (Some(viewers), Some(out)) => Some(crate::synthetic::SyntheticConfig {
+                    viewers,
+                    report_ms: self.synthetic_report_ms.max(1),
+                    warmup_ms: self.synthetic_warmup_ms,
+                    duration_ms: self.synthetic_duration_ms,
+                    // A relative path is inside the data directory (one flag for every node).
+                    out: if out.is_relative() {
+                        data_dir.join(out)
+                    } else {
+                        out.clone()
+                    },
+                }),
+            },
             data_dir,
         })
     }

@@ -12,6 +12,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod signal;
+pub mod synthetic;
 pub mod telemetry;
 pub mod turn;
 pub mod usage;

@@ -300,6 +300,9 @@ pub async fn run(
             move || metrics.gather(),
         ))
     });
+    if let Some(synthetic) = config.synthetic.clone() {
+        tokio::spawn(crate::synthetic::run(store.clone(), synthetic));
+    }
     let state = web::Data::new(AppState {
         node_id: config.node_id.clone(),
         region: config.region.clone(),

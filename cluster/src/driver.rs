@@ -266,6 +266,11 @@ impl<S: Storage> Replica<S> {
         self.node.raft.state == StateRole::Leader
     }
 
+    /// Index of the last entry in the log (persisted or not).
+    pub fn last_index(&self) -> u64 {
+        self.node.raft.raft_log.last_index()
+    }
+
     /// Known leader (0: none).
     pub fn leader(&self) -> u64 {
         self.node.raft.leader_id

@@ -87,6 +87,17 @@ pub struct CoreConfig {
     /// Emit [`Output::Proposed`] for every batch and [`Output::Applied`] for every entry (the
     /// simulator's checkers read them; the node does not).
     pub observe: bool,
+    /// Bugs planted on purpose, so the simulator's checkers can show they catch them. All off
+    /// in the node.
+    pub faults: CoreFaults,
+}
+
+/// Bugs the simulator can plant in the core (test-only switches; the node never sets them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreFaults {
+    /// Acknowledge a viewer upsert as stored as soon as the leader proposes it, before it
+    /// commits: a leader that crashes then loses writes it acknowledged.
+    pub ack_upserts_on_propose: bool,
 }
 
 /// The clock of one input: monotonic milliseconds and this node's wall clock.
@@ -276,8 +287,11 @@ pub enum Output {
         /// Data.
         data: Vec<u8>,
     },
-    /// An undecodable entry or conf change was skipped, or raft refused one (a log line).
+    /// An undecodable entry or conf change was skipped, or raft refused a conf change (a
+    /// warning for the log: every replica does the same, but it means a bug or a newer writer).
     Warning(String),
+    /// raft refused a message from a peer (stale, misaddressed or impossible; a debug line).
+    Refused(String),
 }
 
 /// One flush for the Readies [`ReplicaCore::advance`] processed: when `sync`, flush the log
@@ -919,6 +933,11 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
                 commands,
             };
             let data = codec::encode(&payload);
+            let payload_commands = if self.config.faults.ack_upserts_on_propose {
+                payload.commands
+            } else {
+                Vec::new()
+            };
             let refused = if data.len() > ENTRY_BYTES_MAX {
                 Some(OpError::Rejected(format!(
                     "proposal of {} bytes is too large",
@@ -930,6 +949,11 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
                     Err(ProposeError::NotLeader { .. }) => Some(OpError::NotLeader),
                     Err(other) => Some(OpError::Rejected(format!("{other:?}"))),
                 }
+            };
+            let callers = if refused.is_none() && self.config.faults.ack_upserts_on_propose {
+                self.ack_upserts_early(&payload_commands, callers)
+            } else {
+                callers
             };
             match refused {
                 None => {
@@ -950,6 +974,40 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
                 }
             }
         }
+    }
+
+    /// The planted bug [`CoreFaults::ack_upserts_on_propose`]: callers whose commands are all
+    /// upserts are answered now, as if their entry had applied with nothing refused.
+    fn ack_upserts_early(
+        &mut self,
+        commands: &[Command],
+        callers: Vec<(usize, Option<Caller>)>,
+    ) -> Vec<(usize, Option<Caller>)> {
+        let index = self.replica.last_index();
+        let ttl_ms = self.state.read().viewer_ttl_ms();
+        let mut at = 0;
+        let mut kept_callers = Vec::with_capacity(callers.len());
+        for (count, caller) in callers {
+            let mine = &commands[at..at + count];
+            at += count;
+            let upserts = mine.iter().all(|c| matches!(c, Command::UpsertViewers { .. }));
+            match caller {
+                Some(caller) if upserts => {
+                    let outcomes = mine
+                        .iter()
+                        .map(|_| Outcome::Upserted {
+                            index,
+                            ttl_ms,
+                            kept: Vec::new(),
+                        })
+                        .collect();
+                    self.answer_at(caller, Ok(outcomes), Some(index));
+                    kept_callers.push((count, None));
+                }
+                other => kept_callers.push((count, other)),
+            }
+        }
+        kept_callers
     }
 
     fn issue_reads(&mut self) {

@@ -147,6 +147,9 @@ pub struct Faults {
     /// `Migration::with_faults(Faults { skip_epoch_check: true })`: the flip is proposed without
     /// the epoch compare, carried out as a blind read-modify-write of the proposer's view.
     pub skip_epoch_check: bool,
+    /// `CoreFaults { ack_upserts_on_propose: true }` in the store's replica core: a viewer
+    /// upsert is acknowledged when the leader proposes it, before it commits.
+    pub ack_before_commit: bool,
 }
 
 /// One run.

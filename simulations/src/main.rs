@@ -5,6 +5,7 @@
 //! cargo run -p mediamesh-sim -- --seed 42               # replay one seed, print its trace hash
 //! cargo run -p mediamesh-sim -- --seed 42 --trace       # ... and every trace line (stderr)
 //! cargo run -p mediamesh-sim -- --seeds 100 --fault skip-epoch-check
+//! cargo run -p mediamesh-sim -- --seeds 100 --fault ack-before-commit
 //! ```
 //!
 //! Exit code 1 when any seed broke an invariant, 2 on bad arguments.
@@ -24,6 +25,8 @@ use mediamesh_sim::{Faults, RunReport, SimConfig};
 enum FaultName {
     /// Migrations flip the directory without the epoch compare.
     SkipEpochCheck,
+    /// The store's replica core acknowledges viewer upserts before they commit.
+    AckBeforeCommit,
 }
 
 #[derive(Parser, Debug)]
@@ -62,6 +65,7 @@ fn config(args: &Args, seed: u64) -> SimConfig {
         nodes: args.nodes,
         faults: Faults {
             skip_epoch_check: args.fault.contains(&FaultName::SkipEpochCheck),
+            ack_before_commit: args.fault.contains(&FaultName::AckBeforeCommit),
         },
         print_trace: args.trace && args.seed.is_some(),
     }

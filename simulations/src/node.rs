@@ -23,7 +23,7 @@ use std::rc::Rc;
 
 use mediamesh_cluster::command::{Command, Outcome};
 use mediamesh_cluster::driver::{Replica, ReplicaConfig};
-use mediamesh_cluster::replica::{Caller, Clock, CoreConfig, ForwardResult, OpKind, Output, ReplicaCore};
+use mediamesh_cluster::replica::{Caller, Clock, CoreConfig, CoreFaults, ForwardResult, OpKind, Output, ReplicaCore};
 use mediamesh_cluster::state_machine::StateMachine;
 use mediamesh_cluster::{NodeId, RoomId, ViewerId};
 use parking_lot::RwLockReadGuard;
@@ -256,7 +256,7 @@ impl Node {
     /// Starts (or restarts) the node: decodes the state machine of its last snapshot (as
     /// `Disk::open` does) and starts a replica core over the durable log, which applies the
     /// committed entries after the snapshot again.
-    pub fn start(&mut self, roster: Rc<Roster>, now_ms: u64, rng: &mut StdRng) -> Result<(), String> {
+    pub fn start(&mut self, roster: Rc<Roster>, now_ms: u64, rng: &mut StdRng, faults: Faults) -> Result<(), String> {
         if self.live.is_some() || self.left {
             return Ok(());
         }
@@ -286,6 +286,9 @@ impl Node {
             first_batch_id: seed >> 1,
             read_context_prefix: self.incarnation,
             observe: true,
+            faults: CoreFaults {
+                ack_upserts_on_propose: faults.ack_before_commit,
+            },
         };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let core =
@@ -469,7 +472,7 @@ impl Live {
                 entry_type,
                 data,
             }),
-            Output::Warning(warning) => ctx.trace(format!("n{} {warning}", self.me)),
+            Output::Warning(line) | Output::Refused(line) => ctx.trace(format!("n{} {line}", self.me)),
         }
     }
 

@@ -629,7 +629,7 @@ impl World {
         }
         let roster = self.roster.clone();
         let now = self.now_ms;
-        if let Err(e) = self.nodes[node].start(roster, now, &mut self.rng) {
+        if let Err(e) = self.nodes[node].start(roster, now, &mut self.rng, self.config.faults) {
             let at = self.at();
             self.checker.observe(at, Observation::ShellError { node, detail: e });
             return;

@@ -27,6 +27,14 @@ const FAULT_SEEDS_BELOW: u64 = 20;
 /// timing differs from the old copy's).
 const FAULT_CAUGHT_ON: &[u64] = &[0, 3, 4, 8, 11];
 
+/// The CI seeds below this run again with `--fault ack-before-commit`.
+const ACK_FAULT_SEEDS_BELOW: u64 = 20;
+
+/// The seeds among those on which the planted core fault is caught (pinned, as
+/// [`FAULT_CAUGHT_ON`] is): all of them, since the checker compares every acknowledgement with
+/// the committed log when it is sent, and an early one finds its index not committed yet.
+const ACK_FAULT_CAUGHT_ON: &[u64] = &[0, 1, 2, 3, 4, 5, 6, 8, 10, 11, 12, 13, 14, 15, 17, 18, 19];
+
 /// A bug the simulator found in the real code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bug {
@@ -165,7 +173,10 @@ fn other_cluster_sizes_pass() {
 
 /// Runs half the CI seeds with the fault; returns the seeds that caught it.
 fn fault_caught(half: u64) -> Vec<u64> {
-    let faults = Faults { skip_epoch_check: true };
+    let faults = Faults {
+        skip_epoch_check: true,
+        ..Faults::default()
+    };
     let mut caught = Vec::new();
     for &seed in CI_SEEDS.iter().filter(|s| *s % 2 == half && **s < FAULT_SEEDS_BELOW) {
         let report = run(seed, faults);
@@ -194,6 +205,29 @@ fn the_checkers_catch_a_flip_without_the_epoch_check_on_even_seeds() {
 #[test]
 fn the_checkers_catch_a_flip_without_the_epoch_check_on_odd_seeds() {
     assert!(!fault_caught(1).is_empty(), "no odd CI seed caught the fault");
+}
+
+/// A bug planted in the store's replica core (which the node runs too): viewer upserts are
+/// acknowledged when proposed, before they commit. A leader that crashes or loses its term
+/// then drops writes it acknowledged, which the no-acknowledged-write-lost checker must see.
+#[test]
+fn the_checkers_catch_a_replica_core_that_acknowledges_before_commit() {
+    let faults = Faults {
+        ack_before_commit: true,
+        ..Faults::default()
+    };
+    let mut caught = Vec::new();
+    for &seed in CI_SEEDS.iter().filter(|s| **s < ACK_FAULT_SEEDS_BELOW) {
+        let report = run(seed, faults);
+        if report.violations.iter().any(|v| v.checker() == "acked-write-lost") {
+            caught.push(seed);
+        }
+    }
+    assert_eq!(
+        caught, ACK_FAULT_CAUGHT_ON,
+        "the CI seeds that catch the planted core fault changed (update ACK_FAULT_CAUGHT_ON)"
+    );
+    assert!(!caught.is_empty());
 }
 
 #[test]

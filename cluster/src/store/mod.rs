@@ -24,7 +24,7 @@ use crate::driver::{ReplicaConfig, conf_change};
 use crate::error::StoreError;
 use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for, validate_id};
 use crate::metrics::StoreMetrics;
-use crate::replica::{CoreConfig, ForwardResult, OpId, OpKind, OpResult, ReplicaCore};
+use crate::replica::{CoreConfig, CoreFaults, ForwardResult, OpId, OpKind, OpResult, ReplicaCore};
 use crate::state_machine::StateMachine;
 use crate::storage::Disk;
 use crate::transport::{
@@ -329,6 +329,7 @@ impl Store {
             first_batch_id: seed >> 1,
             read_context_prefix: rand::random(),
             observe: false,
+            faults: CoreFaults::default(),
         };
         let peers = Arc::new(PeerBook::default());
         for node in sm.nodes().values() {

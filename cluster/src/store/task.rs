@@ -31,6 +31,8 @@ pub(super) struct Waiter {
     pub(super) reply: oneshot::Sender<OpResult>,
     /// The `store.commit` span (ends with the answer).
     pub(super) span: tracing::Span,
+    /// The caller's span (a forward to the leader continues it there).
+    pub(super) caller: tracing::Span,
     pub(super) submitted: Instant,
 }
 
@@ -212,7 +214,7 @@ impl ReplicaTask {
                 span,
             } => {
                 let commit = if span.is_none() {
-                    span
+                    span.clone()
                 } else {
                     tracing::info_span!(parent: &span, "store.commit", raft.index = tracing::field::Empty)
                 };
@@ -221,6 +223,7 @@ impl ReplicaTask {
                     Waiter {
                         reply,
                         span: commit,
+                        caller: span,
                         submitted: Instant::now(),
                     },
                 );
@@ -309,7 +312,8 @@ impl ReplicaTask {
                     tracing::info!(node = %self.shared.node_id, index, "installed snapshot")
                 }
                 Output::Proposed { .. } | Output::Applied { .. } => {}
-                Output::Warning(warning) => tracing::debug!(node = %self.shared.node_id, "{warning}"),
+                Output::Warning(warning) => tracing::warn!(node = %self.shared.node_id, "{warning}"),
+                Output::Refused(why) => tracing::debug!(node = %self.shared.node_id, "{why}"),
             }
         }
     }
@@ -323,7 +327,7 @@ impl ReplicaTask {
         let span = self
             .waiters
             .get(&request)
-            .map_or_else(tracing::Span::none, |w| w.span.clone());
+            .map_or_else(tracing::Span::none, |w| w.caller.clone());
         tokio::spawn(async move {
             let result = store.call_leader(to, commands, deadline).instrument(span).await;
             let _ = store
