@@ -62,12 +62,14 @@ struct Args {
     in_process: bool,
     /// Run the soak (synthetic viewers through the real batcher) instead of the write points.
     soak: bool,
+    /// Measure a restart with 500,000 viewers instead of the write points.
+    restart: bool,
     binary: PathBuf,
     results_dir: PathBuf,
 }
 
 fn usage() -> &'static str {
-    "cargo bench --bench store -- [--writers 16,64,256] [--soak] [--duration 10s] [--warmup 2s] [--no-redis] \
+    "cargo bench --bench store -- [--writers 16,64,256] [--soak] [--restart] [--duration 10s] [--warmup 2s] [--no-redis] \
      [--no-in-process] [--binary target/release/mediamesh] [--results benches/results]"
 }
 
@@ -97,6 +99,7 @@ fn parse_args() -> Result<Args, String> {
         redis: true,
         in_process: true,
         soak: false,
+        restart: false,
         binary: PathBuf::from(env!("CARGO_BIN_EXE_mediamesh")),
         results_dir: root.join("benches").join("results"),
     };
@@ -117,6 +120,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-redis" => args.redis = false,
             "--no-in-process" => args.in_process = false,
             "--soak" => args.soak = true,
+            "--restart" => args.restart = true,
             "--binary" => args.binary = PathBuf::from(value()?),
             "--results" => args.results_dir = PathBuf::from(value()?),
             "--help" | "-h" => return Err(usage().to_string()),
@@ -944,6 +948,211 @@ fn write_report(args: &Args, started: SystemTime, machine: &Machine, redis_versi
     );
 }
 
+// ----- restart -----
+
+/// Viewers in the state when a replica restarts.
+const RESTART_VIEWERS: usize = 500_000;
+/// Writer tasks filling the state.
+const RESTART_WRITERS: usize = 2_048;
+
+/// Three in-process replicas fill the state with [`RESTART_VIEWERS`] viewers; a follower stops
+/// and starts again on its data directory. Measured: until `Store::start` returns (sled opened,
+/// the snapshot decoded), until it is ready (a leader known, registered), and until it has
+/// applied everything the leader had committed when it stopped (the log after the snapshot
+/// applied again, and what it missed while down).
+fn bench_restart(args: &Args, started: SystemTime, machine: &Machine) {
+    let root = std::env::temp_dir().join(format!("mediamesh-bench-restart-{}", uuid::Uuid::now_v7()));
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveOnDrop(root.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let secret = "bench-restart-secret";
+    let names = ["seoul-1", "seoul-2", "busan-1"];
+    let config_of = |i: usize, join: Vec<String>| {
+        let mut config = StoreConfig::new(names[i], root.join(names[i]), secret);
+        config.join = join;
+        config
+    };
+    let report = runtime.block_on(async {
+        let mut stores: Vec<Store> = Vec::new();
+        let mut addrs = Vec::new();
+        for i in 0..3 {
+            let join = if i > 0 {
+                vec![stores[0].advertise_cluster().to_string()]
+            } else {
+                Vec::new()
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+            addrs.push(listener.local_addr().expect("address"));
+            let store = Store::start(config_of(i, join), listener, std::future::pending())
+                .await
+                .expect("store starts");
+            stores.push(store);
+        }
+        for store in &stores {
+            tokio::time::timeout(CLUSTER_START_MAX, store.wait_ready())
+                .await
+                .expect("ready in time")
+                .expect("ready");
+        }
+        println!("restart: filling the state with {RESTART_VIEWERS} viewers");
+        let fill_started = Instant::now();
+        let tasks: Vec<_> = (0..RESTART_WRITERS)
+            .map(|w| {
+                let store = stores[w % 3].clone();
+                tokio::spawn(async move {
+                    let mut i = w;
+                    while i < RESTART_VIEWERS {
+                        let state = ViewerState {
+                            viewer: ViewerId(format!("viewer-{i:07}")),
+                            room: RoomId(format!("room-{:03}", i % 500)),
+                            node: NodeId(store.node_id().0.clone()),
+                            session: format!("session-{i:07}"),
+                            display_name: String::new(),
+                            position_ms: i as u64 * 40,
+                            subscriptions: vec!["camera".into(), "microphone".into()],
+                            layers: [("camera".to_string(), "h".to_string())].into(),
+                            updated_at_ms: 0,
+                            expires_at_ms: 0,
+                            revision: 0,
+                            generation: 1,
+                        };
+                        if store.upsert_viewer(state).await.is_ok() {
+                            i += RESTART_WRITERS;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("writer task");
+        }
+        let fill_s = fill_started.elapsed().as_secs_f64();
+        let leader_status = stores[0].status();
+        let target = leader_status.commit_index;
+        // Let the follower apply everything before it stops, so what it replays is its own log.
+        let follower = 2;
+        while stores[follower].status().applied_index < target {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let before = stores[follower].status();
+        println!(
+            "restart: filled in {fill_s:.1} s; {} viewers, applied {}, snapshot at {}",
+            before.viewers, before.applied_index, before.snapshot_index
+        );
+        stores[follower].shutdown();
+        stores[follower].closed().await;
+        let data_bytes: u64 = walk_bytes(&root.join(names[follower]));
+        let t0 = Instant::now();
+        let listener = tokio::net::TcpListener::bind(addrs[follower])
+            .await
+            .expect("the follower's port is free again");
+        let restarted = Store::start(config_of(follower, Vec::new()), listener, std::future::pending())
+            .await
+            .expect("the follower restarts");
+        let open_s = t0.elapsed().as_secs_f64();
+        restarted.wait_ready().await.expect("ready");
+        let ready_s = t0.elapsed().as_secs_f64();
+        let target = stores[0].status().commit_index;
+        loop {
+            let s = restarted.status();
+            if s.applied_index >= target && s.viewers as usize >= RESTART_VIEWERS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let caught_up_s = t0.elapsed().as_secs_f64();
+        let after = restarted.status();
+        for store in stores.iter().chain(std::iter::once(&restarted)) {
+            store.shutdown();
+        }
+        json!({
+            "viewers": after.viewers,
+            "fill_s": fill_s,
+            "fill_updates_per_s": RESTART_VIEWERS as f64 / fill_s,
+            "data_dir_bytes": data_bytes,
+            "snapshot_index": before.snapshot_index,
+            "applied_index": before.applied_index,
+            "entries_after_snapshot": before.applied_index - before.snapshot_index,
+            "open_s": open_s,
+            "ready_s": ready_s,
+            "caught_up_s": caught_up_s,
+        })
+    });
+    let (date, stamp) = utc_stamp(started);
+    let commit = command_output("git", &["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let mut md = String::new();
+    let _ = writeln!(md, "# Store restart with {RESTART_VIEWERS} viewers — {date}\n");
+    let _ = writeln!(
+        md,
+        "- machine: {} × {} cores, {} GiB RAM, {}; load average at start {}",
+        machine.cpu_model, machine.cores, machine.ram_gib, machine.kernel, machine.load_average_at_start
+    );
+    let _ = writeln!(md, "- git commit: {commit}");
+    let _ = writeln!(
+        md,
+        "- three in-process replicas (the node's store defaults), filled through `Store::upsert_viewer` by \
+         {RESTART_WRITERS} tasks ({:.0} viewers/s); then a follower stops and starts again on its data directory \
+         ({:.1} MB: the log after the snapshot at index {}, {} entries, and the snapshot)\n",
+        report["fill_updates_per_s"].as_f64().unwrap_or(0.0),
+        report["data_dir_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        report["snapshot_index"],
+        report["entries_after_snapshot"]
+    );
+    let _ = writeln!(md, "| step | seconds after the restart |");
+    let _ = writeln!(md, "|---|---:|");
+    let _ = writeln!(
+        md,
+        "| `Store::start` returned (sled opened, snapshot decoded) | {:.2} |",
+        report["open_s"].as_f64().unwrap_or(0.0)
+    );
+    let _ = writeln!(
+        md,
+        "| ready (leader known, registered) | {:.2} |",
+        report["ready_s"].as_f64().unwrap_or(0.0)
+    );
+    let _ = writeln!(
+        md,
+        "| caught up ({} viewers, everything the leader had committed applied) | {:.2} |",
+        report["viewers"],
+        report["caught_up_s"].as_f64().unwrap_or(0.0)
+    );
+    let json = json!({
+        "benchmark": "store-restart",
+        "date": date,
+        "git_commit": commit,
+        "machine": machine,
+        "result": report,
+    });
+    if let Err(e) = common::write_results(&args.results_dir, "store-restart", &stamp, &md, &json) {
+        eprintln!("cannot write the results to {}: {e}", args.results_dir.display());
+        return;
+    }
+    println!("\n{md}");
+}
+
+/// Bytes of the files under `dir`.
+fn walk_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => walk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 // ----- soak -----
 
 /// Synthetic viewers of the soak, over the three nodes.
@@ -1104,6 +1313,10 @@ fn main() {
     let machine = machine();
     if args.soak {
         bench_soak(&args, started, &machine);
+        return;
+    }
+    if args.restart {
+        bench_restart(&args, started, &machine);
         return;
     }
     println!(

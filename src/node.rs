@@ -5,7 +5,6 @@ use crate::auth::{Grants, TokenKeys};
 use crate::config::NodeConfig;
 use crate::directory::StoreDirectory;
 use crate::http::{self, AppState};
-use crate::mesh::service::MeshSlot;
 use crate::mesh::{Mesh, relay::Relay};
 use crate::metrics::{MetricSources, Metrics};
 use crate::signal::SignalContext;
@@ -113,16 +112,9 @@ pub async fn run(
     store_config.capacity = u32::try_from(config.sessions_per_node_max).unwrap_or(u32::MAX);
     store_config.heartbeat_interval_ms = 0; // the node reports its load itself, below
     store_config.node_dead_after_ms = config.heartbeat_interval_ms * u64::from(config.dead_after_missed);
-    let mesh_slot = Arc::new(MeshSlot::default());
-    let mesh_routes = crate::mesh::service::routes(Arc::clone(&mesh_slot), &config.cluster_secret);
-    let store = Store::start_with_services(
-        store_config,
-        cluster_listener,
-        store_shutdown.clone().cancelled_owned(),
-        Some(mesh_routes),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("store: {e}"))?;
+    let store = Store::open(store_config, store_shutdown.clone().cancelled_owned())
+        .await
+        .map_err(|e| anyhow::anyhow!("store: {e}"))?;
     let ingress_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(INGRESS_THREADS)
         .thread_name("mediamesh-ingress")
@@ -175,7 +167,6 @@ pub async fn run(
         arbiters.iter().map(|a| a.handle()).collect(),
     );
     mesh.set_registry(Arc::clone(&registry));
-    let _ = mesh_slot.mesh.set(Arc::clone(&mesh));
     let turn = match (&config.turn, listeners.turn, turn_public) {
         (Some(settings), Some(socket), Some(public_addr)) => {
             let turn_config = TurnConfig {
@@ -274,7 +265,21 @@ pub async fn run(
             true
         })
     };
-    let _ = mesh_slot.drain.set(Arc::clone(&start_drain));
+    // The cluster port: the store's service and the mesh's, one server. Other nodes' calls
+    // that arrive before it listens are refused and retried (raft, joins) like any lost call.
+    let cluster_routes = crate::mesh::service::routes(Arc::clone(&mesh), Arc::clone(&start_drain), &config.cluster_secret)
+        .add_service(store.service());
+    let cluster_server_stop = store_shutdown.clone();
+    tokio::spawn(async move {
+        let incoming = tonic::transport::server::TcpIncoming::from(cluster_listener).with_nodelay(Some(true));
+        let result = tonic::transport::Server::builder()
+            .add_routes(cluster_routes)
+            .serve_with_incoming_shutdown(incoming, cluster_server_stop.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!("cluster server stopped: {e}");
+        }
+    });
     let telemetry = crate::telemetry::init(&config.telemetry());
     let metrics = Arc::new(Metrics::new(MetricSources {
         stats: Arc::clone(&stats),

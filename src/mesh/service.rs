@@ -7,37 +7,29 @@ use mediamesh_actors::RoomId;
 use mediamesh_cluster::transport::{SecretCheck, TransportMetrics};
 use mediamesh_proto::mesh::v1 as pb;
 use mediamesh_proto::mesh::v1::mesh_server::MeshServer;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 /// Starts a drain of this node (set by the node wiring; it also stops the process after).
 pub type DrainStarter = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// Filled by the node wiring once the store (which serves this service) and the rooms exist;
-/// calls before that are answered `unavailable`.
-#[derive(Default)]
-pub struct MeshSlot {
-    pub mesh: OnceLock<Arc<Mesh>>,
-    pub drain: OnceLock<DrainStarter>,
-}
-
+/// The mesh service of one node: built by the node wiring once the mesh and its drain exist,
+/// and served on the cluster port next to the store's service.
 pub struct MeshService {
-    slot: Arc<MeshSlot>,
+    mesh: Arc<Mesh>,
+    drain: DrainStarter,
 }
 
 impl MeshService {
     fn mesh(&self) -> Result<&Arc<Mesh>, Status> {
-        self.slot
-            .mesh
-            .get()
-            .ok_or_else(|| Status::unavailable("the node is starting"))
+        Ok(&self.mesh)
     }
 }
 
-/// The service, wrapped in the cluster-secret check, ready for the store's server.
-pub fn routes(slot: Arc<MeshSlot>, cluster_secret: &str) -> tonic::service::Routes {
-    let service = MeshServer::new(MeshService { slot })
+/// The service, wrapped in the cluster-secret check, ready for the node's cluster server.
+pub fn routes(mesh: Arc<Mesh>, drain: DrainStarter, cluster_secret: &str) -> tonic::service::Routes {
+    let service = MeshServer::new(MeshService { mesh, drain })
         .max_decoding_message_size(super::MESSAGE_BYTES_MAX)
         .max_encoding_message_size(super::MESSAGE_BYTES_MAX);
     let checked = tonic::service::interceptor::InterceptedService::new(
@@ -127,12 +119,7 @@ impl pb::mesh_server::Mesh for MeshService {
         if request.into_inner().node != self.mesh()?.node {
             return Err(Status::invalid_argument("a drain goes to the node it drains"));
         }
-        let drain = self
-            .slot
-            .drain
-            .get()
-            .ok_or_else(|| Status::unavailable("the node is starting"))?;
-        if !drain() {
+        if !(self.drain)() {
             return Err(Status::already_exists("this node is already draining"));
         }
         Ok(Response::new(pb::DrainResponse {}))

@@ -264,36 +264,51 @@ impl slog::Drain for SlogToTracing {
 }
 
 impl Store {
-    /// Opens the data directory, starts the replica, serves the cluster service on `listener`
-    /// until `shutdown` resolves, and joins or bootstraps the cluster in the background (await
-    /// [`Store::wait_ready`]). A corrupt data directory is an error naming the bad record.
+    /// [`Store::open`], serving the store's cluster service ([`Store::service`]) on `listener`
+    /// until `shutdown` resolves (the advertised address defaults to the listener's). What tests
+    /// and benchmarks use; the node serves the service itself, next to its own.
     pub async fn start(
-        config: StoreConfig,
+        mut config: StoreConfig,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Store, StoreError> {
-        Self::start_with_services(config, listener, shutdown, None).await
+        if config.advertise_cluster.is_empty() {
+            config.advertise_cluster = listener
+                .local_addr()
+                .map_err(|e| StoreError::Config(format!("listener address: {e}")))?
+                .to_string();
+        }
+        let store = Self::open(config, shutdown).await?;
+        let routes = tonic::service::Routes::default().add_service(store.service());
+        let token = store.shared.shutdown.clone();
+        tokio::spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let result = tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .await;
+            if let Err(e) = result {
+                tracing::error!("cluster server stopped: {e}");
+            }
+        });
+        Ok(store)
     }
 
-    /// [`Store::start`], serving `services` (already wrapped in their own secret check) on the
-    /// cluster port next to the store's own.
-    pub async fn start_with_services(
+    /// Opens the data directory, starts the replica, and joins or bootstraps the cluster in the
+    /// background (await [`Store::wait_ready`]) until `shutdown` resolves. The caller serves
+    /// [`Store::service`] on the cluster port (`config.advertise_cluster`, which must be set).
+    /// A corrupt data directory is an error naming the bad record.
+    pub async fn open(
         config: StoreConfig,
-        listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
-        services: Option<tonic::service::Routes>,
     ) -> Result<Store, StoreError> {
         config.validate()?;
         let node_id = NodeId::new(config.node_id.clone());
         let raft_id = raft_id_for(&node_id);
-        let advertise_cluster = if config.advertise_cluster.is_empty() {
-            listener
-                .local_addr()
-                .map_err(|e| StoreError::Config(format!("listener address: {e}")))?
-                .to_string()
-        } else {
-            config.advertise_cluster.clone()
-        };
+        if config.advertise_cluster.is_empty() {
+            return Err(StoreError::Config("advertise_cluster is empty".into()));
+        }
+        let advertise_cluster = config.advertise_cluster.clone();
         let secret = SecretInterceptor::new(&config.cluster_secret).map_err(StoreError::Config)?;
         let dir = config.data_dir.clone();
         let (disk, storage, mut sm) = tokio::task::spawn_blocking(move || Disk::open(&dir))
@@ -391,24 +406,6 @@ impl Store {
             let _ = closed_tx.send(true);
         });
 
-        let service = tonic::service::interceptor::InterceptedService::new(
-            pb::cluster_server::ClusterServer::new(crate::server::ClusterService { store: store.clone() })
-                .max_decoding_message_size(transport::MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(transport::MESSAGE_BYTES_MAX),
-            SecretCheck::new(&shared.config.cluster_secret, metrics),
-        );
-        let server_token = token.clone();
-        tokio::spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            let routes = services.unwrap_or_default().add_service(service);
-            let result = tonic::transport::Server::builder()
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(incoming, server_token.cancelled_owned())
-                .await;
-            if let Err(e) = result {
-                tracing::error!("cluster server stopped: {e}");
-            }
-        });
 
         let batcher = store.clone();
         tokio::spawn(async move { batcher.run_viewer_batcher(viewer_rx).await });
@@ -427,6 +424,20 @@ impl Store {
             }
         });
         Ok(store)
+    }
+
+    /// The store's cluster gRPC service (raft transport, forwarded proposals, join, remove,
+    /// status), behind the cluster-secret check: the caller serves it on the cluster port.
+    pub fn service(
+        &self,
+    ) -> tonic::service::interceptor::InterceptedService<pb::cluster_server::ClusterServer<crate::server::ClusterService>, SecretCheck>
+    {
+        tonic::service::interceptor::InterceptedService::new(
+            pb::cluster_server::ClusterServer::new(crate::server::ClusterService { store: self.clone() })
+                .max_decoding_message_size(transport::MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(transport::MESSAGE_BYTES_MAX),
+            SecretCheck::new(&self.shared.config.cluster_secret, self.shared.metrics.clone()),
+        )
     }
 
     /// This node's public id.
