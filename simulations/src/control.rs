@@ -458,7 +458,7 @@ impl Live {
     /// (`src/mesh/failover.rs::carry_out`).
     fn failover_continue(&mut self, ctx: &mut Ctx<'_>) {
         loop {
-            match self.control.failover.next() {
+            match self.control.failover.next_step() {
                 FailoverStep::Idle => return,
                 FailoverStep::ReadRooms { dead } => {
                     // This replica's view, as `Store::rooms(Consistency::Local)`.

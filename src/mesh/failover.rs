@@ -42,7 +42,7 @@ pub async fn run(mesh: Arc<Mesh>, heartbeat_interval: Duration, missed_max: u32)
 /// plan, propose each re-placement and wait for its answer.
 async fn carry_out(mesh: &Mesh, core: &mut FailoverLoop) {
     loop {
-        match core.next() {
+        match core.next_step() {
             FailoverStep::Idle => return,
             FailoverStep::ReadRooms { dead } => match mesh.store.rooms(Consistency::Local).await {
                 Ok(rooms) => {

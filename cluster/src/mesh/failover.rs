@@ -68,7 +68,7 @@ pub fn plan_failover(
     plan
 }
 
-/// What the failover loop needs done next ([`FailoverLoop::next`]).
+/// What the failover loop needs done next ([`FailoverLoop::next_step`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailoverStep {
     /// Nothing, until the next tick (or an answer the loop waits for).
@@ -144,7 +144,7 @@ impl FailoverLoop {
     /// One tick at `now_ms` (the leader's monotonic clock). `leader`: whether this node `me`
     /// leads the store now; `nodes`: the registered nodes with their heartbeat stamps. Returns
     /// the liveness changes seen (for the log); each `Dead` queues that node's rooms for
-    /// [`FailoverLoop::next`].
+    /// [`FailoverLoop::next_step`].
     pub fn tick(&mut self, now_ms: u64, me: &NodeId, leader: bool, nodes: &[NodeStatus]) -> Vec<LivenessChange> {
         if self.is_busy() {
             return Vec::new();
@@ -188,7 +188,7 @@ impl FailoverLoop {
     }
 
     /// The next thing to do; [`FailoverStep::Idle`] while an answer is awaited.
-    pub fn next(&mut self) -> FailoverStep {
+    pub fn next_step(&mut self) -> FailoverStep {
         if self.waiting.is_some() {
             return FailoverStep::Idle;
         }
@@ -407,12 +407,12 @@ mod tests {
         );
         assert!(core.is_dead(&NodeId::from("c")));
         assert_eq!(
-            core.next(),
+            core.next_step(),
             FailoverStep::ReadRooms {
                 dead: NodeId::from("c")
             }
         );
-        assert_eq!(core.next(), FailoverStep::Idle, "waits for the directory");
+        assert_eq!(core.next_step(), FailoverStep::Idle, "waits for the directory");
         // c still reads alive in the store: the detector's verdict keeps rooms off it.
         let directory = [
             placement("r1", "c", 4),
@@ -421,23 +421,23 @@ mod tests {
         ];
         let planned = core.plan(&nodes(1_625, "none"), &directory, &Thresholds::default());
         assert_eq!(planned, 2);
-        let Some(FailoverStep::Place(first)) = Some(core.next()) else {
+        let FailoverStep::Place(first) = core.next_step() else {
             panic!("a placement first")
         };
         assert_eq!((first.room.as_str(), first.expected_epoch), ("r1", 4));
         assert_ne!(first.to.as_str(), "c");
-        assert_eq!(core.next(), FailoverStep::Idle, "one compare-and-set at a time");
+        assert_eq!(core.next_step(), FailoverStep::Idle, "one compare-and-set at a time");
         assert!(
             core.tick(1_750, &NodeId::from("a"), true, &nodes(1_750, "c"))
                 .is_empty()
         );
         core.placed();
-        let FailoverStep::Place(second) = core.next() else {
+        let FailoverStep::Place(second) = core.next_step() else {
             panic!("the second room")
         };
         assert_eq!((second.room.as_str(), second.expected_epoch), ("r3", 1));
         core.placed();
-        assert_eq!(core.next(), FailoverStep::Idle);
+        assert_eq!(core.next_step(), FailoverStep::Idle);
         assert!(!core.is_busy());
     }
 
@@ -472,14 +472,14 @@ mod tests {
             changes.extend(core.tick(now, &NodeId::from("a"), true, &only_a(now)));
         }
         assert_eq!(changes.len(), 2, "{changes:?}");
-        assert!(matches!(core.next(), FailoverStep::ReadRooms { dead } if dead.as_str() == "b"));
+        assert!(matches!(core.next_step(), FailoverStep::ReadRooms { dead } if dead.as_str() == "b"));
         core.rooms_unreadable();
-        assert!(matches!(core.next(), FailoverStep::ReadRooms { dead } if dead.as_str() == "c"));
+        assert!(matches!(core.next_step(), FailoverStep::ReadRooms { dead } if dead.as_str() == "c"));
         assert_eq!(
             core.plan(&only_a(1_500), &[placement("r", "c", 1)], &Thresholds::default()),
             1
         );
-        let FailoverStep::Place(r) = core.next() else {
+        let FailoverStep::Place(r) = core.next_step() else {
             panic!("c's room is re-placed")
         };
         assert_eq!(r.to.as_str(), "a");
