@@ -413,7 +413,7 @@ mod tests {
             }
         );
         assert_eq!(core.next_step(), FailoverStep::Idle, "waits for the directory");
-        // c still reads alive in the store: the detector's verdict keeps rooms off it.
+        // The store may still read c alive: the plan never puts its rooms back on it.
         let directory = [
             placement("r1", "c", 4),
             placement("r2", "a", 2),
@@ -463,8 +463,16 @@ mod tests {
             b.last_heartbeat_ms = 1;
             let mut c = status("c", "busan");
             c.last_heartbeat_ms = 1;
+            // The store still reads b alive (its state here is the default), and idle where a
+            // is busy: only the detector's verdict keeps c's room off b.
             let mut a = status("a", "seoul");
             a.last_heartbeat_ms = now;
+            a.last_load = Some(crate::types::NodeLoad {
+                cpu: 0.5,
+                connections: 10,
+                rooms: 3,
+                egress_bps: 0,
+            });
             vec![a, b, c]
         };
         let mut changes = Vec::new();
