@@ -443,7 +443,7 @@ impl Live {
 
     fn failover_tick(&mut self, ctx: &mut Ctx<'_>, clock: u64) {
         let leader = self.leader_id().as_ref() == Some(self.node_id());
-        let nodes = self.node_views(clock);
+        let nodes = if leader { self.node_views(clock) } else { Vec::new() };
         let me = self.node_id().clone();
         for change in self.control.failover.tick(clock, &me, leader, &nodes) {
             match &change {

@@ -26,7 +26,9 @@ pub async fn run(mesh: Arc<Mesh>, heartbeat_interval: Duration, missed_max: u32)
         tick.tick().await;
         let now = started.elapsed().as_millis() as u64;
         let leader = mesh.store.leader().as_ref() == Some(mesh.store.node_id());
-        for change in core.tick(now, mesh.store.node_id(), leader, &mesh.store.nodes()) {
+        // A follower's tick only notes that it does not lead: no need to read the nodes.
+        let nodes = if leader { mesh.store.nodes() } else { Vec::new() };
+        for change in core.tick(now, mesh.store.node_id(), leader, &nodes) {
             match change {
                 LivenessChange::Dead(node) => {
                     tracing::warn!(node = %node.as_str(), missed = missed_max, "node missed its heartbeats; re-placing its rooms")
