@@ -1,18 +1,21 @@
 //! The room directory over the Raft store: a room's host and epoch change only through the
 //! store's compare-and-set, single-node (one voter) or clustered alike. A room is placed on its
-//! first join (region preference, then load: `mediamesh_cluster::mesh::placement`) and stays
-//! there until a migration, a drain or a failover moves it.
+//! first join (region preference, then load) and stays there until a migration, a drain or a
+//! failover moves it. The decisions are the cluster's sans-IO cores, which the simulator runs
+//! too: `mediamesh_cluster::mesh::directory::Locate` (locate and place, with the bounded retries
+//! on a lost compare-and-set) and `mediamesh_cluster::mesh::fence` (the rooms' fence check);
+//! this module does their reads and writes.
 
-use crate::mesh;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use mediamesh_actors::ports::{Host, Location, RoomDirectory};
+use mediamesh_actors::ports::{FenceVerdict, Host, Location, RoomDirectory};
+use mediamesh_actors::room::RoomMode;
 use mediamesh_actors::{NodeId, RoomId};
-use mediamesh_cluster::mesh::placement::{self, Thresholds};
-use mediamesh_cluster::{Consistency, NodeState, Placement, Store, StoreError};
-
-/// Attempts of a placement that loses a compare-and-set race to a concurrent writer.
-const PLACE_ATTEMPTS_MAX: usize = 3;
+use mediamesh_cluster::mesh::directory::{Locate, LocateStep, PlaceResult, Resolved};
+use mediamesh_cluster::mesh::fence::{self, FenceAction, Held};
+use mediamesh_cluster::mesh::placement::Thresholds;
+use mediamesh_cluster::mesh::timing::FENCE_INTERVAL_MS;
+use mediamesh_cluster::{Consistency, Store, StoreError};
 
 pub struct StoreDirectory {
     store: Store,
@@ -42,50 +45,94 @@ pub fn host_of(store: &Store, node: &mediamesh_cluster::NodeId, epoch: u64) -> O
     })
 }
 
-fn location(store: &Store, placement: &Placement) -> Result<Location, String> {
-    if placement.node == *store.node_id() {
-        return Ok(Location::Here { epoch: placement.epoch });
+/// A resolved placement as the actors see it (the host with its URLs).
+fn location(store: &Store, resolved: Resolved) -> Result<Location, String> {
+    match resolved {
+        Resolved::Here { epoch } => Ok(Location::Here { epoch }),
+        Resolved::There { node, epoch } => host_of(store, &node, epoch)
+            .map(Location::There)
+            .ok_or_else(|| format!("room host {} is not registered", node.as_str())),
     }
-    host_of(store, &placement.node, placement.epoch)
-        .map(Location::There)
-        .ok_or_else(|| format!("room host {} is not registered", placement.node.as_str()))
 }
 
 /// Where `room` is hosted; placed first (on a node of `region` if one fits) when it is not
-/// placed yet or its host is dead or gone.
+/// placed yet or its host is dead or gone. The steps are [`Locate`]'s.
 async fn locate(store: Store, room: RoomId, region: String, thresholds: Thresholds) -> Result<Location, String> {
-    let room = mediamesh_cluster::RoomId(room.0);
-    for _ in 0..PLACE_ATTEMPTS_MAX {
-        let current = store
-            .room(&room, Consistency::Linearizable)
-            .await
-            .map_err(|e| e.to_string())?;
-        let nodes = store.nodes();
-        if let Some(placement) = &current {
-            let host_alive = nodes
-                .iter()
-                .any(|n| n.id == placement.node && n.state != NodeState::Dead);
-            if host_alive {
-                return location(&store, placement);
+    let id = mediamesh_cluster::RoomId(room.0);
+    let mut core = Locate::new(id.clone(), store.node_id().clone(), region);
+    let mut step = LocateStep::Read;
+    loop {
+        step = match step {
+            LocateStep::Read => {
+                let current = store
+                    .room(&id, Consistency::Linearizable)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                core.read(current.as_ref(), &store.nodes(), &thresholds)
             }
-        }
-        // Not placed yet, or its host is gone: place it (the compare-and-set on the epoch
-        // makes two nodes placing at once agree on one host).
-        let target = placement::choose(&mesh::candidates(&nodes), Some(&region), &thresholds)
-            .unwrap_or_else(|| store.node_id().clone());
-        match store
-            .place_room_cas(room.clone(), current.map(|p| p.epoch), target)
-            .await
-        {
-            Ok(placement) => {
-                tracing::info!(room = %room.as_str(), node = %placement.node.as_str(), epoch = placement.epoch, "room placed");
-                return location(&store, &placement);
+            LocateStep::Place { expected_epoch, node } => {
+                let result = match store.place_room_cas(id.clone(), expected_epoch, node).await {
+                    Ok(placement) => {
+                        tracing::info!(room = %id.as_str(), node = %placement.node.as_str(), epoch = placement.epoch, "room placed");
+                        PlaceResult::Placed(placement)
+                    }
+                    Err(StoreError::EpochConflict { .. }) => PlaceResult::Conflict,
+                    Err(error) => PlaceResult::Failed(error.to_string()),
+                };
+                core.placed(result, &store.nodes())
             }
-            Err(StoreError::EpochConflict { .. }) => continue,
-            Err(error) => return Err(error.to_string()),
-        }
+            LocateStep::Done(resolved) => return resolved.and_then(|resolved| location(&store, resolved)),
+        };
     }
-    Err(format!("room placement kept changing for {room:?}"))
+}
+
+/// The fence check of a room held as `mode` (see [`fence::check`]): a placement naming a node
+/// that left the cluster is placed again (as a join would: otherwise the room's actual host,
+/// fenced by an epoch nobody serves, would act on forever; simulator seed 2639), then compared.
+async fn check_fence(
+    store: Store,
+    room: RoomId,
+    mode: RoomMode,
+    region: String,
+    thresholds: Thresholds,
+) -> Result<FenceVerdict, String> {
+    let me = store.node_id().clone();
+    let held = match &mode {
+        RoomMode::Host { epoch } => Held::Host { epoch: *epoch },
+        RoomMode::Relay { host } => Held::Relay {
+            host: mediamesh_cluster::NodeId::new(host.node.0.clone()),
+            epoch: host.epoch,
+        },
+    };
+    let placement = store
+        .room(&mediamesh_cluster::RoomId(room.0.clone()), Consistency::Local)
+        .await
+        .map_err(|e| e.to_string())?;
+    let action = match fence::check(&me, &held, placement.as_ref(), &store.nodes()) {
+        FenceAction::PlaceAgain => {
+            let gone = placement.map(|p| p.node.as_str().to_string()).unwrap_or_default();
+            tracing::info!(room = %room, %gone, "room host left the cluster; placing the room again");
+            match locate(store.clone(), room, region, thresholds).await? {
+                Location::Here { epoch } => fence::compare(&me, &held, &me, epoch),
+                Location::There(host) => {
+                    fence::compare(&me, &held, &mediamesh_cluster::NodeId::new(host.node.0), host.epoch)
+                }
+            }
+        }
+        action => action,
+    };
+    Ok(match action {
+        FenceAction::Keep | FenceAction::PlaceAgain => FenceVerdict::Keep,
+        FenceAction::Promote { epoch } => FenceVerdict::Promote { epoch },
+        FenceAction::Demote { host, epoch } => match host_of(&store, &host, epoch) {
+            Some(host) => FenceVerdict::Demote(host),
+            None => FenceVerdict::Keep,
+        },
+        FenceAction::Follow { host, epoch } => match host_of(&store, &host, epoch) {
+            Some(host) => FenceVerdict::Follow(host),
+            None => FenceVerdict::Keep,
+        },
+    })
 }
 
 impl RoomDirectory for StoreDirectory {
@@ -94,29 +141,12 @@ impl RoomDirectory for StoreDirectory {
         locate(self.store.clone(), room, region, self.thresholds).boxed()
     }
 
-    /// The room's host by this node's replica. A placement that names a node no longer
-    /// registered (it left: a drain removes only the rooms it hosts, not one failover placed
-    /// on it that nobody joined there since) is placed again, as a join would: otherwise the
-    /// room's actual host, fenced by an epoch nobody serves, would act on forever (simulator
-    /// seed 2639, `stale-host`).
-    fn current(&self, room: RoomId) -> BoxFuture<'static, Result<Option<Host>, String>> {
-        let (store, region, thresholds) = (self.store.clone(), self.region.clone(), self.thresholds);
-        async move {
-            let placement = store
-                .room(&mediamesh_cluster::RoomId(room.0.clone()), Consistency::Local)
-                .await
-                .map_err(|e| e.to_string())?;
-            let Some(placement) = placement else { return Ok(None) };
-            if let Some(host) = host_of(&store, &placement.node, placement.epoch) {
-                return Ok(Some(host));
-            }
-            tracing::info!(room = %room, gone = %placement.node.as_str(), "room host left the cluster; placing the room again");
-            match locate(store.clone(), room, region, thresholds).await? {
-                Location::Here { epoch } => Ok(host_of(&store, store.node_id(), epoch)),
-                Location::There(host) => Ok(Some(host)),
-            }
-        }
-        .boxed()
+    fn fence(&self, room: RoomId, mode: RoomMode) -> BoxFuture<'static, Result<FenceVerdict, String>> {
+        check_fence(self.store.clone(), room, mode, self.region.clone(), self.thresholds).boxed()
+    }
+
+    fn fence_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(FENCE_INTERVAL_MS)
     }
 
     fn release(&self, room: RoomId, _node: NodeId, epoch: u64) -> BoxFuture<'static, ()> {
@@ -151,8 +181,8 @@ mod tests {
     }
 
     /// Simulator seed 2639: failover placed a room on a node that drained (moving only the
-    /// rooms it hosted) and left. The fence's read places such a room again, instead of
-    /// reading "not registered" as "not placed" and leaving the old host acting forever.
+    /// rooms it hosted) and left. The fence places such a room again, instead of reading "not
+    /// registered" as "not placed" and leaving the old host acting forever.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_fence_places_again_a_room_whose_host_left_the_cluster() {
         let dir = tempfile::tempdir().expect("temporary directory");
@@ -179,30 +209,46 @@ mod tests {
             .place_room_cas(room.clone(), None, mediamesh_cluster::NodeId::new("busan-1"))
             .await
             .expect("placed on busan-1");
-        let host = directory.current(RoomId(room.as_str().into())).await.expect("read");
-        assert_eq!(
-            host.map(|h| (h.node.0, h.epoch)),
-            Some(("busan-1".to_string(), placed.epoch)),
-            "a registered host is answered as it is"
-        );
+        // This node relays the room from busan-1.
+        let relay = RoomMode::Relay {
+            host: Host {
+                node: NodeId("busan-1".into()),
+                epoch: placed.epoch,
+                http_url: String::new(),
+                grpc_url: String::new(),
+            },
+        };
+        let verdict = directory
+            .fence(RoomId(room.as_str().into()), relay.clone())
+            .await
+            .expect("read");
+        assert_eq!(verdict, FenceVerdict::Keep, "a registered host is followed as it is");
         store
             .remove_node(mediamesh_cluster::NodeId::new("busan-1"))
             .await
             .expect("busan-1 left");
-        let host = directory
-            .current(RoomId(room.as_str().into()))
+        let verdict = directory
+            .fence(RoomId(room.as_str().into()), relay)
             .await
-            .expect("read")
-            .expect("the room is placed again, not answered as unplaced");
-        assert_eq!((host.node.0.as_str(), host.epoch), ("solo", placed.epoch + 1));
+            .expect("read");
+        assert_eq!(
+            verdict,
+            FenceVerdict::Promote {
+                epoch: placed.epoch + 1
+            },
+            "the room is placed again (here, the only node) and this node takes it over"
+        );
         let stored = store.room(&room, Consistency::Linearizable).await.expect("read");
         assert_eq!(
             stored.map(|p| (p.node, p.epoch)),
             Some((store.node_id().clone(), placed.epoch + 1))
         );
-        // An unplaced room stays unplaced: the fence's read places nothing new.
-        let host = directory.current(RoomId("never-placed".into())).await.expect("read");
-        assert!(host.is_none());
+        // An unplaced room stays unplaced: the fence places nothing new.
+        let verdict = directory
+            .fence(RoomId("never-placed".into()), RoomMode::Host { epoch: 1 })
+            .await
+            .expect("read");
+        assert_eq!(verdict, FenceVerdict::Keep);
         assert!(
             store
                 .room(&mediamesh_cluster::RoomId::new("never-placed"), Consistency::Local)

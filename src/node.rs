@@ -267,8 +267,9 @@ pub async fn run(
     };
     // The cluster port: the store's service and the mesh's, one server. Other nodes' calls
     // that arrive before it listens are refused and retried (raft, joins) like any lost call.
-    let cluster_routes = crate::mesh::service::routes(Arc::clone(&mesh), Arc::clone(&start_drain), &config.cluster_secret)
-        .add_service(store.service());
+    let cluster_routes =
+        crate::mesh::service::routes(Arc::clone(&mesh), Arc::clone(&start_drain), &config.cluster_secret)
+            .add_service(store.service());
     let cluster_server_stop = store_shutdown.clone();
     tokio::spawn(async move {
         let incoming = tonic::transport::server::TcpIncoming::from(cluster_listener).with_nodelay(Some(true));

@@ -25,16 +25,32 @@ pub enum Location {
     There(Host),
 }
 
+/// What a room held on this node does after its fence check ([`RoomDirectory::fence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceVerdict {
+    /// Nothing: the directory agrees.
+    Keep,
+    /// The directory names this node the host under a newer `epoch`.
+    Promote { epoch: u64 },
+    /// The room is hosted here under a stale epoch: its clients move to this host, it relays.
+    Demote(Host),
+    /// The relayed room's host changed: relay from this one.
+    Follow(Host),
+}
+
 /// Where rooms live. A room has exactly one host per epoch; the epoch rises on every move, and
 /// only through the directory's compare-and-set on it.
 pub trait RoomDirectory: Send + Sync + 'static {
     /// Where `room` lives, placing it first if nobody hosts it (or its host is gone): by
     /// `region` preference and load (`Here` means the node asking).
     fn locate(&self, room: RoomId, region: Option<String>) -> BoxFuture<'static, Result<Location, String>>;
-    /// The room's current host from this node's replica (fencing checks: cheap, possibly a
-    /// little stale). `None` when the room is not placed. A placement naming a node that is no
-    /// longer in the cluster is placed again first, as `locate` would.
-    fn current(&self, room: RoomId) -> BoxFuture<'static, Result<Option<Host>, String>>;
+    /// The fence check of `room`, held here as `mode`: what the room does so that it agrees
+    /// with the directory in this node's replica (cheap, possibly a little stale). The decision
+    /// is the directory's (the cluster's fence rule, shared with the simulator); a placement
+    /// naming a node that is no longer in the cluster is placed again first, as `locate` would.
+    fn fence(&self, room: RoomId, mode: crate::room::RoomMode) -> BoxFuture<'static, Result<FenceVerdict, String>>;
+    /// How often a room runs [`RoomDirectory::fence`] (the cluster's fence interval).
+    fn fence_interval(&self) -> std::time::Duration;
     /// Gives up a claim made under `epoch` (the room closed). Stale epochs are ignored.
     fn release(&self, room: RoomId, node: NodeId, epoch: u64) -> BoxFuture<'static, ()>;
 }

@@ -6,7 +6,7 @@ use crate::media::codec::Codec;
 use crate::media::engine::MediaError;
 use crate::media::track::{MediaKind, PublishedTrack};
 use crate::peer::{PatchOutcome, PatchSession, PeerEvents, StopSession};
-use crate::ports::{Host, RelayGuard};
+use crate::ports::{FenceVerdict, Host, RelayGuard};
 use crate::publisher::Publisher;
 use crate::registry::{RoomContext, RoomRegistry};
 use crate::subscriber::{SlotControl, SlotHandle, SubscribeRequest, Subscriber};
@@ -55,8 +55,6 @@ pub enum RoomMode {
 
 /// When a relay switches hosts, the old relay runs this long next to the new one.
 const RELAY_OVERLAP: std::time::Duration = std::time::Duration::from_secs(2);
-/// How often a hosted room checks the directory still names this node under its epoch.
-const FENCE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A track pulled from another node.
 struct RelayedTrack {
@@ -522,46 +520,41 @@ impl Room {
         }
     }
 
-    /// Compares the room's mode with the directory (this node's replica): a host whose epoch
-    /// went stale demotes itself, and a relay still pulling from a host the directory no longer
-    /// names starts over from the new one (so no viewer gets media from two hosts).
+    /// Asks the directory what the room's mode should be (its fence rule compares the mode with
+    /// this node's replica): a host whose epoch went stale demotes itself, a relay still pulling
+    /// from a host the directory no longer names starts over from the new one (so no viewer gets
+    /// media from two hosts), and this node named at a newer epoch takes the room over. The rule
+    /// lives with the cluster (`mediamesh_cluster::mesh::fence`), where the simulator runs it too;
+    /// the room only carries the verdict out.
     fn check_fence(&mut self, ctx: &mut Context<Self>) {
         if self.fence_checking {
             return;
         }
         self.fence_checking = true;
-        let current = self.registry.directory().current(self.id.clone());
-        ctx.spawn(current.into_actor(self).map(|current, room, ctx| {
+        let verdict = self.registry.directory().fence(self.id.clone(), self.mode.clone());
+        ctx.spawn(verdict.into_actor(self).map(|verdict, room, ctx| {
             room.fence_checking = false;
-            let host = match current {
-                Ok(Some(host)) => host,
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::debug!(room = %room.id, %error, "fence check failed");
-                    return;
-                }
-            };
-            match room.mode.clone() {
-                RoomMode::Host { epoch } if host.epoch > epoch => {
-                    if host.node == *room.node() {
-                        room.promote(host.epoch, ctx);
-                    } else {
-                        room.demote(host, ctx);
+            match verdict {
+                Ok(FenceVerdict::Keep) => {}
+                Ok(FenceVerdict::Promote { epoch }) => room.promote(epoch, ctx),
+                Ok(FenceVerdict::Demote(host)) => room.demote(host, ctx),
+                Ok(FenceVerdict::Follow(host)) => {
+                    // The verdict is about the mode the check started from: a room promoted or
+                    // moved on meanwhile is left as it is (the next check looks again).
+                    let RoomMode::Relay { host: followed } = &room.mode else {
+                        return;
+                    };
+                    if followed.epoch >= host.epoch {
+                        return;
                     }
+                    tracing::info!(room = %room.id, from = %followed.node, to = %host.node, "room host changed; relaying from the new one");
+                    room.mode = RoomMode::Relay { host };
+                    // Make-before-break: the new host's copies replace the old ones track by
+                    // track (same room-wide ids); the old relay stops a little later.
+                    let old = room.follow.replace(room.registry.relay().follow(room.id.clone(), ctx.address()));
+                    ctx.run_later(RELAY_OVERLAP, move |_, _| drop(old));
                 }
-                RoomMode::Relay { host: followed } if host.epoch > followed.epoch && host.node != followed.node => {
-                    if host.node == *room.node() {
-                        room.promote(host.epoch, ctx);
-                    } else {
-                        tracing::info!(room = %room.id, from = %followed.node, to = %host.node, "room host changed; relaying from the new one");
-                        room.mode = RoomMode::Relay { host };
-                        // Make-before-break: the new host's copies replace the old ones track by
-                        // track (same room-wide ids); the old relay stops a little later.
-                        let old = room.follow.replace(room.registry.relay().follow(room.id.clone(), ctx.address()));
-                        ctx.run_later(RELAY_OVERLAP, move |_, _| drop(old));
-                    }
-                }
-                _ => {}
+                Err(error) => tracing::debug!(room = %room.id, %error, "fence check failed"),
             }
         }));
     }
@@ -819,7 +812,7 @@ impl Actor for Room {
             tracing::info!(room = %self.id, host = %host.node, epoch = host.epoch, "room relayed from its host");
             self.follow = Some(self.registry.relay().follow(self.id.clone(), ctx.address()));
         }
-        ctx.run_interval(FENCE_INTERVAL, |room, ctx| {
+        ctx.run_interval(self.registry.directory().fence_interval(), |room, ctx| {
             room.check_fence(ctx);
             if room.hold_until.is_some() {
                 room.stop_if_empty(ctx);

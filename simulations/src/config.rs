@@ -3,7 +3,10 @@
 //!
 //! Timings follow the node's defaults (`src/config.rs`, `cluster::store::StoreConfig::new`)
 //! unless a comment says why the simulation shortens them (mostly so that expiry, drains and
-//! migrations happen several times within one seed's minute of virtual time).
+//! migrations happen several times within one seed's minute of virtual time). The mesh's own
+//! timings are not copies: they are `mediamesh_cluster::mesh::timing`'s, re-exported here.
+
+use mediamesh_cluster::mesh::timing;
 
 /// Virtual time advances in steps of this many milliseconds; the checkers run after each step.
 pub const STEP_MS: u64 = 10;
@@ -49,28 +52,23 @@ pub const DEAD_AFTER_MISSED: u32 = 3;
 /// A node with no heartbeat for this long reads as dead (`node_dead_after_ms`).
 pub const NODE_DEAD_AFTER_MS: u64 = HEARTBEAT_INTERVAL_MS * DEAD_AFTER_MISSED as u64;
 /// The leader's failover task runs this often (heartbeat interval / 4).
-pub const FAILOVER_TICK_MS: u64 = HEARTBEAT_INTERVAL_MS / 4;
-/// A hosted room checks the directory this often (`FENCE_INTERVAL`).
-pub const FENCE_INTERVAL_MS: u64 = 500;
+pub const FAILOVER_TICK_MS: u64 = timing::failover_tick_ms(HEARTBEAT_INTERVAL_MS);
+/// A hosted room checks the directory this often; migrations poll their room, the target must
+/// hold the tracks, clients have this long to leave, a handoff's room stays open this long.
+pub use mediamesh_cluster::mesh::timing::{
+    CLIENTS_DEADLINE_MS, FENCE_INTERVAL_MS, HANDOFF_HOLD_MS, HANDOFF_TIMEOUT_MS, MIGRATION_POLL_MS,
+};
 /// A relayed room asks its host for the stream this often (the `PullTrack` stream, modelled as
 /// a keepalive).
 pub const RELAY_CHECK_MS: u64 = 1_000;
 /// A relay whose host has not answered for this long re-locates the room (its stream ended).
 pub const RELAY_SILENT_MS: u64 = 3_000;
-/// A running migration looks at its room this often (`POLL_INTERVAL`).
-pub const MIGRATION_POLL_MS: u64 = 50;
-/// The target must hold the room's tracks within this long (`HANDOFF_TIMEOUT`).
-pub const HANDOFF_TIMEOUT_MS: u64 = 5_000;
-/// After the flip, clients have this long to leave (`CLIENTS_DEADLINE`).
-pub const CLIENTS_DEADLINE_MS: u64 = 15_000;
-/// A room made for a handoff stays open this long (`HANDOFF_HOLD`).
-pub const HANDOFF_HOLD_MS: u64 = 20_000;
-/// The target answers a handoff at most this long after it arrives (`HANDOFF_TIMEOUT - 500`).
-pub const HANDOFF_ANSWER_MAX_MS: u64 = HANDOFF_TIMEOUT_MS - 500;
+/// The target answers a handoff at most this long after it arrives.
+pub const HANDOFF_ANSWER_MAX_MS: u64 = HANDOFF_TIMEOUT_MS - timing::HANDOFF_ANSWER_MARGIN_MS;
 /// A drain's deadline. Production uses 30 s; shortened so a drain ends within a run.
 pub const DRAIN_DEADLINE_MS: u64 = 15_000;
-/// The drain task looks at its rooms this often (`POLL_INTERVAL * 2`).
-pub const DRAIN_TICK_MS: u64 = 100;
+/// The drain task looks at its rooms this often.
+pub const DRAIN_TICK_MS: u64 = timing::DRAIN_POLL_MS;
 /// The viewer batcher lingers this long while earlier batches are in flight.
 pub const VIEWER_BATCH_MS: u64 = 5;
 /// Capacity each node registers (sessions).

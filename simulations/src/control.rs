@@ -1,30 +1,33 @@
-//! The node's control plane as `src/` runs it around the store, driving the real sans-IO cores
-//! of `cluster::mesh`:
+//! The node's control plane as an effect executor around the same sans-IO cores of
+//! `cluster::mesh` that `src/` runs: the decisions are the cores', this module carries out
+//! their steps through the simulated replica and network, as the node's async shells do
+//! through the store and gRPC.
 //!
 //! - **lifecycle** (`Store::run_lifecycle`, `node::report_load`): register until the state
 //!   machine holds this node's registration, then a `Command::Heartbeat` with the node's load
 //!   every [`HEARTBEAT_INTERVAL_MS`] (one at a time; a slow one delays the next).
-//! - **failover** (`src/mesh/failover.rs`): on the leader, a [`FailureDetector`] on the
-//!   leader's own clock, reset when leadership is gained; each node it declares dead has its
-//!   rooms re-placed by [`plan_failover`], one compare-and-set after the other.
-//! - **directory** (`src/directory.rs`, `RoomRegistry::get_or_create`): a room without a local
-//!   copy is located by a linearizable read; one not placed yet, or whose host reads as dead,
-//!   is placed by [`placement::choose`] through a `PlaceRoom` compare-and-set (3 attempts).
+//! - **failover** ([`FailoverLoop`], as `src/mesh/failover.rs` drives it): ticked every
+//!   [`FAILOVER_TICK_MS`]; its steps (read the directory, one compare-and-set at a time) are
+//!   carried out here.
+//! - **directory** ([`Locate`], as `src/directory.rs` drives it for `get_or_create`): the
+//!   linearizable read and the `PlaceRoom` compare-and-set it asks for.
 //! - **rooms** (`actors/src/room.rs`): a local room is `Host { epoch }` or `Relay { host }`;
-//!   `promote` and `demote` as the room actor does them; the fence every
-//!   [`FENCE_INTERVAL_MS`] compares the mode with this node's replica, and locates a room
-//!   again whose host left the cluster (`StoreDirectory::current`).
+//!   `promote` and `demote` as the room actor does them; every [`FENCE_INTERVAL_MS`] each
+//!   room runs [`fence::check`] against this node's replica (`StoreDirectory::fence`), and a
+//!   room whose host left the cluster is located again and then compared.
 //! - **relays** (`src/mesh/relay.rs`): a relayed room with viewers keeps asking its host for the
 //!   stream (`Watch`, standing in for `PullTrack`); a host that stays silent for
 //!   [`RELAY_SILENT_MS`] or answers that it does not host makes the relay re-locate.
 //! - **migration** (`src/mesh/migrate.rs`): the [`Migration`] core fed with its events; the
 //!   shell blocks on the handoff call, the flip and the promote call as the real one awaits
-//!   them; `Handoff`/`Promote` on the target. The flip is `migrate.rs::flip`: a proposal whose
-//!   outcome is unknown (timeout, no leader, transport) is proposed again every
-//!   [`FLIP_RETRY_MS`] until [`FLIP_OUTCOME_DEADLINE_MS`], then reported as a conflict with this
-//!   replica's epoch; a conflict showing `to` at the expected epoch + 1 is the flip's own earlier
-//!   attempt, i.e. `Flipped`.
+//!   them; `Handoff`/`Promote` on the target. The flip's outcome is [`FlipAttempt`]'s, as in
+//!   `migrate.rs::flip`; the shell proposes it again when told.
 //! - **drain** (`src/mesh/migrate.rs::drain`): the [`Drain`] core every [`DRAIN_TICK_MS`].
+//!
+//! What is this module's own is the world the cores run in, modelled: the room actors' modes,
+//! holds and closing (`LocalRoom`), the relay's pull stream (a keepalive, `relay_checks`), the
+//! handoff target's readiness (`tracks_ms`), waiting on calls (`Blocked`), the registration
+//! backoff and the node's load report.
 //!
 //! Under the `skip_epoch_check` fault the migration core proposes the flip with
 //! `expected_epoch: None`; the shell carries that out as the unconditional overwrite it stands
@@ -33,14 +36,18 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use mediamesh_cluster::command::{Command, Outcome};
+use mediamesh_cluster::mesh::directory::{Locate as LocateCore, LocateStep, PlaceResult, Resolved};
 use mediamesh_cluster::mesh::drain::{Drain, DrainAction, DrainConfig};
-use mediamesh_cluster::mesh::failover::{Replacement, plan_failover};
-use mediamesh_cluster::mesh::liveness::{FailureDetector, LivenessChange};
+use mediamesh_cluster::mesh::failover::{FailoverLoop, FailoverStep};
+use mediamesh_cluster::mesh::fence::{self, FenceAction, Held};
+use mediamesh_cluster::mesh::flip::{FlipAttempt, FlipResult, FlipStep};
+use mediamesh_cluster::mesh::liveness::LivenessChange;
 use mediamesh_cluster::mesh::migration::{
     Faults as MigrationFaults, Migration, MigrationAction, MigrationEvent, MigrationOutcome, Phase,
 };
-use mediamesh_cluster::mesh::placement::{self, Candidate, Thresholds};
-use mediamesh_cluster::types::{NodeLoad, NodeRegistration, NodeState, Placement};
+use mediamesh_cluster::mesh::placement::{self, Thresholds};
+use mediamesh_cluster::mesh::timing::CALL_TIMEOUT_MS;
+use mediamesh_cluster::types::{Membership, NodeLoad, NodeRegistration, NodeState, NodeStatus};
 use mediamesh_cluster::{NodeId, RoomId};
 
 use crate::checkers::{Observation, PlaceKind};
@@ -52,14 +59,6 @@ use crate::config::{
 use crate::message::{NodeIndex, Payload};
 use crate::node::{Ctx, Effect, Live, NodeTimer, OpResult, Purpose};
 
-/// Attempts of a placement that loses a compare-and-set race (`PLACE_ATTEMPTS_MAX`).
-const PLACE_ATTEMPTS_MAX: usize = 3;
-/// A unary mesh call gives up after this long (`CALL_TIMEOUT`).
-const CALL_TIMEOUT_MS: u64 = 10_000;
-/// A flip whose outcome is unknown is proposed again this often (`flip`'s 250 ms sleep).
-const FLIP_RETRY_MS: u64 = 250;
-/// ... until this long after its first proposal (`FLIP_OUTCOME_DEADLINE`).
-const FLIP_OUTCOME_DEADLINE_MS: u64 = 20_000;
 /// Migrations one node runs at once, at most.
 const MIGRATIONS_PER_NODE_MAX: usize = 64;
 /// Rooms one node holds, at most (`rooms_per_node_max`).
@@ -107,18 +106,15 @@ pub enum RoomWaiter {
     },
     /// A relay re-locates its host (always reads the directory).
     Relocate,
+    /// The fence found the room's host gone: placed again, then compared as the fence does
+    /// (`StoreDirectory::fence`). Always reads the directory.
+    Fence,
 }
 
-/// Where the directory says a room is (`Location`).
-#[derive(Clone, Debug)]
-enum Location {
-    Here { epoch: u64 },
-    There { host: NodeId, epoch: u64 },
-}
-
+/// A lookup in flight: the core, and who waits for it.
 #[derive(Debug)]
 struct Locate {
-    attempt: usize,
+    core: LocateCore,
     waiters: Vec<RoomWaiter>,
 }
 
@@ -148,16 +144,6 @@ enum Blocked {
     },
 }
 
-/// The flip the core asked for, while the shell learns its outcome (`migrate.rs::flip`).
-#[derive(Clone, Debug)]
-struct FlipAttempt {
-    /// The core's expected epoch (`None` only under the skip-epoch-check fault).
-    expected_epoch: Option<u64>,
-    to: NodeId,
-    /// Unknown outcomes are proposed again until then (this node's clock).
-    deadline_ms: u64,
-}
-
 /// One migration this node runs as the source.
 #[derive(Debug)]
 pub struct MigrationRun {
@@ -185,17 +171,6 @@ impl MigrationRun {
 }
 
 #[derive(Debug)]
-struct FailoverState {
-    next_ms: u64,
-    leading: bool,
-    detector: FailureDetector,
-    last_heartbeat: BTreeMap<NodeId, u64>,
-    changes: VecDeque<LivenessChange>,
-    plan: VecDeque<Replacement>,
-    placing: bool,
-}
-
-#[derive(Debug)]
 struct DrainRun {
     core: Drain,
     started: bool,
@@ -213,7 +188,8 @@ pub struct Control {
     register_in_flight: bool,
     heartbeat_next_ms: u64,
     heartbeat_in_flight: bool,
-    failover: FailoverState,
+    failover: FailoverLoop,
+    failover_next_ms: u64,
     fence_next_ms: u64,
     relay_next_ms: u64,
     /// Rooms held here.
@@ -223,25 +199,6 @@ pub struct Control {
     pub migrations: BTreeMap<u64, MigrationRun>,
     next_migration: u64,
     drain: Option<DrainRun>,
-}
-
-/// A registered node as this node reads it (`NodeStatus`, the fields the mesh uses).
-#[derive(Clone, Debug)]
-pub struct NodeView {
-    /// Id.
-    pub id: NodeId,
-    /// Region.
-    pub region: String,
-    /// Alive, dead or draining by this node's clock.
-    pub state: NodeState,
-    /// A raft voter or learner.
-    pub member: bool,
-    /// Last reported load.
-    pub load: NodeLoad,
-    /// Capacity.
-    pub capacity: u32,
-    /// Last heartbeat stamp.
-    pub last_heartbeat_ms: u64,
 }
 
 impl Control {
@@ -254,15 +211,8 @@ impl Control {
             register_in_flight: false,
             heartbeat_next_ms: clock_ms,
             heartbeat_in_flight: false,
-            failover: FailoverState {
-                next_ms: 0,
-                leading: false,
-                detector: FailureDetector::new(HEARTBEAT_INTERVAL_MS, DEAD_AFTER_MISSED),
-                last_heartbeat: BTreeMap::new(),
-                changes: VecDeque::new(),
-                plan: VecDeque::new(),
-                placing: false,
-            },
+            failover: FailoverLoop::new(HEARTBEAT_INTERVAL_MS, DEAD_AFTER_MISSED),
+            failover_next_ms: 0,
             fence_next_ms: 0,
             relay_next_ms: 0,
             rooms: BTreeMap::new(),
@@ -290,17 +240,27 @@ impl Live {
         }
     }
 
-    /// The registered nodes as this node reads them (`Store::node_statuses`).
-    pub fn node_views(&self, clock_ms: u64) -> Vec<NodeView> {
+    /// The registered nodes as this node reads them (`Store::nodes`: alive by the last
+    /// heartbeat on this node's clock, membership by the replica's configuration). A copy of
+    /// the store's own derivation, which `store.rs` does not expose as a pure function yet.
+    pub fn node_views(&self, clock_ms: u64) -> Vec<NodeStatus> {
         let status = self.core.status();
         self.core
             .state()
             .read()
             .nodes()
             .values()
-            .map(|n| NodeView {
+            .map(|n| NodeStatus {
                 id: n.registration.id.clone(),
+                raft_id: n.raft_id,
                 region: n.registration.region.clone(),
+                cluster_addr: n.registration.cluster_addr.clone(),
+                http_url: n.registration.http_url.clone(),
+                grpc_url: n.registration.grpc_url.clone(),
+                capacity: n.registration.capacity,
+                media_ip: n.registration.media_ip.clone(),
+                media_ports: n.registration.media_ports,
+                turn_addr: n.registration.turn_addr.clone(),
                 state: if n.draining {
                     NodeState::Draining
                 } else if n.last_heartbeat_ms > 0 && clock_ms.saturating_sub(n.last_heartbeat_ms) <= NODE_DEAD_AFTER_MS
@@ -309,26 +269,15 @@ impl Live {
                 } else {
                     NodeState::Dead
                 },
-                member: status.voters.contains(&n.raft_id) || status.learners.contains(&n.raft_id),
-                load: n.last_load.clone().unwrap_or_default(),
-                capacity: n.registration.capacity,
+                membership: if status.voters.contains(&n.raft_id) {
+                    Membership::Voter
+                } else if status.learners.contains(&n.raft_id) {
+                    Membership::Learner
+                } else {
+                    Membership::None
+                },
+                last_load: n.last_load.clone(),
                 last_heartbeat_ms: n.last_heartbeat_ms,
-            })
-            .collect()
-    }
-
-    /// The placement candidates (`src/mesh/mod.rs::candidates`).
-    fn candidates(views: &[NodeView]) -> Vec<Candidate> {
-        views
-            .iter()
-            .map(|n| Candidate {
-                id: n.id.clone(),
-                region: n.region.clone(),
-                available: n.state == NodeState::Alive && n.member,
-                cpu: n.load.cpu,
-                connections: n.load.connections,
-                capacity: n.capacity,
-                rooms: n.load.rooms,
             })
             .collect()
     }
@@ -353,8 +302,8 @@ impl Live {
     pub(crate) fn control_jobs(&mut self, ctx: &mut Ctx<'_>) {
         let clock = self.clock_ms(ctx);
         self.lifecycle(ctx, clock);
-        if clock >= self.control.failover.next_ms {
-            self.control.failover.next_ms = clock + FAILOVER_TICK_MS;
+        if clock >= self.control.failover_next_ms {
+            self.control.failover_next_ms = clock + FAILOVER_TICK_MS;
             self.failover_tick(ctx, clock);
         }
         if clock >= self.control.fence_next_ms {
@@ -417,7 +366,7 @@ impl Live {
                     self.me,
                     if placed { "placed" } else { "not placed" }
                 ));
-                self.control.failover.placing = false;
+                self.control.failover.placed();
                 self.failover_continue(ctx);
             }
             Purpose::LocateRead { room } => self.locate_read_done(ctx, room, result),
@@ -430,43 +379,45 @@ impl Live {
                 let Some(flip) = run.flip.clone() else {
                     return;
                 };
-                // As `migrate.rs::flip` does.
-                let event = match result.as_deref() {
-                    Ok([Outcome::Placed(p)]) => MigrationEvent::Flipped { epoch: p.epoch },
-                    Ok([Outcome::EpochConflict(current)]) => {
-                        let ours = flip.expected_epoch.and_then(|e| e.checked_add(1));
-                        match current {
-                            // Our own earlier attempt applied.
-                            Some(p) if p.node == flip.to && Some(p.epoch) == ours => {
-                                ctx.trace(format!(
-                                    "n{} migration m{migration}: an earlier attempt of the flip applied (epoch {})",
-                                    self.me, p.epoch
-                                ));
-                                MigrationEvent::Flipped { epoch: p.epoch }
-                            }
-                            current => MigrationEvent::FlipConflict {
-                                current_epoch: current.as_ref().map(|p| p.epoch),
-                            },
+                // As `migrate.rs::flip` does: the answer to the core, the step from it.
+                let result = match result {
+                    Ok(outcomes) => match <[Outcome; 1]>::try_from(outcomes) {
+                        Ok([Outcome::Placed(p)]) => FlipResult::Placed(p),
+                        Ok([Outcome::EpochConflict(current)]) => FlipResult::Conflict(current),
+                        other => FlipResult::Refused(format!("unexpected outcome {other:?}")),
+                    },
+                    Err(e) => FlipResult::Unknown(e.to_string()),
+                };
+                let conflict = matches!(result, FlipResult::Conflict(_));
+                let answer = match &result {
+                    FlipResult::Unknown(e) | FlipResult::Refused(e) => e.clone(),
+                    FlipResult::Placed(_) | FlipResult::Conflict(_) => String::new(),
+                };
+                let event = match flip.answer(result, clock) {
+                    FlipStep::Report(event) => {
+                        if let (true, MigrationEvent::Flipped { epoch }) = (conflict, &event) {
+                            ctx.trace(format!(
+                                "n{} migration m{migration}: an earlier attempt of the flip applied (epoch {epoch})",
+                                self.me
+                            ));
                         }
+                        event
                     }
-                    Ok(other) => MigrationEvent::HandoffFailed(format!("unexpected outcome {other:?}")),
-                    Err(e) if clock < flip.deadline_ms => {
+                    FlipStep::RetryAt { at_ms } => {
                         ctx.trace(format!(
-                            "n{} migration m{migration}: the flip's outcome is unknown ({e}); proposing it again",
+                            "n{} migration m{migration}: the flip's outcome is unknown ({answer}); proposing it again",
                             self.me
                         ));
-                        run.blocked = Blocked::FlipRetry {
-                            at_ms: clock + FLIP_RETRY_MS,
-                        };
+                        run.blocked = Blocked::FlipRetry { at_ms };
                         return;
                     }
-                    Err(e) => {
+                    FlipStep::GiveUp => {
                         let current_epoch = self.core.state().read().rooms().get(&run.room).map(|p| p.epoch);
                         ctx.trace(format!(
-                            "n{} migration m{migration}: the flip's outcome is still unknown ({e}); giving up with this replica's epoch {current_epoch:?}",
+                            "n{} migration m{migration}: the flip's outcome is still unknown ({answer}); giving up with this replica's epoch {current_epoch:?}",
                             self.me
                         ));
-                        MigrationEvent::FlipConflict { current_epoch }
+                        FlipAttempt::give_up(current_epoch)
                     }
                 };
                 run.flip = None;
@@ -493,118 +444,62 @@ impl Live {
     // ----- failover (on the leader) -----
 
     fn failover_tick(&mut self, ctx: &mut Ctx<'_>, clock: u64) {
-        if self.control.failover.placing || !self.control.failover.changes.is_empty() {
-            return; // the real loop is busy re-placing rooms
-        }
-        if self.leader_id().as_ref() != Some(self.node_id()) {
-            self.control.failover.leading = false;
-            return;
-        }
-        let nodes = self.node_views(clock);
+        let leader = self.leader_id().as_ref() == Some(self.node_id());
+        let nodes = if leader { self.node_views(clock) } else { Vec::new() };
         let me = self.node_id().clone();
-        let f = &mut self.control.failover;
-        if !f.leading {
-            // A new leader gives every node a fresh grace period: it has not been counting.
-            f.leading = true;
-            f.detector = FailureDetector::new(HEARTBEAT_INTERVAL_MS, DEAD_AFTER_MISSED);
-            f.last_heartbeat.clear();
-            for node in &nodes {
-                f.detector.track(node.id.clone(), clock);
-                f.last_heartbeat.insert(node.id.clone(), node.last_heartbeat_ms);
-            }
-        }
-        let mut changes = Vec::new();
-        for node in &nodes {
-            let previous = f.last_heartbeat.insert(node.id.clone(), node.last_heartbeat_ms);
-            if node.id == me || previous != Some(node.last_heartbeat_ms) {
-                changes.extend(f.detector.observe(&node.id, clock));
-            }
-        }
-        let known: BTreeSet<NodeId> = nodes.iter().map(|n| n.id.clone()).collect();
-        let forgotten: Vec<NodeId> = f
-            .last_heartbeat
-            .keys()
-            .filter(|id| !known.contains(*id))
-            .cloned()
-            .collect();
-        for id in forgotten {
-            f.last_heartbeat.remove(&id);
-            f.detector.forget(&id);
-        }
-        changes.extend(f.detector.tick(clock));
-        for change in changes {
+        for change in self.control.failover.tick(clock, &me, leader, &nodes) {
             match &change {
-                LivenessChange::Dead(node) => {
-                    ctx.trace(format!("n{} failover: {node} missed its heartbeats", self.me));
-                    self.control.failover.changes.push_back(change);
-                }
+                LivenessChange::Dead(node) => ctx.trace(format!("n{} failover: {node} missed its heartbeats", self.me)),
                 LivenessChange::Alive(node) => ctx.trace(format!("n{} failover: {node} heartbeats again", self.me)),
             }
         }
         self.failover_continue(ctx);
     }
 
-    /// Re-places the next room of the plan, or plans the next dead node's rooms
-    /// (`replace_rooms`, one compare-and-set at a time).
+    /// Carries out the failover loop's steps until it waits for a compare-and-set
+    /// (`src/mesh/failover.rs::carry_out`).
     fn failover_continue(&mut self, ctx: &mut Ctx<'_>) {
         loop {
-            if self.control.failover.placing {
-                return;
-            }
-            if let Some(r) = self.control.failover.plan.pop_front() {
-                self.control.failover.placing = true;
-                let purpose = Purpose::FailoverPlace {
-                    room: r.room.clone(),
-                    to: r.to.clone(),
-                };
-                let command = Command::PlaceRoom {
-                    room: r.room.clone(),
-                    expected_epoch: Some(r.expected_epoch),
-                    node: r.to.clone(),
-                };
-                if let Some(op) = self.propose(ctx, vec![command], purpose) {
-                    ctx.observe(Observation::PlaceIntent {
-                        origin: self.me,
-                        op,
-                        kind: PlaceKind::Failover,
-                    });
+            match self.control.failover.next_step() {
+                FailoverStep::Idle => return,
+                FailoverStep::ReadRooms { dead } => {
+                    // This replica's view, as `Store::rooms(Consistency::Local)`.
+                    let clock = self.clock_ms(ctx);
+                    let nodes = self.node_views(clock);
+                    let rooms: Vec<_> = self.core.state().read().rooms().values().cloned().collect();
+                    let planned = self.control.failover.plan(&nodes, &rooms, &Thresholds::default());
+                    ctx.trace(format!("n{} failover plan for {dead}: {planned} rooms", self.me));
                 }
-                return;
+                FailoverStep::Place(r) => {
+                    let purpose = Purpose::FailoverPlace {
+                        room: r.room.clone(),
+                        to: r.to.clone(),
+                    };
+                    let command = Command::PlaceRoom {
+                        room: r.room,
+                        expected_epoch: Some(r.expected_epoch),
+                        node: r.to,
+                    };
+                    if let Some(op) = self.propose(ctx, vec![command], purpose) {
+                        ctx.observe(Observation::PlaceIntent {
+                            origin: self.me,
+                            op,
+                            kind: PlaceKind::Failover,
+                        });
+                    }
+                    return;
+                }
             }
-            let Some(LivenessChange::Dead(dead)) = self.control.failover.changes.pop_front() else {
-                return;
-            };
-            let clock = self.clock_ms(ctx);
-            let nodes = self.node_views(clock);
-            let region = nodes
-                .iter()
-                .find(|n| n.id == dead)
-                .map(|n| n.region.clone())
-                .unwrap_or_default();
-            let rooms: Vec<(RoomId, NodeId, u64)> = self
-                .core
-                .state()
-                .read()
-                .rooms()
-                .values()
-                .map(|p| (p.room.clone(), p.node.clone(), p.epoch))
-                .collect();
-            let mut candidates = Self::candidates(&nodes);
-            for c in &mut candidates {
-                c.available &= !self.control.failover.detector.is_dead(&c.id);
-            }
-            let plan = plan_failover(&dead, &region, &rooms, &candidates, &Thresholds::default());
-            ctx.trace(format!("n{} failover plan for {dead}: {} rooms", self.me, plan.len()));
-            self.control.failover.plan = plan.into();
         }
     }
 
     // ----- directory -----
 
     /// Makes sure `room` is held here (`get_or_create`), then tells `waiter`. A relay's
-    /// re-locate always reads the directory.
+    /// re-locate and the fence always read the directory.
     pub(crate) fn ensure_room(&mut self, ctx: &mut Ctx<'_>, room: RoomId, waiter: RoomWaiter) {
-        if !matches!(waiter, RoomWaiter::Relocate) && self.control.rooms.contains_key(&room) {
+        let reads = matches!(waiter, RoomWaiter::Relocate | RoomWaiter::Fence);
+        if !reads && self.control.rooms.contains_key(&room) {
             self.room_ready(ctx, &room, waiter, Ok(None));
             return;
         }
@@ -612,14 +507,37 @@ impl Live {
             locate.waiters.push(waiter);
             return;
         }
+        let region = self.roster.nodes[self.me].region.clone();
         self.control.locates.insert(
             room.clone(),
             Locate {
-                attempt: 0,
+                core: LocateCore::new(room.clone(), self.node_id().clone(), region),
                 waiters: vec![waiter],
             },
         );
-        self.read(ctx, Purpose::LocateRead { room });
+        self.locate_step(ctx, room, LocateStep::Read);
+    }
+
+    /// Carries out one step of the lookup's core (`src/directory.rs::locate`).
+    fn locate_step(&mut self, ctx: &mut Ctx<'_>, room: RoomId, step: LocateStep) {
+        match step {
+            LocateStep::Read => self.read(ctx, Purpose::LocateRead { room }),
+            LocateStep::Place { expected_epoch, node } => {
+                let command = Command::PlaceRoom {
+                    room: room.clone(),
+                    expected_epoch,
+                    node,
+                };
+                if let Some(op) = self.propose(ctx, vec![command], Purpose::LocatePlace { room }) {
+                    ctx.observe(Observation::PlaceIntent {
+                        origin: self.me,
+                        op,
+                        kind: PlaceKind::Place,
+                    });
+                }
+            }
+            LocateStep::Done(resolved) => self.locate_finish(ctx, &room, resolved),
+        }
     }
 
     fn locate_read_done(&mut self, ctx: &mut Ctx<'_>, room: RoomId, result: OpResult) {
@@ -628,79 +546,34 @@ impl Live {
             return;
         }
         let clock = self.clock_ms(ctx);
-        let current = self.core.state().read().rooms().get(&room).cloned();
         let nodes = self.node_views(clock);
-        if let Some(p) = &current {
-            let host_alive = nodes.iter().any(|n| n.id == p.node && n.state != NodeState::Dead);
-            if host_alive {
-                let location = self.location(p);
-                self.locate_finish(ctx, &room, location);
-                return;
-            }
-        }
-        // Not placed yet, or its host is gone: place it (the compare-and-set on the epoch makes
-        // two nodes placing at once agree on one host).
-        let region = self.roster.nodes[self.me].region.clone();
-        let target = placement::choose(&Self::candidates(&nodes), Some(&region), &Thresholds::default())
-            .unwrap_or_else(|| self.node_id().clone());
-        let command = Command::PlaceRoom {
-            room: room.clone(),
-            expected_epoch: current.map(|p| p.epoch),
-            node: target,
+        let current = self.core.state().read().rooms().get(&room).cloned();
+        let Some(locate) = self.control.locates.get_mut(&room) else {
+            return;
         };
-        if let Some(op) = self.propose(ctx, vec![command], Purpose::LocatePlace { room }) {
-            ctx.observe(Observation::PlaceIntent {
-                origin: self.me,
-                op,
-                kind: PlaceKind::Place,
-            });
-        }
+        let step = locate.core.read(current.as_ref(), &nodes, &Thresholds::default());
+        self.locate_step(ctx, room, step);
     }
 
     fn locate_place_done(&mut self, ctx: &mut Ctx<'_>, room: RoomId, result: OpResult) {
-        match result.as_deref() {
-            Ok([Outcome::Placed(p)]) => {
-                let location = self.location(p);
-                self.locate_finish(ctx, &room, location);
-            }
-            Ok([Outcome::EpochConflict(_)]) => {
-                let retry = self.control.locates.get_mut(&room).is_some_and(|l| {
-                    l.attempt += 1;
-                    l.attempt < PLACE_ATTEMPTS_MAX
-                });
-                if retry {
-                    self.read(ctx, Purpose::LocateRead { room });
-                } else {
-                    let why = format!("room placement kept changing for {room}");
-                    self.locate_finish(ctx, &room, Err(why));
-                }
-            }
-            Ok(other) => {
-                let why = format!("placement refused: {other:?}");
-                self.locate_finish(ctx, &room, Err(why));
-            }
-            Err(e) => {
-                let why = e.to_string();
-                self.locate_finish(ctx, &room, Err(why));
-            }
-        }
+        let result = match result {
+            Ok(outcomes) => match <[Outcome; 1]>::try_from(outcomes) {
+                Ok([Outcome::Placed(p)]) => PlaceResult::Placed(p),
+                Ok([Outcome::EpochConflict(_)]) => PlaceResult::Conflict,
+                other => PlaceResult::Failed(format!("placement refused: {other:?}")),
+            },
+            Err(e) => PlaceResult::Failed(e.to_string()),
+        };
+        let clock = self.clock_ms(ctx);
+        let nodes = self.node_views(clock);
+        let Some(locate) = self.control.locates.get_mut(&room) else {
+            return;
+        };
+        let step = locate.core.placed(result, &nodes);
+        self.locate_step(ctx, room, step);
     }
 
-    fn location(&self, p: &Placement) -> Result<Location, String> {
-        if p.node == *self.node_id() {
-            return Ok(Location::Here { epoch: p.epoch });
-        }
-        if self.core.state().read().nodes().contains_key(&p.node) {
-            Ok(Location::There {
-                host: p.node.clone(),
-                epoch: p.epoch,
-            })
-        } else {
-            Err(format!("room host {} is not registered", p.node))
-        }
-    }
-
-    fn locate_finish(&mut self, ctx: &mut Ctx<'_>, room: &RoomId, location: Result<Location, String>) {
+    fn locate_finish(&mut self, ctx: &mut Ctx<'_>, room: &RoomId, location: Result<Resolved, String>) {
         let Some(locate) = self.control.locates.remove(room) else {
             return;
         };
@@ -716,14 +589,28 @@ impl Live {
         ctx: &mut Ctx<'_>,
         room: &RoomId,
         waiter: RoomWaiter,
-        location: Result<Option<Location>, String>,
+        location: Result<Option<Resolved>, String>,
     ) {
+        if matches!(waiter, RoomWaiter::Fence) {
+            // The node's fence compares the new placement with the room's mode at once.
+            if let Ok(Some(resolved)) = location {
+                let (host, epoch) = match resolved {
+                    Resolved::Here { epoch } => (self.node_id().clone(), epoch),
+                    Resolved::There { node, epoch } => (node, epoch),
+                };
+                if let Some(held) = self.held(room) {
+                    let action = fence::compare(self.node_id(), &held, &host, epoch);
+                    self.apply_fence(ctx, room, action);
+                }
+            }
+            return;
+        }
         let relocate = matches!(waiter, RoomWaiter::Relocate);
         let watch = matches!(waiter, RoomWaiter::Watch { .. });
         let ready: Result<(), String> = match location {
             Err(e) => Err(e),
             Ok(None) => Ok(()),
-            Ok(Some(Location::Here { epoch })) => {
+            Ok(Some(Resolved::Here { epoch })) => {
                 if self.control.rooms.contains_key(room) {
                     // A relay of this room becomes its host (failover or migration chose us).
                     self.promote(ctx, room, epoch, "located here");
@@ -733,7 +620,7 @@ impl Live {
                         .map(|()| self.host_acting(ctx, room, epoch, "created as host"))
                 }
             }
-            Ok(Some(Location::There { host, epoch })) => {
+            Ok(Some(Resolved::There { node: host, epoch })) => {
                 if let Some(local) = self.control.rooms.get_mut(room) {
                     if relocate
                         && let RoomMode::Relay {
@@ -815,7 +702,7 @@ impl Live {
                     },
                 );
             }
-            RoomWaiter::Relocate => {}
+            RoomWaiter::Relocate | RoomWaiter::Fence => {}
         }
     }
 
@@ -897,45 +784,51 @@ impl Live {
         }
     }
 
-    /// Every room compares its mode with this node's replica (`Room::check_fence`); relayed
-    /// rooms nobody watches any more close.
+    /// How `room` is held here, as the fence sees it.
+    fn held(&self, room: &RoomId) -> Option<Held> {
+        Some(match &self.control.rooms.get(room)?.mode {
+            RoomMode::Host { epoch } => Held::Host { epoch: *epoch },
+            RoomMode::Relay { host, epoch } => Held::Relay {
+                host: host.clone(),
+                epoch: *epoch,
+            },
+        })
+    }
+
+    /// Carries out a fence verdict as the room actor does (`Room::check_fence`).
+    fn apply_fence(&mut self, ctx: &mut Ctx<'_>, room: &RoomId, action: FenceAction) {
+        match action {
+            FenceAction::Keep => {}
+            FenceAction::Promote { epoch } => self.promote(ctx, room, epoch, "fence"),
+            FenceAction::Demote { host, epoch } => self.demote(ctx, room, host, epoch),
+            FenceAction::Follow { host, epoch } => {
+                if let Some(local) = self.control.rooms.get_mut(room) {
+                    local.mode = RoomMode::Relay { host, epoch };
+                    local.last_watch_ok_ms = ctx.now_ms;
+                }
+            }
+            // Placed again, then compared (`StoreDirectory::fence`); the next fence follows.
+            FenceAction::PlaceAgain => self.ensure_room(ctx, room.clone(), RoomWaiter::Fence),
+        }
+    }
+
+    /// Every room runs the fence check against this node's replica (`Room::check_fence`,
+    /// `StoreDirectory::fence`); relayed rooms nobody watches any more close.
     fn fence(&mut self, ctx: &mut Ctx<'_>) {
+        let clock = self.clock_ms(ctx);
+        let nodes = self.node_views(clock);
         let rooms: Vec<RoomId> = self.control.rooms.keys().cloned().collect();
         for room in rooms {
-            let Some(current) = self.core.state().read().rooms().get(&room).cloned() else {
+            let Some(held) = self.held(&room) else {
                 continue;
             };
-            if !self.core.state().read().nodes().contains_key(&current.node) {
-                // Its host left the cluster: placed again, as a join would (`StoreDirectory::
-                // current`); the next fence follows the new placement (seed 2639).
-                self.ensure_room(ctx, room, RoomWaiter::Relocate);
-                continue;
-            }
-            let Some(mode) = self.control.rooms.get(&room).map(|r| r.mode.clone()) else {
-                continue;
-            };
-            let mine = current.node == *self.node_id();
-            match mode {
-                RoomMode::Host { epoch } if current.epoch > epoch => {
-                    if mine {
-                        self.promote(ctx, &room, current.epoch, "fence");
-                    } else {
-                        self.demote(ctx, &room, current.node.clone(), current.epoch);
-                    }
-                }
-                RoomMode::Relay { host, epoch } if current.epoch > epoch && current.node != host => {
-                    if mine {
-                        self.promote(ctx, &room, current.epoch, "fence");
-                    } else if let Some(local) = self.control.rooms.get_mut(&room) {
-                        local.mode = RoomMode::Relay {
-                            host: current.node.clone(),
-                            epoch: current.epoch,
-                        };
-                        local.last_watch_ok_ms = ctx.now_ms;
-                    }
-                }
-                _ => {}
-            }
+            let action = fence::check(
+                self.node_id(),
+                &held,
+                self.core.state().read().rooms().get(&room),
+                &nodes,
+            );
+            self.apply_fence(ctx, &room, action);
         }
         let now = ctx.now_ms;
         let sessions = &self.sessions;
@@ -1250,11 +1143,7 @@ impl Live {
                         );
                     }
                     MigrationAction::ProposeFlip { expected_epoch, to } => {
-                        run.flip = Some(FlipAttempt {
-                            expected_epoch,
-                            to,
-                            deadline_ms: clock + FLIP_OUTCOME_DEADLINE_MS,
-                        });
+                        run.flip = Some(FlipAttempt::new(expected_epoch, to, clock));
                         self.propose_flip(ctx, id);
                     }
                     MigrationAction::TellClientsMoved { to: _, epoch } => {
@@ -1309,14 +1198,14 @@ impl Live {
         let handoff_epoch = run.core.epoch();
         // `None` only under the skip-epoch-check fault: an unconditional write, i.e. a
         // compare-and-set on whatever this node's replica shows now.
-        let expected = match flip.expected_epoch {
+        let expected = match flip.expected_epoch() {
             Some(e) => Some(e),
             None => self.core.state().read().rooms().get(&room).map(|p| p.epoch),
         };
         let command = Command::PlaceRoom {
             room,
             expected_epoch: expected,
-            node: flip.to,
+            node: flip.to().clone(),
         };
         if let Some(op) = self.propose(ctx, vec![command], Purpose::Flip { migration: id }) {
             ctx.observe(Observation::PlaceIntent {
@@ -1411,7 +1300,7 @@ impl Live {
             self.move_sessions(ctx, &room, to);
         }
         let sessions = self.sessions.by_viewer.len();
-        let candidates = Self::candidates(&self.node_views(clock));
+        let candidates = placement::candidates(&self.node_views(clock));
         let Some(d) = &mut self.control.drain else {
             return;
         };

@@ -15,7 +15,9 @@ use super::{Mesh, traced};
 use mediamesh_actors::room::{RoomReply, RoomRequest, room_info};
 use mediamesh_actors::{Access, RoomId};
 use mediamesh_cluster::mesh::drain::{Drain, DrainAction, DrainConfig};
+use mediamesh_cluster::mesh::flip::{FlipAttempt, FlipResult, FlipStep};
 use mediamesh_cluster::mesh::migration::{Migration, MigrationAction, MigrationEvent, MigrationOutcome};
+use mediamesh_cluster::mesh::timing;
 use mediamesh_cluster::{Consistency, NodeState, StoreError};
 use mediamesh_proto::mesh::v1 as pb;
 use std::collections::VecDeque;
@@ -25,17 +27,17 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 /// The target must hold the room's tracks within this long, or the migration is called off.
-const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
-/// After the flip, clients have this long to leave before the migration counts as done anyway.
-const CLIENTS_DEADLINE: Duration = Duration::from_secs(15);
+const HANDOFF_TIMEOUT: Duration = Duration::from_millis(timing::HANDOFF_TIMEOUT_MS);
 /// A room made for a handoff stays open this long waiting for its clients.
-pub const HANDOFF_HOLD: Duration = Duration::from_secs(20);
-/// How often a running migration or drain looks at its room(s).
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
+pub const HANDOFF_HOLD: Duration = Duration::from_millis(timing::HANDOFF_HOLD_MS);
+/// How often a running migration looks at its room.
+const POLL_INTERVAL: Duration = Duration::from_millis(timing::MIGRATION_POLL_MS);
+/// How often a drain looks at its rooms.
+const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(timing::DRAIN_POLL_MS);
 /// Most bytes of a room snapshot.
 const SNAPSHOT_BYTES_MAX: usize = 64 * 1024;
 /// A unary mesh call gives up after this long.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const CALL_TIMEOUT: Duration = Duration::from_millis(timing::CALL_TIMEOUT_MS);
 
 /// What a target needs to restore a room: the room under its epoch, and its tracks (relayed
 /// before the flip). bincode behind the store's version byte.
@@ -131,8 +133,8 @@ async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Mo
         mediamesh_cluster::NodeId::new(mesh.node.clone()),
         mediamesh_cluster::NodeId::new(to),
         info.epoch,
-        HANDOFF_TIMEOUT.as_millis() as u64,
-        CLIENTS_DEADLINE.as_millis() as u64,
+        timing::HANDOFF_TIMEOUT_MS,
+        timing::CLIENTS_DEADLINE_MS,
     );
     let tracks: Vec<String> = match addr.send(RoomRequest::Tracks).await {
         Ok(Ok(RoomReply::Tracks(tracks))) => tracks.into_iter().map(|t| t.id).collect(),
@@ -220,15 +222,10 @@ async fn migrate_in_span(mesh: &Arc<Mesh>, room: &RoomId, to: &str) -> Result<Mo
     }
 }
 
-/// How long a flip whose outcome is unknown is proposed again before the migration gives up.
-const FLIP_OUTCOME_DEADLINE: Duration = Duration::from_secs(20);
-
-/// Proposes the directory flip and learns its outcome. A proposal that timed out (no leader, a
-/// partition) may still commit, so it is proposed again until the store answers: a flip that
-/// did apply then comes back as the conflict's current placement (`to` at `expected + 1`).
-/// Without this, an unknown outcome left the migration flipping forever (found by the
-/// simulator, seed 16). After [`FLIP_OUTCOME_DEADLINE`] it reports a conflict with what this
-/// replica shows; if the flip commits later, the fence check and the relay put the room right.
+/// Proposes the directory flip and learns its outcome: the decisions are
+/// `mediamesh_cluster::mesh::flip::FlipAttempt`'s (unknown outcomes proposed again every
+/// `FLIP_RETRY_MS` until `FLIP_OUTCOME_DEADLINE_MS`, our own earlier attempt told from another
+/// move; simulator seed 16); this does the proposals, the waits and the final replica read.
 async fn flip(
     mesh: &Arc<Mesh>,
     room: &RoomId,
@@ -236,31 +233,31 @@ async fn flip(
     to: mediamesh_cluster::NodeId,
 ) -> MigrationEvent {
     let id = mediamesh_cluster::RoomId::new(room.to_string());
-    let deadline = Instant::now() + FLIP_OUTCOME_DEADLINE;
+    let started = Instant::now();
+    let now = || started.elapsed().as_millis() as u64;
+    let attempt = FlipAttempt::new(expected_epoch, to.clone(), now());
     loop {
-        match mesh.store.place_room_cas(id.clone(), expected_epoch, to.clone()).await {
-            Ok(placement) => return MigrationEvent::Flipped { epoch: placement.epoch },
-            Err(StoreError::EpochConflict { current }) => {
-                let ours = expected_epoch.and_then(|e| e.checked_add(1));
-                return match current {
-                    Some(current) if current.node == to && Some(current.epoch) == ours => {
-                        MigrationEvent::Flipped { epoch: current.epoch }
-                    }
-                    current => MigrationEvent::FlipConflict {
-                        current_epoch: current.map(|p| p.epoch),
-                    },
-                };
+        let result = match mesh.store.place_room_cas(id.clone(), expected_epoch, to.clone()).await {
+            Ok(placement) => FlipResult::Placed(placement),
+            Err(StoreError::EpochConflict { current }) => FlipResult::Conflict(current),
+            // Every other error may hide a proposal that still commits (a rejected flip, of
+            // a valid room to a valid node, does not happen).
+            Err(error) => FlipResult::Unknown(error.to_string()),
+        };
+        let unknown = match &result {
+            FlipResult::Unknown(reason) | FlipResult::Refused(reason) => reason.clone(),
+            FlipResult::Placed(_) | FlipResult::Conflict(_) => String::new(),
+        };
+        match attempt.answer(result, now()) {
+            FlipStep::Report(event) => return event,
+            FlipStep::RetryAt { at_ms } => {
+                tracing::info!(room = %room, error = %unknown, "flip outcome unknown; proposing it again");
+                tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(now()))).await;
             }
-            Err(error) if Instant::now() < deadline => {
-                tracing::info!(room = %room, %error, "flip outcome unknown; proposing it again");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(error) => {
-                tracing::warn!(room = %room, %error, "flip outcome still unknown; giving up");
+            FlipStep::GiveUp => {
+                tracing::warn!(room = %room, error = %unknown, "flip outcome still unknown; giving up");
                 let current = mesh.store.room(&id, Consistency::Local).await.ok().flatten();
-                return MigrationEvent::FlipConflict {
-                    current_epoch: current.map(|p| p.epoch),
-                };
+                return FlipAttempt::give_up(current.map(|p| p.epoch));
             }
         }
     }
@@ -287,7 +284,7 @@ pub async fn handoff(mesh: &Arc<Mesh>, request: pb::HandoffRequest) -> Result<u3
             until: Instant::now() + HANDOFF_HOLD,
         })
         .await;
-    let deadline = Instant::now() + HANDOFF_TIMEOUT - Duration::from_millis(500);
+    let deadline = Instant::now() + HANDOFF_TIMEOUT - Duration::from_millis(timing::HANDOFF_ANSWER_MARGIN_MS);
     loop {
         let relayed = room_info(&addr).await.map_or(0, |info| info.relayed_tracks);
         if relayed >= snapshot.tracks.len() {
@@ -401,6 +398,6 @@ pub async fn drain(mesh: Arc<Mesh>, deadline: Duration, signal_open: Arc<dyn Fn(
         if core.is_done() {
             return;
         }
-        tokio::time::sleep(POLL_INTERVAL * 2).await;
+        tokio::time::sleep(DRAIN_POLL_INTERVAL).await;
     }
 }

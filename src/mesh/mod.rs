@@ -1,7 +1,8 @@
 //! The mesh between nodes, as the node runs it: the media relay (`relay`), room migration and
 //! drain (`migrate`), failover (`failover`), and the `Mesh` gRPC service on the cluster port
-//! (`service`). The decisions are the sans-IO cores of `mediamesh_cluster::mesh`; the tasks
-//! here feed them events and time and carry out their actions.
+//! (`service`). The decisions are the sans-IO cores of `mediamesh_cluster::mesh` (the
+//! simulator drives the same ones); the tasks here feed them events and time and carry out
+//! their actions, and take their timings from `mediamesh_cluster::mesh::timing`.
 
 pub mod failover;
 pub mod migrate;
@@ -11,9 +12,12 @@ pub mod service;
 
 use mediamesh_actors::RoomRegistry;
 use mediamesh_actors::media::track::MediaCounters;
-use mediamesh_cluster::mesh::placement::{Candidate, Thresholds};
+use mediamesh_cluster::Store;
+use mediamesh_cluster::mesh::placement::Thresholds;
+/// The store's node view as placement candidates: the cluster's rule, which the simulator runs
+/// too.
+pub use mediamesh_cluster::mesh::placement::candidates;
 use mediamesh_cluster::transport::SecretInterceptor;
-use mediamesh_cluster::{Membership, NodeState, NodeStatus, Store};
 use mediamesh_proto::mesh::v1::mesh_client::MeshClient;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -231,23 +235,4 @@ pub fn traced<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     mediamesh_cluster::trace_context::inject_current(request.metadata_mut());
     request
-}
-
-/// The placement candidates among `nodes`: alive, not draining, voters or learners.
-pub fn candidates(nodes: &[NodeStatus]) -> Vec<Candidate> {
-    nodes
-        .iter()
-        .map(|n| {
-            let load = n.last_load.clone().unwrap_or_default();
-            Candidate {
-                id: n.id.clone(),
-                region: n.region.clone(),
-                available: n.state == NodeState::Alive && n.membership != Membership::None,
-                cpu: load.cpu,
-                connections: load.connections,
-                capacity: n.capacity,
-                rooms: load.rooms,
-            }
-        })
-        .collect()
 }

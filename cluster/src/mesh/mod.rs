@@ -18,17 +18,34 @@
 //!   retry, then close what is left and leave.
 //! - [`migration`]: the source side of one room migration ([`Migration`]): handoff, epoch-fenced
 //!   directory flip, clients moved with their resume tokens.
+//! - [`flip`]: learning the flip's outcome ([`FlipAttempt`]): unknown outcomes proposed again,
+//!   our own earlier attempt told from another node's move.
+//! - [`directory`]: locating a room and placing it when nobody alive hosts it ([`Locate`]),
+//!   through the epoch compare-and-set with a bounded number of attempts.
+//! - [`fence`]: a held room's mode against the directory ([`fence::check`]): keep, promote,
+//!   demote, follow, or place again.
+//! - [`timing`]: the intervals, deadlines and retry bounds of all of the above.
+//!
+//! The node's tasks (`src/mesh/`, `src/directory.rs`) and the simulator's control plane
+//! (`simulations/src/control.rs`) both drive these cores; each core's docs name its drivers.
 
+pub mod directory;
 pub mod drain;
 pub mod failover;
+pub mod fence;
+pub mod flip;
 pub mod liveness;
 pub mod migration;
 pub mod placement;
 pub mod rebalance;
+pub mod timing;
 
+pub use directory::{Locate, LocateStep, PlaceResult, Resolved};
 pub use drain::{Drain, DrainAction, DrainConfig};
-pub use failover::{Replacement, plan_failover};
+pub use failover::{FailoverLoop, FailoverStep, Replacement, plan_failover};
+pub use fence::{FenceAction, Held};
+pub use flip::{FlipAttempt, FlipResult, FlipStep};
 pub use liveness::{FailureDetector, LivenessChange};
 pub use migration::{Faults, Migration, MigrationAction, MigrationEvent, MigrationOutcome, Phase};
-pub use placement::{Candidate, Thresholds, choose, region_preference};
+pub use placement::{Candidate, Thresholds, candidates, choose, region_preference};
 pub use rebalance::{Move, RebalanceConfig, Rebalancer};

@@ -19,6 +19,7 @@
 use std::cmp::Ordering;
 
 use crate::ids::NodeId;
+use crate::types::{Membership, NodeState, NodeStatus};
 
 /// Longest region id, in bytes.
 pub const REGION_BYTES_MAX: usize = 64;
@@ -147,6 +148,28 @@ pub fn choose(candidates: &[Candidate], preferred_region: Option<&str>, t: &Thre
     choose_index(candidates, preferred_region, t, |_| true).map(|i| candidates[i].id.clone())
 }
 
+/// The placement candidates among `nodes` (the store's view of the registered nodes): each
+/// with its last reported load, available when alive (not dead, not draining) and in the raft
+/// configuration (a voter or a learner: a node that left is not). Used by every placement: the
+/// directory's, failover's and the drain's, on the node and in the simulator.
+pub fn candidates(nodes: &[NodeStatus]) -> Vec<Candidate> {
+    nodes
+        .iter()
+        .map(|n| {
+            let load = n.last_load.clone().unwrap_or_default();
+            Candidate {
+                id: n.id.clone(),
+                region: n.region.clone(),
+                available: n.state == NodeState::Alive && n.membership != Membership::None,
+                cpu: load.cpu,
+                connections: load.connections,
+                capacity: n.capacity,
+                rooms: load.rooms,
+            }
+        })
+        .collect()
+}
+
 /// Whether `region` is a valid region id: 1 to [`REGION_BYTES_MAX`] of `[A-Za-z0-9_.-]`.
 pub fn is_valid_region(region: &str) -> bool {
     !region.is_empty()
@@ -184,6 +207,59 @@ pub(crate) mod tests {
             capacity: 100,
             rooms,
         }
+    }
+
+    /// A registered node as the store reports it: alive, a voter, idle, last heard at 1.
+    pub(crate) fn status(id: &str, region: &str) -> NodeStatus {
+        NodeStatus {
+            id: NodeId::from(id),
+            raft_id: 0,
+            region: region.to_string(),
+            cluster_addr: String::new(),
+            http_url: String::new(),
+            grpc_url: String::new(),
+            capacity: 100,
+            media_ip: String::new(),
+            media_ports: (0, 0),
+            turn_addr: String::new(),
+            state: NodeState::Alive,
+            membership: Membership::Voter,
+            last_load: None,
+            last_heartbeat_ms: 1,
+        }
+    }
+
+    #[test]
+    fn candidates_are_alive_members_with_their_load() {
+        let mut loaded = status("loaded", "seoul");
+        loaded.last_load = Some(crate::types::NodeLoad {
+            cpu: 0.5,
+            connections: 7,
+            rooms: 2,
+            egress_bps: 0,
+        });
+        let mut dead = status("dead", "seoul");
+        dead.state = NodeState::Dead;
+        let mut draining = status("draining", "seoul");
+        draining.state = NodeState::Draining;
+        let mut left = status("left", "seoul");
+        left.membership = Membership::None;
+        let mut learner = status("learner", "busan");
+        learner.membership = Membership::Learner;
+        let found = candidates(&[loaded, dead, draining, left, learner]);
+        let available: Vec<(&str, bool)> = found.iter().map(|c| (c.id.as_str(), c.available)).collect();
+        assert_eq!(
+            available,
+            vec![
+                ("loaded", true),
+                ("dead", false),
+                ("draining", false),
+                ("left", false),
+                ("learner", true)
+            ]
+        );
+        assert_eq!((found[0].cpu, found[0].connections, found[0].rooms), (0.5, 7, 2));
+        assert_eq!((found[4].cpu, found[4].connections, found[4].rooms), (0.0, 0, 0));
     }
 
     fn pick(candidates: &[Candidate], region: Option<&str>) -> Option<String> {

@@ -406,7 +406,6 @@ impl Store {
             let _ = closed_tx.send(true);
         });
 
-
         let batcher = store.clone();
         tokio::spawn(async move { batcher.run_viewer_batcher(viewer_rx).await });
         let lifecycle = store.clone();
@@ -430,8 +429,10 @@ impl Store {
     /// status), behind the cluster-secret check: the caller serves it on the cluster port.
     pub fn service(
         &self,
-    ) -> tonic::service::interceptor::InterceptedService<pb::cluster_server::ClusterServer<crate::server::ClusterService>, SecretCheck>
-    {
+    ) -> tonic::service::interceptor::InterceptedService<
+        pb::cluster_server::ClusterServer<crate::server::ClusterService>,
+        SecretCheck,
+    > {
         tonic::service::interceptor::InterceptedService::new(
             pb::cluster_server::ClusterServer::new(crate::server::ClusterService { store: self.clone() })
                 .max_decoding_message_size(transport::MESSAGE_BYTES_MAX)
