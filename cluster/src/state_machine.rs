@@ -16,8 +16,8 @@ use crate::command::{Command, Outcome, USAGE_PER_ADD_MAX, VIEWERS_PER_EXPIRY_MAX
 use crate::cow_map::CowMap;
 use crate::ids::{NodeId, RoomId, ViewerId, raft_id_for};
 use crate::types::{
-    ClusterSettings, NodeRecord, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets, UsageBatch, UsageRecord, ViewerState,
-    validate_day,
+    ClusterSettings, Membership, NodeRecord, NodeState, NodeStatus, Placement, TURN_SECRET_BYTES_MAX, TurnSecrets,
+    UsageBatch, UsageRecord, ViewerState, validate_day,
 };
 
 /// Most nodes registered.
@@ -153,6 +153,44 @@ impl StateMachine {
     pub fn settings(&self) -> Option<&ClusterSettings> {
         self.settings.as_ref()
     }
+    /// The registered nodes as a replica sees them at `now_ms` on its clock: alive while the
+    /// last heartbeat is at most `dead_after_ms` old (draining wins), membership from the
+    /// replica's configuration (`voters`, `learners`). What `Store::nodes` answers and what
+    /// the simulator's nodes read, so both derive it alike.
+    pub fn node_statuses(&self, voters: &[u64], learners: &[u64], now_ms: u64, dead_after_ms: u64) -> Vec<NodeStatus> {
+        self.nodes
+            .values()
+            .map(|n| NodeStatus {
+                id: n.registration.id.clone(),
+                raft_id: n.raft_id,
+                region: n.registration.region.clone(),
+                cluster_addr: n.registration.cluster_addr.clone(),
+                http_url: n.registration.http_url.clone(),
+                grpc_url: n.registration.grpc_url.clone(),
+                capacity: n.registration.capacity,
+                media_ip: n.registration.media_ip.clone(),
+                media_ports: n.registration.media_ports,
+                turn_addr: n.registration.turn_addr.clone(),
+                state: if n.draining {
+                    NodeState::Draining
+                } else if n.last_heartbeat_ms > 0 && now_ms.saturating_sub(n.last_heartbeat_ms) <= dead_after_ms {
+                    NodeState::Alive
+                } else {
+                    NodeState::Dead
+                },
+                membership: if voters.contains(&n.raft_id) {
+                    Membership::Voter
+                } else if learners.contains(&n.raft_id) {
+                    Membership::Learner
+                } else {
+                    Membership::None
+                },
+                last_load: n.last_load.clone(),
+                last_heartbeat_ms: n.last_heartbeat_ms,
+            })
+            .collect()
+    }
+
     /// The node with this raft id.
     pub fn node_by_raft_id(&self, raft_id: u64) -> Option<&NodeRecord> {
         self.nodes.values().find(|n| n.raft_id == raft_id)
@@ -366,9 +404,12 @@ impl StateMachine {
         if let Some(e) = viewers.iter().find_map(|v| v.validate().err()) {
             return Outcome::Rejected(e);
         }
-        let new_count = viewers.iter().filter(|v| !self.viewers.contains_key(&v.viewer)).count();
-        if self.viewers.len() + new_count > VIEWERS_MAX {
-            return Outcome::Rejected(format!("more than {VIEWERS_MAX} viewer states"));
+        // Count the new viewers (one more lookup each) only when the limit is within reach.
+        if self.viewers.len() + viewers.len() > VIEWERS_MAX {
+            let new_count = viewers.iter().filter(|v| !self.viewers.contains_key(&v.viewer)).count();
+            if self.viewers.len() + new_count > VIEWERS_MAX {
+                return Outcome::Rejected(format!("more than {VIEWERS_MAX} viewer states"));
+            }
         }
         let ttl_ms = self.viewer_ttl_ms();
         let mut kept = Vec::new();

@@ -47,7 +47,7 @@ use mediamesh_cluster::mesh::migration::{
 };
 use mediamesh_cluster::mesh::placement::{self, Thresholds};
 use mediamesh_cluster::mesh::timing::CALL_TIMEOUT_MS;
-use mediamesh_cluster::types::{Membership, NodeLoad, NodeRegistration, NodeState, NodeStatus};
+use mediamesh_cluster::types::{NodeLoad, NodeRegistration, NodeState, NodeStatus};
 use mediamesh_cluster::{NodeId, RoomId};
 
 use crate::checkers::{Observation, PlaceKind};
@@ -240,46 +240,15 @@ impl Live {
         }
     }
 
-    /// The registered nodes as this node reads them (`Store::nodes`: alive by the last
-    /// heartbeat on this node's clock, membership by the replica's configuration). A copy of
-    /// the store's own derivation, which `store.rs` does not expose as a pure function yet.
+    /// The registered nodes as this node reads them (`Store::nodes`, through the same
+    /// `StateMachine::node_statuses`: alive by the last heartbeat on this node's clock,
+    /// membership by the replica's configuration).
     pub fn node_views(&self, clock_ms: u64) -> Vec<NodeStatus> {
         let status = self.core.status();
         self.core
             .state()
             .read()
-            .nodes()
-            .values()
-            .map(|n| NodeStatus {
-                id: n.registration.id.clone(),
-                raft_id: n.raft_id,
-                region: n.registration.region.clone(),
-                cluster_addr: n.registration.cluster_addr.clone(),
-                http_url: n.registration.http_url.clone(),
-                grpc_url: n.registration.grpc_url.clone(),
-                capacity: n.registration.capacity,
-                media_ip: n.registration.media_ip.clone(),
-                media_ports: n.registration.media_ports,
-                turn_addr: n.registration.turn_addr.clone(),
-                state: if n.draining {
-                    NodeState::Draining
-                } else if n.last_heartbeat_ms > 0 && clock_ms.saturating_sub(n.last_heartbeat_ms) <= NODE_DEAD_AFTER_MS
-                {
-                    NodeState::Alive
-                } else {
-                    NodeState::Dead
-                },
-                membership: if status.voters.contains(&n.raft_id) {
-                    Membership::Voter
-                } else if status.learners.contains(&n.raft_id) {
-                    Membership::Learner
-                } else {
-                    Membership::None
-                },
-                last_load: n.last_load.clone(),
-                last_heartbeat_ms: n.last_heartbeat_ms,
-            })
-            .collect()
+            .node_statuses(&status.voters, &status.learners, clock_ms, NODE_DEAD_AFTER_MS)
     }
 
     fn load(&self) -> NodeLoad {

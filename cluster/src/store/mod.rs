@@ -31,8 +31,8 @@ use crate::transport::{
     self, FaultInjector, PeerBook, PeerClient, RaftSender, SecretCheck, SecretInterceptor, TransportMetrics,
 };
 use crate::types::{
-    ClusterSettings, ClusterStatus, Consistency, Membership, NodeLoad, NodeRegistration, NodeState, NodeStatus,
-    Placement, TurnSecrets, UsageRecord, ViewerState,
+    ClusterSettings, ClusterStatus, Consistency, NodeLoad, NodeRegistration, NodeStatus, Placement, TurnSecrets,
+    UsageRecord, ViewerState,
 };
 
 /// Inputs waiting for the replica task, at most.
@@ -959,38 +959,7 @@ impl Store {
     }
 
     fn node_statuses(sm: &StateMachine, view: &View, dead_after: u64) -> Vec<NodeStatus> {
-        let now = now_ms();
-        sm.nodes()
-            .values()
-            .map(|n| NodeStatus {
-                id: n.registration.id.clone(),
-                raft_id: n.raft_id,
-                region: n.registration.region.clone(),
-                cluster_addr: n.registration.cluster_addr.clone(),
-                http_url: n.registration.http_url.clone(),
-                grpc_url: n.registration.grpc_url.clone(),
-                capacity: n.registration.capacity,
-                media_ip: n.registration.media_ip.clone(),
-                media_ports: n.registration.media_ports,
-                turn_addr: n.registration.turn_addr.clone(),
-                state: if n.draining {
-                    NodeState::Draining
-                } else if n.last_heartbeat_ms > 0 && now.saturating_sub(n.last_heartbeat_ms) <= dead_after {
-                    NodeState::Alive
-                } else {
-                    NodeState::Dead
-                },
-                membership: if view.voters.contains(&n.raft_id) {
-                    Membership::Voter
-                } else if view.learners.contains(&n.raft_id) {
-                    Membership::Learner
-                } else {
-                    Membership::None
-                },
-                last_load: n.last_load.clone(),
-                last_heartbeat_ms: n.last_heartbeat_ms,
-            })
-            .collect()
+        sm.node_statuses(&view.voters, &view.learners, now_ms(), dead_after)
     }
 
     /// The `Status` RPC answer.
