@@ -150,6 +150,9 @@ fn pick_udp_ranges(count: usize) -> Vec<(u16, u16)> {
 /// Three (or more) node processes; the first bootstraps, the others join it. Dropping it kills
 /// every child (also on panic, when it prints the tail of each node's log first) and removes the
 /// data directories.
+/// Cluster starts tried when a port picked for a node was taken before the node bound it.
+const PORT_ATTEMPTS_MAX: usize = 3;
+
 pub struct ProcessCluster {
     binary: PathBuf,
     pub root: PathBuf,
@@ -164,6 +167,56 @@ impl ProcessCluster {
     /// Starts `ids` = [(node id, region)] with `extra` flags on every node, waits until every
     /// node is ready and all are voters, within `timeout`.
     pub fn start(binary: &Path, ids: &[(&str, &str)], extra: &[&str], timeout: Duration) -> ProcessCluster {
+        // Ports are picked free and released before the nodes bind them, so another test can
+        // take one meanwhile: a node that exits on "Address already in use" gets the whole
+        // cluster started again on other ports.
+        for attempt in 1..=PORT_ATTEMPTS_MAX {
+            let mut cluster = Self::prepare(binary, ids, extra);
+            match cluster.boot(Instant::now() + timeout) {
+                Ok(()) => return cluster,
+                Err(e) if attempt < PORT_ATTEMPTS_MAX && cluster.port_was_taken() => {
+                    eprintln!(
+                        "cluster start, attempt {attempt}: {e} (a port was taken meanwhile); again on other ports"
+                    );
+                }
+                Err(e) => {
+                    for i in 0..cluster.nodes.len() {
+                        eprintln!("---- last lines of {} ----", cluster.nodes[i].spec.id);
+                        for line in cluster.log_tail(i, 10) {
+                            eprintln!("{line}");
+                        }
+                    }
+                    panic!("{e}");
+                }
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// True when a node's log says a port it was given was in use.
+    fn port_was_taken(&self) -> bool {
+        (0..self.nodes.len()).any(|i| {
+            self.log_tail(i, 20)
+                .iter()
+                .any(|l| l.contains("Address already in use"))
+        })
+    }
+
+    /// Starts the first node, then the others, and waits for all of them to be voters.
+    fn boot(&mut self, deadline: Instant) -> Result<(), String> {
+        self.spawn(0);
+        self.try_wait_ready(0, deadline)?;
+        for i in 1..self.nodes.len() {
+            self.spawn(i);
+        }
+        for i in 1..self.nodes.len() {
+            self.try_wait_ready(i, deadline)?;
+        }
+        self.wait_all_voters(deadline);
+        Ok(())
+    }
+
+    fn prepare(binary: &Path, ids: &[(&str, &str)], extra: &[&str]) -> ProcessCluster {
         assert!(!ids.is_empty());
         let root = std::env::temp_dir().join(format!("mediamesh-cluster-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&root).expect("create the cluster's temp directory");
@@ -250,25 +303,14 @@ impl ProcessCluster {
             .timeout(Duration::from_secs(2))
             .build()
             .expect("http client");
-        let mut cluster = ProcessCluster {
+        ProcessCluster {
             binary: binary.to_path_buf(),
             root,
             nodes,
             secret,
             admin_token,
             control,
-        };
-        let deadline = Instant::now() + timeout;
-        cluster.spawn(0);
-        cluster.wait_ready(0, deadline);
-        for i in 1..cluster.nodes.len() {
-            cluster.spawn(i);
         }
-        for i in 1..cluster.nodes.len() {
-            cluster.wait_ready(i, deadline);
-        }
-        cluster.wait_all_voters(deadline);
-        cluster
     }
 
     fn spawn(&mut self, i: usize) {
