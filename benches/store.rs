@@ -608,21 +608,30 @@ fn bench_redis(args: &Args, binary: &Path, appendfsync: &str, points: &mut Vec<P
 
 // ----- the store in this process -----
 
-/// The store in this process: `nodes` replicas (the node's configuration but for the viewer
-/// batch window), written through `Store::upsert_viewer` by as many tasks as writers.
-fn bench_store_in_process(args: &Args, system: &str, nodes: usize, viewer_batch_ms: u64, points: &mut Vec<Point>) {
-    let root = std::env::temp_dir().join(format!("mediamesh-bench-store-{}", uuid::Uuid::now_v7()));
-    struct RemoveOnDrop(PathBuf);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+/// Removes a temporary directory when dropped (also on panic).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
-    let _cleanup = RemoveOnDrop(root.clone());
+}
+
+/// A fresh temporary root for in-process replicas (removed with the guard) and a runtime.
+fn in_process_setup(what: &str) -> (PathBuf, RemoveOnDrop, tokio::runtime::Runtime) {
+    let root = std::env::temp_dir().join(format!("mediamesh-bench-{what}-{}", uuid::Uuid::now_v7()));
+    let cleanup = RemoveOnDrop(root.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
+    (root, cleanup, runtime)
+}
+
+/// The store in this process: `nodes` replicas (the node's configuration but for the viewer
+/// batch window), written through `Store::upsert_viewer` by as many tasks as writers.
+fn bench_store_in_process(args: &Args, system: &str, nodes: usize, viewer_batch_ms: u64, points: &mut Vec<Point>) {
+    let (root, _cleanup, runtime) = in_process_setup("store");
     let secret = "bench-in-process-secret";
     let names = ["seoul-1", "seoul-2", "busan-1"];
     let stores: Vec<Store> = runtime.block_on(async {
@@ -961,18 +970,7 @@ const RESTART_WRITERS: usize = 2_048;
 /// applied everything the leader had committed when it stopped (the log after the snapshot
 /// applied again, and what it missed while down).
 fn bench_restart(args: &Args, started: SystemTime, machine: &Machine) {
-    let root = std::env::temp_dir().join(format!("mediamesh-bench-restart-{}", uuid::Uuid::now_v7()));
-    struct RemoveOnDrop(PathBuf);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = RemoveOnDrop(root.clone());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let (root, _cleanup, runtime) = in_process_setup("restart");
     let secret = "bench-restart-secret";
     let names = ["seoul-1", "seoul-2", "busan-1"];
     let config_of = |i: usize, join: Vec<String>| {

@@ -149,13 +149,7 @@ mod tests {
     use super::*;
     use crate::mesh::placement::tests::status;
 
-    fn placement(node: &str, epoch: u64) -> Placement {
-        Placement {
-            room: RoomId::from("r"),
-            node: NodeId::from(node),
-            epoch,
-        }
-    }
+    use crate::mesh::test_support::placement;
 
     fn locate() -> Locate {
         Locate::new(RoomId::from("r"), NodeId::from("me"), "seoul".into())

@@ -110,15 +110,8 @@ impl FlipAttempt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::RoomId;
 
-    fn placement(node: &str, epoch: u64) -> Placement {
-        Placement {
-            room: RoomId::from("r"),
-            node: NodeId::from(node),
-            epoch,
-        }
-    }
+    use crate::mesh::test_support::placement;
 
     fn flip() -> FlipAttempt {
         FlipAttempt::new(Some(7), NodeId::from("dst"), 1_000)

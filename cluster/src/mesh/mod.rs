@@ -49,3 +49,19 @@ pub use liveness::{FailureDetector, LivenessChange};
 pub use migration::{Faults, Migration, MigrationAction, MigrationEvent, MigrationOutcome, Phase};
 pub use placement::{Candidate, Thresholds, candidates, choose, region_preference};
 pub use rebalance::{Move, RebalanceConfig, Rebalancer};
+
+/// What the cores' tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::ids::{NodeId, RoomId};
+    use crate::types::Placement;
+
+    /// Room `r` placed on `node` under `epoch`.
+    pub fn placement(node: &str, epoch: u64) -> Placement {
+        Placement {
+            room: RoomId::from("r"),
+            node: NodeId::from(node),
+            epoch,
+        }
+    }
+}

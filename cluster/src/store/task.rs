@@ -213,8 +213,9 @@ impl ReplicaTask {
                 reply,
                 span,
             } => {
-                let commit = if span.is_none() {
-                    span.clone()
+                // A read commits nothing: only proposals get a `store.commit` span.
+                let commit = if span.is_none() || matches!(kind, crate::replica::OpKind::Read) {
+                    tracing::Span::none()
                 } else {
                     tracing::info_span!(parent: &span, "store.commit", raft.index = tracing::field::Empty)
                 };
