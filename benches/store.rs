@@ -644,7 +644,7 @@ fn bench_store_in_process(args: &Args, system: &str, nodes: usize, viewer_batch_
                 config.join = vec![stores[0].advertise_cluster().to_string()];
             }
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
-            let store = Store::start(config, listener, std::future::pending())
+            let store = mediamesh_cluster::server::start(config, listener, std::future::pending())
                 .await
                 .expect("store starts");
             stores.push(store);
@@ -965,7 +965,7 @@ const RESTART_VIEWERS: usize = 500_000;
 const RESTART_WRITERS: usize = 2_048;
 
 /// Three in-process replicas fill the state with [`RESTART_VIEWERS`] viewers; a follower stops
-/// and starts again on its data directory. Measured: until `Store::start` returns (sled opened,
+/// and starts again on its data directory. Measured: until `server::start` returns (sled opened,
 /// the snapshot decoded), until it is ready (a leader known, registered), and until it has
 /// applied everything the leader had committed when it stopped (the log after the snapshot
 /// applied again, and what it missed while down).
@@ -989,7 +989,7 @@ fn bench_restart(args: &Args, started: SystemTime, machine: &Machine) {
             };
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
             addrs.push(listener.local_addr().expect("address"));
-            let store = Store::start(config_of(i, join), listener, std::future::pending())
+            let store = mediamesh_cluster::server::start(config_of(i, join), listener, std::future::pending())
                 .await
                 .expect("store starts");
             stores.push(store);
@@ -1052,9 +1052,10 @@ fn bench_restart(args: &Args, started: SystemTime, machine: &Machine) {
         let listener = tokio::net::TcpListener::bind(addrs[follower])
             .await
             .expect("the follower's port is free again");
-        let restarted = Store::start(config_of(follower, Vec::new()), listener, std::future::pending())
-            .await
-            .expect("the follower restarts");
+        let restarted =
+            mediamesh_cluster::server::start(config_of(follower, Vec::new()), listener, std::future::pending())
+                .await
+                .expect("the follower restarts");
         let open_s = t0.elapsed().as_secs_f64();
         restarted.wait_ready().await.expect("ready");
         let ready_s = t0.elapsed().as_secs_f64();
@@ -1108,7 +1109,7 @@ fn bench_restart(args: &Args, started: SystemTime, machine: &Machine) {
     let _ = writeln!(md, "|---|---:|");
     let _ = writeln!(
         md,
-        "| `Store::start` returned (sled opened, snapshot decoded) | {:.2} |",
+        "| `server::start` returned (sled opened, snapshot decoded) | {:.2} |",
         report["open_s"].as_f64().unwrap_or(0.0)
     );
     let _ = writeln!(

@@ -269,7 +269,7 @@ pub async fn run(
     // that arrive before it listens are refused and retried (raft, joins) like any lost call.
     let cluster_routes =
         crate::mesh::service::routes(Arc::clone(&mesh), Arc::clone(&start_drain), &config.cluster_secret)
-            .add_service(store.service());
+            .add_service(mediamesh_cluster::server::service(&store));
     let cluster_server_stop = store_shutdown.clone();
     tokio::spawn(async move {
         let incoming = tonic::transport::server::TcpIncoming::from(cluster_listener).with_nodelay(Some(true));

@@ -401,7 +401,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let mut config = mediamesh_cluster::StoreConfig::new("solo", dir.path(), "usage-test-secret");
         config.tick_ms = 20;
-        let store = Store::start(config, listener, std::future::pending())
+        let store = mediamesh_cluster::server::start(config, listener, std::future::pending())
             .await
             .expect("store");
         tokio::time::timeout(Duration::from_secs(10), store.wait_ready())

@@ -2,9 +2,10 @@
 //!
 //! # API boundary
 //!
-//! The edge (`src/`) calls [`Store`]: [`Store::start`] takes a [`StoreConfig`], an already-bound
-//! `tokio::net::TcpListener` for the cluster port and a shutdown future, and returns a cloneable
-//! handle with async methods for membership ([`Store::register_node`], [`Store::heartbeat`],
+//! The edge (`src/`) calls [`Store`]: [`Store::open`] takes a [`StoreConfig`] and a shutdown
+//! future and returns a cloneable handle; the node serves [`server::service`] on its cluster
+//! port itself ([`server::start`] does both, for tests and benchmarks). The handle has async
+//! methods for membership ([`Store::register_node`], [`Store::heartbeat`],
 //! [`Store::remove_node`]), room placement as a compare-and-set on the epoch
 //! ([`Store::place_room_cas`]), resumable viewer state ([`Store::upsert_viewer`], batched per
 //! node), TURN secret rotation, cluster settings, reads with an explicit [`Consistency`]
@@ -21,13 +22,15 @@
 //!
 //! # Inside
 //!
-//! - [`driver`]: the sans-IO replica driver around `raft::RawNode` (no IO, no clock).
-//! - [`state_machine`]: the pure state machine; it records the writes each apply makes.
-//! - [`storage`]: sled trees for the raft log/state (implementing `raft::Storage`) and the state
-//!   machine, applied atomically together with the applied index.
-//! - [`store`]: the tasks doing the IO (replica loop, flushes on blocking threads, batcher,
-//!   join/registration/heartbeat lifecycle) and the public handle.
-//! - [`transport`] and [`server`]: the tonic service on the cluster port.
+//! - [`driver`]: the sans-IO wrapper around `raft::RawNode` (no IO, no clock).
+//! - [`replica`]: [`replica::ReplicaCore`], everything a replica decides (sans-IO), driven by
+//!   the store's replica task and by the simulator.
+//! - [`state_machine`] and [`cow_map`]: the pure state machine, applied in memory.
+//! - [`storage`]: the sled log, hard state and snapshot (data directory format 2).
+//! - [`store`]: the tasks doing the IO (replica task, batcher, join/registration/heartbeat
+//!   lifecycle) and the public handle.
+//! - [`transport`] and [`server`]: the tonic service on the cluster port (the server depends on
+//!   the store, not the other way round).
 //!
 //! Node ids are strings; raft ids are derived by a stable hash (see [`ids`]).
 

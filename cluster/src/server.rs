@@ -8,9 +8,58 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use std::future::Future;
+
+use tokio::net::TcpListener;
+
+use crate::error::StoreError;
 use crate::ids::NodeId;
-use crate::store::{FORWARDED_METADATA_KEY, Store};
-use crate::transport::decode_raft_batch;
+use crate::store::{FORWARDED_METADATA_KEY, Store, StoreConfig};
+use crate::transport::{self, SecretCheck, decode_raft_batch};
+
+/// The store's cluster gRPC service (raft transport, forwarded proposals, join, remove,
+/// status), behind the cluster-secret check. The node serves it on the cluster port next to its
+/// own services; the store itself serves nothing.
+pub fn service(
+    store: &Store,
+) -> tonic::service::interceptor::InterceptedService<pb::cluster_server::ClusterServer<ClusterService>, SecretCheck> {
+    tonic::service::interceptor::InterceptedService::new(
+        pb::cluster_server::ClusterServer::new(ClusterService { store: store.clone() })
+            .max_decoding_message_size(transport::MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(transport::MESSAGE_BYTES_MAX),
+        store.secret_check(),
+    )
+}
+
+/// [`Store::open`] and [`service`] on `listener` until `shutdown` resolves (the advertised
+/// address defaults to the listener's): a store with nothing else on its port, as tests and
+/// benchmarks run it.
+pub async fn start(
+    mut config: StoreConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Store, StoreError> {
+    if config.advertise_cluster.is_empty() {
+        config.advertise_cluster = listener
+            .local_addr()
+            .map_err(|e| StoreError::Config(format!("listener address: {e}")))?
+            .to_string();
+    }
+    let store = Store::open(config, shutdown).await?;
+    let routes = tonic::service::Routes::default().add_service(service(&store));
+    let token = store.shutdown_token();
+    tokio::spawn(async move {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let result = tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!("cluster server stopped: {e}");
+        }
+    });
+    Ok(store)
+}
 
 /// Implementation of `mediamesh.cluster.v1.Cluster` over a [`Store`].
 pub struct ClusterService {

@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mediamesh_proto::cluster::v1 as pb;
 use parking_lot::{Mutex, RwLock};
 use raft::eraftpb::{ConfChangeType, ConfChangeV2, Message};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -268,39 +267,10 @@ impl slog::Drain for SlogToTracing {
 }
 
 impl Store {
-    /// [`Store::open`], serving the store's cluster service ([`Store::service`]) on `listener`
-    /// until `shutdown` resolves (the advertised address defaults to the listener's). What tests
-    /// and benchmarks use; the node serves the service itself, next to its own.
-    pub async fn start(
-        mut config: StoreConfig,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<Store, StoreError> {
-        if config.advertise_cluster.is_empty() {
-            config.advertise_cluster = listener
-                .local_addr()
-                .map_err(|e| StoreError::Config(format!("listener address: {e}")))?
-                .to_string();
-        }
-        let store = Self::open(config, shutdown).await?;
-        let routes = tonic::service::Routes::default().add_service(store.service());
-        let token = store.shared.shutdown.clone();
-        tokio::spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            let result = tonic::transport::Server::builder()
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
-                .await;
-            if let Err(e) = result {
-                tracing::error!("cluster server stopped: {e}");
-            }
-        });
-        Ok(store)
-    }
-
     /// Opens the data directory, starts the replica, and joins or bootstraps the cluster in the
     /// background (await [`Store::wait_ready`]) until `shutdown` resolves. The caller serves
-    /// [`Store::service`] on the cluster port (`config.advertise_cluster`, which must be set).
+    /// [`crate::server::service`] on the cluster port (`config.advertise_cluster`, which must be
+    /// set); [`crate::server::start`] does both.
     /// A corrupt data directory is an error naming the bad record.
     pub async fn open(
         config: StoreConfig,
@@ -429,20 +399,14 @@ impl Store {
         Ok(store)
     }
 
-    /// The store's cluster gRPC service (raft transport, forwarded proposals, join, remove,
-    /// status), behind the cluster-secret check: the caller serves it on the cluster port.
-    pub fn service(
-        &self,
-    ) -> tonic::service::interceptor::InterceptedService<
-        pb::cluster_server::ClusterServer<crate::server::ClusterService>,
-        SecretCheck,
-    > {
-        tonic::service::interceptor::InterceptedService::new(
-            pb::cluster_server::ClusterServer::new(crate::server::ClusterService { store: self.clone() })
-                .max_decoding_message_size(transport::MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(transport::MESSAGE_BYTES_MAX),
-            SecretCheck::new(&self.shared.config.cluster_secret, self.shared.metrics.clone()),
-        )
+    /// The shutdown of this store (the cluster server stops with it).
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// The cluster secret and the transport counters the service's secret check uses.
+    pub(crate) fn secret_check(&self) -> SecretCheck {
+        SecretCheck::new(&self.shared.config.cluster_secret, self.shared.metrics.clone())
     }
 
     /// This node's public id.

@@ -41,7 +41,7 @@ impl Node {
         let (stop, stopped) = oneshot::channel::<()>();
         let name = config.node_id.clone();
         let dir = config.data_dir.clone();
-        let store = Store::start(config, listener, async move {
+        let store = mediamesh_cluster::server::start(config, listener, async move {
             let _ = stopped.await;
         })
         .await?;
