@@ -1980,9 +1980,9 @@ fn main() {
          4. **Shard viewer state over several Raft groups**, keyed by room (the resume token already carries the room, so a \
          node finds the group without a lookup; very large rooms keyed by room and viewer hash): the count is above. Room \
          placement and node membership stay in one small group.\n\
-         5. Cheaper per-update work: apply and sled dominate; one sled batch per Ready instead of a transaction over six \
-         trees, and `due_viewers`/`digest`/snapshots that do not scan or encode the whole state under the read lock \
-         (an expiry index by deadline; incremental digests; snapshots from a sled snapshot off the replica task).\n"
+         5. Cheaper per-update work: apply dominates (the state machine is in memory and snapshots are encoded off the \
+         apply path since data directory format 2); a hash lookup per update instead of an ordered-map search, and \
+         `due_viewers`/`digest` that do not scan the whole state (an expiry index by deadline; incremental digests).\n"
     );
 
     let report = json!({

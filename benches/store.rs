@@ -818,15 +818,27 @@ fn utc_stamp(now: SystemTime) -> (String, String) {
     (iso, compact)
 }
 
+/// The commit the node and store code of this run come from (`-dirty` with uncommitted changes).
+fn bench_commit() -> String {
+    common::git_commit(&["src", "cluster", "benches/store.rs"])
+}
+
+/// A report's title, machine and commit lines.
+fn report_header(title: &str, date: &str, machine: &Machine, commit: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# {title} — {date}\n");
+    let _ = writeln!(
+        md,
+        "- machine: {} × {} cores, {} GiB RAM, {}; load average at start {}",
+        machine.cpu_model, machine.cores, machine.ram_gib, machine.kernel, machine.load_average_at_start
+    );
+    let _ = writeln!(md, "- git commit: {commit}");
+    md
+}
+
 fn write_report(args: &Args, started: SystemTime, machine: &Machine, redis_version: Option<String>, points: &[Point]) {
     let (date, stamp) = utc_stamp(started);
-    let commit = command_output("git", &["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = command_output("git", &["status", "--porcelain"]).is_some_and(|s| !s.is_empty());
-    let commit = if dirty {
-        format!("{commit} (with uncommitted changes)")
-    } else {
-        commit
-    };
+    let commit = bench_commit();
     let find = |system: &str, writers: usize| points.iter().find(|p| p.system == system && p.writers == writers);
 
     let mut md = String::new();
@@ -1086,15 +1098,13 @@ fn bench_restart(args: &Args, started: SystemTime, machine: &Machine) {
         })
     });
     let (date, stamp) = utc_stamp(started);
-    let commit = command_output("git", &["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let mut md = String::new();
-    let _ = writeln!(md, "# Store restart with {RESTART_VIEWERS} viewers — {date}\n");
-    let _ = writeln!(
-        md,
-        "- machine: {} × {} cores, {} GiB RAM, {}; load average at start {}",
-        machine.cpu_model, machine.cores, machine.ram_gib, machine.kernel, machine.load_average_at_start
+    let commit = bench_commit();
+    let mut md = report_header(
+        &format!("Store restart with {RESTART_VIEWERS} viewers"),
+        &date,
+        machine,
+        &commit,
     );
-    let _ = writeln!(md, "- git commit: {commit}");
     let _ = writeln!(
         md,
         "- three in-process replicas (the node's store defaults), filled through `Store::upsert_viewer` by \
@@ -1226,15 +1236,8 @@ fn bench_soak(args: &Args, started: SystemTime, machine: &Machine) {
         .map(|s| s["commit_ms"]["p99"].as_f64().unwrap_or(f64::MAX))
         .fold(0.0, f64::max);
     let (date, stamp) = utc_stamp(started);
-    let commit = command_output("git", &["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let mut md = String::new();
-    let _ = writeln!(md, "# Store soak — {date}\n");
-    let _ = writeln!(
-        md,
-        "- machine: {} × {} cores, {} GiB RAM, {}; load average at start {}",
-        machine.cpu_model, machine.cores, machine.ram_gib, machine.kernel, machine.load_average_at_start
-    );
-    let _ = writeln!(md, "- git commit: {commit}");
+    let commit = bench_commit();
+    let mut md = report_header("Store soak", &date, machine, &commit);
     let _ = writeln!(
         md,
         "- 3 node processes (release), {per_node} synthetic viewers each (`--synthetic-viewers`), one state write per viewer \

@@ -270,17 +270,11 @@ pub async fn run(
     let cluster_routes =
         crate::mesh::service::routes(Arc::clone(&mesh), Arc::clone(&start_drain), &config.cluster_secret)
             .add_service(mediamesh_cluster::server::service(&store));
-    let cluster_server_stop = store_shutdown.clone();
-    tokio::spawn(async move {
-        let incoming = tonic::transport::server::TcpIncoming::from(cluster_listener).with_nodelay(Some(true));
-        let result = tonic::transport::Server::builder()
-            .add_routes(cluster_routes)
-            .serve_with_incoming_shutdown(incoming, cluster_server_stop.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!("cluster server stopped: {e}");
-        }
-    });
+    mediamesh_cluster::server::serve(
+        cluster_routes,
+        cluster_listener,
+        store_shutdown.clone().cancelled_owned(),
+    );
     let telemetry = crate::telemetry::init(&config.telemetry());
     let metrics = Arc::new(Metrics::new(MetricSources {
         stats: Arc::clone(&stats),

@@ -95,7 +95,7 @@ pub async fn run(store: Store, config: SyntheticConfig) {
         ticker.tick().await;
         if !measuring.load(Ordering::Relaxed) && Instant::now() >= warmup_end {
             measuring.store(true, Ordering::Relaxed);
-            cpu_at_measure = Some((Instant::now(), process_cpu_seconds()));
+            cpu_at_measure = Some((Instant::now(), crate::metrics::process_cpu_seconds()));
         }
         let phase = (slice % slices_per_period) as usize;
         slice += 1;
@@ -143,10 +143,10 @@ pub async fn run(store: Store, config: SyntheticConfig) {
     .await;
     let (cpu_cores, rss_bytes) = match cpu_at_measure {
         Some((at, cpu)) => (
-            (process_cpu_seconds() - cpu) / at.elapsed().as_secs_f64().max(1e-3),
-            process_rss_bytes(),
+            (crate::metrics::process_cpu_seconds() - cpu) / at.elapsed().as_secs_f64().max(1e-3),
+            crate::metrics::process_resident_bytes(),
         ),
-        None => (0.0, process_rss_bytes()),
+        None => (0.0, crate::metrics::process_resident_bytes()),
     };
     let mut latencies = std::mem::take(&mut *counts.latencies_us.lock());
     latencies.sort_unstable();
@@ -172,22 +172,4 @@ pub async fn run(store: Store, config: SyntheticConfig) {
     if let Err(e) = std::fs::write(&config.out, text) {
         tracing::error!(path = %config.out.display(), "synthetic viewers: writing the summary failed: {e}");
     }
-}
-
-/// This process's CPU time (user + system), seconds.
-fn process_cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we pass and reads nothing else.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid pointer; the call cannot fail with these arguments.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
-}
-
-/// This process's resident set size, bytes (0 when /proc is not readable).
-fn process_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
-        .map_or(0, |pages| pages * 4096)
 }

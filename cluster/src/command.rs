@@ -188,9 +188,9 @@ pub struct ForwardedCommands {
     pub commands: Vec<Command>,
 }
 
-/// Version of the forwarded-proposal envelopes ([`ForwardedCommands`], [`ForwardedOutcome`]):
-/// 2 added [`Outcome::Upserted`]. Version-1 bytes still decode (the variants they use are
-/// unchanged); a version-1 node cannot read a version-2 answer holding `Upserted`.
+/// Envelope version of a leader's [`ForwardedOutcome`]: 2 added [`Outcome::Upserted`].
+/// Version-1 bytes still decode (the variants they use are unchanged); a version-1 node cannot
+/// read a version-2 answer holding `Upserted`. ([`ForwardedCommands`] did not change: version 1.)
 pub const FORWARD_VERSION: u8 = 2;
 
 /// Decodes a leader's answer to a forwarded proposal, of version 1 or 2.

@@ -120,11 +120,6 @@ impl<K: Ord + Clone + ShardKey, V: Clone> CowMap<K, V> {
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.iter().map(|(_, v)| v)
     }
-
-    /// Keys, in [`Self::iter`]'s order.
-    pub fn keys(&self) -> impl Iterator<Item = &K> {
-        self.iter().map(|(k, _)| k)
-    }
 }
 
 impl<K: Ord + Clone + ShardKey, V: Clone> std::ops::Index<&K> for CowMap<K, V> {
@@ -247,21 +242,10 @@ mod tests {
             bincode::decode_from_slice(&ours, config).expect("ours decode as a BTreeMap");
         assert_eq!(back, btree);
         // Two equal maps built in different orders encode alike.
-        let reversed: CowMap<String, u64> = map.iter().rev_shards_for_test().collect();
+        let pairs: Vec<(String, u64)> = map.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let reversed: CowMap<String, u64> = pairs.into_iter().rev().collect();
         assert_eq!(bincode::encode_to_vec(&reversed, config).expect("encodes"), ours);
         let duplicate = bincode::encode_to_vec((2u64, ("a", 1u64), ("a", 2u64)), config).expect("encodes");
         assert!(bincode::decode_from_slice::<CowMap<String, u64>, _>(&duplicate, config).is_err());
-    }
-
-    trait RevForTest<'a> {
-        fn rev_shards_for_test(self) -> std::vec::IntoIter<(String, u64)>;
-    }
-
-    impl<'a, I: Iterator<Item = (&'a String, &'a u64)>> RevForTest<'a> for I {
-        fn rev_shards_for_test(self) -> std::vec::IntoIter<(String, u64)> {
-            let mut all: Vec<(String, u64)> = self.map(|(k, v)| (k.clone(), *v)).collect();
-            all.reverse();
-            all.into_iter()
-        }
     }
 }

@@ -39,6 +39,29 @@ pub struct ReplicaConfig {
     pub promote_lag_entries: u64,
 }
 
+/// Largest append message the node sends, in bytes.
+pub const APPEND_BYTES_MAX: u64 = 1024 * 1024;
+/// In-flight appends per follower, at most.
+pub const INFLIGHT_APPENDS_MAX: usize = 256;
+/// Learners within this many entries of the commit index are promoted.
+pub const PROMOTE_LAG_ENTRIES: u64 = 16;
+
+impl ReplicaConfig {
+    /// The settings the node runs with (and so the simulator): the message, in-flight and
+    /// promotion limits above; `applied_index` 0 (the replica core sets it from its state).
+    pub fn new(raft_id: u64, election_ticks: usize, heartbeat_ticks: usize) -> Self {
+        ReplicaConfig {
+            raft_id,
+            election_ticks,
+            heartbeat_ticks,
+            applied_index: 0,
+            max_size_per_msg: APPEND_BYTES_MAX,
+            max_inflight_msgs: INFLIGHT_APPENDS_MAX,
+            promote_lag_entries: PROMOTE_LAG_ENTRIES,
+        }
+    }
+}
+
 /// Why a proposal was not accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProposeError {

@@ -62,7 +62,8 @@ pub type OpId = u64;
 /// Settings of a replica core.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
-    /// The raft driver's settings.
+    /// The raft driver's settings (its `applied_index` is taken from the state given to
+    /// [`ReplicaCore::new`]).
     pub replica: ReplicaConfig,
     /// Upper bound of raft's randomized election timeout (see
     /// [`Replica::new_with_election_ticks_max`]); `None`: raft's default.
@@ -352,7 +353,6 @@ pub struct ReplicaCore<S: LogStore> {
     reads_by_ctx: BTreeMap<Vec<u8>, Vec<OpId>>,
     reads_waiting_apply: VecDeque<(u64, OpId)>,
     next_read_ctx: u64,
-    last_leader: u64,
     leader_since_wall_ms: u64,
     expiry_in_flight: bool,
     last_expiry_wall_ms: u64,
@@ -402,7 +402,6 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
             reads_by_ctx: BTreeMap::new(),
             reads_waiting_apply: VecDeque::new(),
             next_read_ctx: 0,
-            last_leader: 0,
             leader_since_wall_ms: 0,
             expiry_in_flight: false,
             last_expiry_wall_ms: 0,
@@ -450,11 +449,6 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
     /// Takes what the shell must do, in order.
     pub fn take_outputs(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.outputs)
-    }
-
-    /// Operations in flight.
-    pub fn ops_in_flight(&self) -> usize {
-        self.ops.len()
     }
 
     /// The earliest time a waiting operation may be due (the shell wakes the core then with
@@ -537,11 +531,11 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
         self.ops.remove(&op);
     }
 
-    /// A raft message from a peer. Refused messages are reported as a warning.
+    /// A raft message from a peer. A refused one is reported ([`Output::Refused`]).
     pub fn step(&mut self, message: Message) {
         if let Err(e) = self.replica.step(message) {
             self.outputs
-                .push(Output::Warning(format!("raft refused a message: {e}")));
+                .push(Output::Refused(format!("raft refused a message: {e}")));
         }
     }
 
@@ -1022,15 +1016,10 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
             Ok(()) => {
                 self.reads_by_ctx.insert(ctx, ids);
             }
-            Err(e) => {
+            Err(_) => {
+                // The driver refuses reads only beyond `PENDING_READ_BATCHES_MAX`.
                 for id in ids {
-                    self.done(
-                        id,
-                        Err(OpError::Overloaded(match e {
-                            ProposeError::Refused(_) => "pending reads",
-                            _ => "reads",
-                        })),
-                    );
+                    self.done(id, Err(OpError::Overloaded("pending reads")));
                 }
             }
         }
@@ -1055,7 +1044,6 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
         let mut persist: Option<Persist> = None;
         while let Some(batch) = self.replica.poll_ready() {
             if let Some(leader) = batch.leader_changed {
-                self.last_leader = leader;
                 self.outputs.push(Output::LeaderChanged { leader });
                 if leader == self.raft_id() {
                     self.leader_since_wall_ms = clock.wall_ms;
@@ -1177,11 +1165,11 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
                         };
                         match cc {
                             Ok(cc) => {
-                                match self.replica.apply_conf_change(&cc) {
-                                    Ok(cs) => self.storage.set_conf_state(&cs),
-                                    Err(e) => self
-                                        .outputs
-                                        .push(Output::Warning(format!("conf change {} refused: {e}", entry.index))),
+                                // The configuration lives in raft (and in the next snapshot, see
+                                // `conf_state`), not in the log storage.
+                                if let Err(e) = self.replica.apply_conf_change(&cc) {
+                                    self.outputs
+                                        .push(Output::Warning(format!("conf change {} refused: {e}", entry.index)));
                                 }
                                 if cc.context.len() == 16
                                     && cc.context[..8] == self.config.replica.raft_id.to_be_bytes()
@@ -1246,12 +1234,13 @@ impl<S: LogStore + Clone> ReplicaCore<S> {
         self.outputs.push(Output::BuildSnapshot {
             index: applied.index,
             term: applied.term,
-            conf_state: self.storage_conf_state(),
+            conf_state: self.conf_state(),
             state: Box::new(frozen),
         });
     }
 
-    fn storage_conf_state(&self) -> ConfState {
+    /// The configuration at the applied index (raft's own, which every applied change updates).
+    fn conf_state(&self) -> ConfState {
         let status = self.replica.status();
         ConfState::from((status.voters, status.learners))
     }

@@ -47,18 +47,27 @@ pub async fn start(
     }
     let store = Store::open(config, shutdown).await?;
     let routes = tonic::service::Routes::default().add_service(service(&store));
-    let token = store.shutdown_token();
+    serve(routes, listener, store.shutdown_token().cancelled_owned());
+    Ok(store)
+}
+
+/// Serves `routes` on the cluster port until `shutdown` resolves (on a task of its own; a
+/// server that stops on an error says so in the log).
+pub fn serve(
+    routes: tonic::service::Routes,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         if let Err(e) = result {
             tracing::error!("cluster server stopped: {e}");
         }
-    });
-    Ok(store)
+    })
 }
 
 /// Implementation of `mediamesh.cluster.v1.Cluster` over a [`Store`].

@@ -65,11 +65,10 @@ fn entry_index(key: &[u8]) -> Option<u64> {
 pub trait LogStore: raft::Storage {
     /// Appends entries from a Ready, replacing any conflicting suffix.
     fn append(&self, entries: &[Entry]) -> Result<(), StoreError>;
-    /// Saves the hard state.
+    /// Saves the hard state. (The configuration is not saved on its own: raft holds the
+    /// applied one, the snapshot persists it, and a restart applies the changes after the
+    /// snapshot again; so raft's initial configuration is always the snapshot's.)
     fn set_hard_state(&self, hard_state: &HardState) -> Result<(), StoreError>;
-    /// The configuration after an applied membership change. Kept in memory: it is persisted
-    /// with the next snapshot, and a restart applies the changes after the snapshot again.
-    fn set_conf_state(&self, conf_state: &ConfState);
     /// Replaces the log with a snapshot received from the leader.
     fn install_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError>;
     /// Records a snapshot of the applied state at `index` (configuration `conf_state`) and
@@ -167,8 +166,6 @@ fn encode_error(e: impl std::fmt::Display) -> StoreError {
 
 struct Core {
     hard_state: HardState,
-    /// The configuration at the applied index (in memory; the snapshot holds the durable one).
-    conf_state: ConfState,
     /// Last snapshot (metadata and state machine data); its index is the compaction point.
     snapshot: Snapshot,
     last_index: u64,
@@ -180,6 +177,11 @@ struct Core {
 impl Core {
     fn first_index(&self) -> u64 {
         self.snapshot.get_metadata().index + 1
+    }
+
+    /// The configuration raft starts from: the snapshot's (see [`LogStore::set_hard_state`]).
+    fn conf_state(&self) -> &ConfState {
+        self.snapshot.get_metadata().get_conf_state()
     }
 }
 
@@ -337,7 +339,6 @@ impl Disk {
             raft: self.raft.clone(),
             core: Arc::new(RwLock::new(Core {
                 hard_state,
-                conf_state: snapshot.get_metadata().get_conf_state().clone(),
                 snapshot,
                 last_index,
                 snapshot_wanted: false,
@@ -373,17 +374,7 @@ impl SledStorage {
     /// True when the storage holds no configuration (a node that must join).
     pub fn is_empty(&self) -> bool {
         let core = self.core.read();
-        core.conf_state.voters.is_empty() && core.conf_state.learners.is_empty() && core.last_index == 0
-    }
-
-    /// The current (applied) configuration.
-    pub fn conf_state(&self) -> ConfState {
-        self.core.read().conf_state.clone()
-    }
-
-    /// The last snapshot, as stored.
-    pub fn snapshot_stored(&self) -> Snapshot {
-        self.core.read().snapshot.clone()
+        core.conf_state().voters.is_empty() && core.conf_state().learners.is_empty() && core.last_index == 0
     }
 }
 
@@ -420,10 +411,6 @@ impl LogStore for SledStorage {
         Ok(())
     }
 
-    fn set_conf_state(&self, conf_state: &ConfState) {
-        self.core.write().conf_state = conf_state.clone();
-    }
-
     fn install_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
         let meta = snapshot.get_metadata();
         let mut core = self.core.write();
@@ -440,7 +427,6 @@ impl LogStore for SledStorage {
         batch.insert(KEY_FORMAT, &[DATA_FORMAT]);
         self.raft.apply_batch(batch)?;
         core.snapshot = snapshot.clone();
-        core.conf_state = meta.get_conf_state().clone();
         core.hard_state = hard_state;
         core.last_index = meta.index;
         Ok(())
@@ -477,7 +463,7 @@ impl LogStore for SledStorage {
 impl raft::Storage for SledStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let core = self.core.read();
-        Ok(RaftState::new(core.hard_state.clone(), core.conf_state.clone()))
+        Ok(RaftState::new(core.hard_state.clone(), core.conf_state().clone()))
     }
 
     fn entries(

@@ -266,15 +266,7 @@ impl Node {
             .map_err(|e| format!("snapshot unreadable: {e}"))?;
         let seed: u64 = rng.random();
         let config = CoreConfig {
-            replica: ReplicaConfig {
-                raft_id: roster.nodes[self.index].raft_id,
-                election_ticks: ELECTION_TICKS,
-                heartbeat_ticks: HEARTBEAT_TICKS,
-                applied_index: sm.applied().index,
-                max_size_per_msg: 1024 * 1024,
-                max_inflight_msgs: 256,
-                promote_lag_entries: 16,
-            },
+            replica: ReplicaConfig::new(roster.nodes[self.index].raft_id, ELECTION_TICKS, HEARTBEAT_TICKS),
             // One value in the election range: raft-rs would otherwise draw it from thread_rng.
             election_ticks_max: Some(ELECTION_TICKS + 1),
             tick_ms: RAFT_TICK_MS,

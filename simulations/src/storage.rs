@@ -9,9 +9,9 @@
 //! signal), so log compaction and snapshot catch-up run as in production.
 //!
 //! Every write is durable at once: the simulator processes one raft Ready inside one event,
-//! so a crash (which happens between events) never sees half of it. The configuration after
-//! applied membership changes is not (as in the node): [`SimStorage::reopen`] goes back to the
-//! snapshot's, and the restarted core applies the changes after it again.
+//! so a crash (which happens between events) never sees half of it. As in the node, raft's
+//! configuration starts from the snapshot's, and a restarted core applies the changes after it
+//! again.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -24,7 +24,6 @@ use raft::{GetEntriesContext, RaftState};
 #[derive(Default)]
 struct Core {
     hard_state: HardState,
-    conf_state: ConfState,
     /// Last snapshot; its index is the compaction point.
     snapshot: Snapshot,
     /// Entries after the snapshot, in order, without gaps.
@@ -41,6 +40,10 @@ impl Core {
     }
     fn last_index(&self) -> u64 {
         self.entries.last().map_or(self.snapshot_index(), |e| e.index)
+    }
+    /// The configuration raft starts from: the snapshot's, as `SledStorage` answers.
+    fn conf_state(&self) -> &ConfState {
+        self.snapshot.get_metadata().get_conf_state()
     }
 }
 
@@ -69,7 +72,6 @@ impl SimStorage {
         let meta = snapshot.get_metadata();
         core.hard_state.term = core.hard_state.term.max(meta.term);
         core.hard_state.commit = meta.index;
-        core.conf_state = meta.get_conf_state().clone();
         core.entries.clear();
         core.snapshot = snapshot.clone();
     }
@@ -94,12 +96,9 @@ impl SimStorage {
         Ok(())
     }
 
-    /// What a restart sees: the configuration of the last snapshot (applied changes after it
-    /// were in memory only).
+    /// What a restart sees: no snapshot asked for yet (as `Disk::open` starts).
     pub fn reopen(&self) {
-        let mut core = self.core.borrow_mut();
-        core.conf_state = core.snapshot.get_metadata().get_conf_state().clone();
-        core.snapshot_wanted = false;
+        self.core.borrow_mut().snapshot_wanted = false;
     }
 
     /// The state machine bytes of the last snapshot.
@@ -147,10 +146,6 @@ impl LogStore for SimStorage {
         Ok(())
     }
 
-    fn set_conf_state(&self, conf_state: &ConfState) {
-        self.core.borrow_mut().conf_state = conf_state.clone();
-    }
-
     fn install_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
         self.apply_snapshot(snapshot);
         Ok(())
@@ -172,7 +167,7 @@ impl LogStore for SimStorage {
 impl raft::Storage for SimStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let core = self.core.borrow();
-        Ok(RaftState::new(core.hard_state.clone(), core.conf_state.clone()))
+        Ok(RaftState::new(core.hard_state.clone(), core.conf_state().clone()))
     }
 
     fn entries(

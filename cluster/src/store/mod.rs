@@ -297,15 +297,7 @@ impl Store {
         let logger = slog::Logger::root(SlogToTracing, slog::o!());
         let seed: u64 = rand::random();
         let core_config = CoreConfig {
-            replica: ReplicaConfig {
-                raft_id,
-                election_ticks: config.election_ticks,
-                heartbeat_ticks: config.heartbeat_ticks,
-                applied_index: sm.applied().index,
-                max_size_per_msg: 1024 * 1024,
-                max_inflight_msgs: 256,
-                promote_lag_entries: 16,
-            },
+            replica: ReplicaConfig::new(raft_id, config.election_ticks, config.heartbeat_ticks),
             election_ticks_max: None,
             tick_ms: config.tick_ms,
             request_timeout_ms: config.request_timeout_ms,

@@ -41,7 +41,7 @@ struct Built {
     index: u64,
     term: u64,
     conf_state: ConfState,
-    data: Result<Vec<u8>, String>,
+    data: Vec<u8>,
 }
 
 pub(super) struct ReplicaTask {
@@ -56,13 +56,16 @@ pub(super) struct ReplicaTask {
     forwarded: HashMap<u64, (oneshot::Sender<ForwardResult>, tracing::Span)>,
     next_forwarded: u64,
     compact_waiters: Vec<oneshot::Sender<Result<u64, StoreError>>>,
+    /// Encoded snapshots come back on this channel (one at a time: the core asks for the next
+    /// only after the last one is built).
     built_tx: mpsc::Sender<Built>,
+    built_rx: mpsc::Receiver<Built>,
     ticks: u64,
 }
 
 impl ReplicaTask {
     pub(super) fn new(shared: Arc<Shared>, core: ReplicaCore<SledStorage>, disk: Disk, sender: RaftSender) -> Self {
-        let (built_tx, _) = mpsc::channel(1);
+        let (built_tx, built_rx) = mpsc::channel(1);
         ReplicaTask {
             shared,
             core,
@@ -74,6 +77,7 @@ impl ReplicaTask {
             next_forwarded: 0,
             compact_waiters: Vec::new(),
             built_tx,
+            built_rx,
             ticks: 0,
         }
     }
@@ -95,8 +99,6 @@ impl ReplicaTask {
         mut reports: mpsc::Receiver<DeliveryReport>,
         token: CancellationToken,
     ) {
-        let (built_tx, mut built_rx) = mpsc::channel(1);
-        self.built_tx = built_tx;
         let mut ticker = tokio::time::interval(Duration::from_millis(self.shared.config.tick_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Apply the committed log after the snapshot before anything else (a restart).
@@ -114,7 +116,7 @@ impl ReplicaTask {
                 biased;
                 _ = token.cancelled() => break,
                 _ = ticker.tick() => self.on_tick(),
-                Some(built) = built_rx.recv() => self.on_built(built),
+                Some(built) = self.built_rx.recv() => self.on_built(built),
                 Some(report) = reports.recv() => self.on_report(report),
                 Some(input) = inputs.recv() => {
                     self.on_input(input);
@@ -181,13 +183,10 @@ impl ReplicaTask {
     }
 
     fn on_built(&mut self, built: Built) {
-        let result = match built.data {
-            Ok(data) => self
-                .core
-                .on_snapshot_built(built.index, built.term, &built.conf_state, data)
-                .map(|()| self.core.storage().snapshot_index()),
-            Err(e) => Err(StoreError::Storage(format!("snapshot encoding: {e}"))),
-        };
+        let result = self
+            .core
+            .on_snapshot_built(built.index, built.term, &built.conf_state, built.data)
+            .map(|()| self.core.storage().snapshot_index());
         match &result {
             Ok(index) => tracing::info!(node = %self.shared.node_id, index, "compacted the log"),
             Err(e) => tracing::error!(node = %self.shared.node_id, "compaction failed: {e}"),
@@ -213,8 +212,11 @@ impl ReplicaTask {
                 reply,
                 span,
             } => {
-                // A read commits nothing: only proposals get a `store.commit` span.
-                let commit = if span.is_none() || matches!(kind, crate::replica::OpKind::Read) {
+                // A `store.commit` span only where the entry is proposed: a read commits nothing,
+                // and a follower's proposal commits under the leader's span (its
+                // `store.forwarded_propose`).
+                let commit = if span.is_none() || matches!(kind, crate::replica::OpKind::Read) || !self.core.is_leader()
+                {
                     tracing::Span::none()
                 } else {
                     tracing::info_span!(parent: &span, "store.commit", raft.index = tracing::field::Empty)
@@ -299,7 +301,7 @@ impl ReplicaTask {
                 } => {
                     let built = self.built_tx.clone();
                     tokio::task::spawn_blocking(move || {
-                        let data = Ok(state.encode_snapshot());
+                        let data = state.encode_snapshot();
                         drop(state);
                         let _ = built.blocking_send(Built {
                             index,
@@ -378,7 +380,8 @@ impl super::Store {
             Err(None) => return ForwardResult::NotLeader,
             Err(Some(e)) => return ForwardResult::Failed(e.to_string()),
         };
-        let body = codec::encode_versioned(crate::command::FORWARD_VERSION, &ForwardedCommands { commands });
+        // The commands' shape did not change: envelope version 1, as every build reads it.
+        let body = codec::encode(&ForwardedCommands { commands });
         let mut request = tonic::Request::new(pb::ProposeRequest { commands: body });
         crate::trace_context::inject_current(request.metadata_mut());
         request.set_timeout(deadline.saturating_duration_since(Instant::now()));
@@ -404,7 +407,7 @@ pub(super) fn encode_forward_result(result: ForwardResult) -> Result<Vec<u8>, to
     Ok(codec::encode_versioned(crate::command::FORWARD_VERSION, &outcome))
 }
 
-/// Decodes a forwarded proposal's body (either version).
+/// Decodes a forwarded proposal's body.
 pub(super) fn decode_forwarded(body: &[u8]) -> Result<ForwardedCommands, codec::DecodeError> {
-    codec::decode_versions::<_, ENTRY_BYTES_MAX>(body, &[1, crate::command::FORWARD_VERSION])
+    codec::decode::<_, ENTRY_BYTES_MAX>(body)
 }
