@@ -823,6 +823,14 @@ fn bench_commit() -> String {
     common::git_commit(&["src", "cluster", "benches/store.rs"])
 }
 
+/// Writes a report's results and prints its Markdown.
+fn publish(args: &Args, name: &str, stamp: &str, md: &str, json: &serde_json::Value) {
+    match common::write_results(&args.results_dir, name, stamp, md, json) {
+        Ok(_) => println!("\n{md}"),
+        Err(e) => eprintln!("cannot write the results to {}: {e}", args.results_dir.display()),
+    }
+}
+
 /// A report's title, machine and commit lines.
 fn report_header(title: &str, date: &str, machine: &Machine, commit: &str) -> String {
     let mut md = String::new();
@@ -1140,11 +1148,7 @@ fn bench_restart(args: &Args, started: SystemTime, machine: &Machine) {
         "machine": machine,
         "result": report,
     });
-    if let Err(e) = common::write_results(&args.results_dir, "store-restart", &stamp, &md, &json) {
-        eprintln!("cannot write the results to {}: {e}", args.results_dir.display());
-        return;
-    }
-    println!("\n{md}");
+    publish(args, "store-restart", &stamp, &md, &json);
 }
 
 /// Bytes of the files under `dir`.
@@ -1301,11 +1305,7 @@ fn bench_soak(args: &Args, started: SystemTime, machine: &Machine) {
         },
         "nodes": summaries,
     });
-    if let Err(e) = common::write_results(&args.results_dir, "store-soak", &stamp, &md, &report) {
-        eprintln!("cannot write the results to {}: {e}", args.results_dir.display());
-        return;
-    }
-    println!("\n{md}");
+    publish(args, "store-soak", &stamp, &md, &report);
 }
 
 fn main() {
